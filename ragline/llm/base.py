@@ -1,0 +1,54 @@
+"""The LLM extension point: ``complete`` and ``stream`` over chat messages."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ragline.types import Usage
+
+Message = dict[str, str]
+"""An OpenAI chat message: {"role": "system"|"user"|"assistant", "content": str}."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenParams:
+    """Every parameter that changes the output; all of it goes into the LLM cache key."""
+
+    model: str
+    temperature: float = 0.0
+    max_tokens: int = 512
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    usage: Usage
+    model: str
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One streamed delta; the last chunk carries ``usage`` and ``finish_reason``."""
+
+    delta: str
+    usage: Usage | None = None
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """A chat model.  ``id`` names it for cache keys and metrics."""
+
+    id: str
+
+    async def complete(self, messages: list[Message], params: GenParams) -> Completion: ...
+
+    def stream(self, messages: list[Message], params: GenParams) -> AsyncIterator[StreamChunk]: ...
+
+    async def aclose(self) -> None: ...

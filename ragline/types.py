@@ -1,0 +1,148 @@
+"""Value types shared by every layer.
+
+Frozen, slotted dataclasses: cheap to build on the hot path, hashable where it
+matters, and serialised with ``to_dict`` (plain dicts for orjson) rather than
+through pydantic, so that the cache and the server never pay for validation of
+data ragline produced itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+DEFAULT_TENANT = "default"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A user document before chunking; ``id`` is the user's stable id."""
+
+    id: str
+    text: str
+    title: str = ""
+    metadata: Json = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A token-bounded piece of a document; ``id`` is ``{doc_id}#{ordinal}``.
+
+    ``content_hash`` is the blake2b of the chunk text and title: the key of the
+    embedding cache and of dedupe.
+    """
+
+    id: str
+    doc_id: str
+    ordinal: int
+    text: str
+    title: str
+    content_hash: str
+    metadata: Json = field(default_factory=dict)
+
+    @property
+    def index_text(self) -> str:
+        """The text that is embedded and keyword-indexed (title gives context)."""
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One retrieved chunk with its fused score and per-retriever rank/score.
+
+    ``dense_rank``/``keyword_rank`` are 1-based and ``None`` when that retriever
+    did not return the chunk within its candidate depth.
+    """
+
+    chunk_id: str
+    doc_id: str
+    text: str
+    score: float
+    title: str = ""
+    dense_rank: int | None = None
+    dense_score: float | None = None
+    keyword_rank: int | None = None
+    keyword_score: float | None = None
+    metadata: Json = field(default_factory=dict)
+
+    def to_dict(self) -> Json:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token accounting of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> Json:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+CacheKind = Literal["miss", "exact", "semantic", "bypass"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """How an answer was served: a miss, an exact hit (and from which tier) or a semantic hit."""
+
+    kind: CacheKind = "miss"
+    tier: str | None = None
+    similarity: float | None = None
+    matched_query: str | None = None
+
+    def to_dict(self) -> Json:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A generated answer; ``sources`` are numbered 1..n as cited in ``text``."""
+
+    text: str
+    sources: tuple[Hit, ...]
+    usage: Usage = Usage()
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: CacheInfo = CacheInfo()
+    model: str = ""
+
+    def to_dict(self, timings: bool = True) -> Json:
+        out: Json = {
+            "answer": self.text,
+            "sources": [h.to_dict() for h in self.sources],
+            "usage": self.usage.to_dict(),
+            "model": self.model,
+            "cache": self.cache.to_dict(),
+        }
+        if timings:
+            out["timings"] = self.timings
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class IngestReport:
+    """What one ingest call did: counts per outcome, for progress and the API."""
+
+    documents: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    chunks_embedded: int = 0
+    errors: tuple[str, ...] = ()
+
+    def to_dict(self) -> Json:
+        return asdict(self)
