@@ -47,7 +47,8 @@ class EmbedderSettings(Section):
 class ChunkSettings(Section):
     """Token-aware chunking; sizes are in tokens of the embedder's tokenizer."""
 
-    size: int = Field(256, ge=16, le=8192)
+    size: int = Field(224, ge=16, le=8192)
+    """224 + a title fits the 256-token window of all-MiniLM-L6-v2."""
     overlap: int = Field(32, ge=0, le=4096)
 
     @model_validator(mode="after")
@@ -135,6 +136,22 @@ class CacheSettings(Section):
     semantic_guards: bool = True
     semantic_verify_retrieval: bool = True
     singleflight_lock_s: float = Field(30.0, gt=0)
+    # --- added with ragline/cache (storage layer) ---
+    l1_max_ttl_s: float = Field(
+        900.0, gt=0, description="cap on L1 TTLs: bounds staleness if an invalidation event is lost"
+    )
+    redis_connect_timeout_s: float = Field(
+        1.0, gt=0, description="connect budget of the background breaker probe (requests never wait on it)"
+    )
+    pubsub_channel: str = Field("ragline:invalidate", min_length=1)
+    resync_clear_local: bool = Field(
+        True, description="drop L1/L3 when the invalidation subscriber reconnects after a gap"
+    )
+    l3_timeout_s: float = Field(0.25, gt=0, description="SQLite busy timeout of the disk tier")
+    singleflight_wait_s: float = Field(
+        10.0, gt=0, description="how long another instance's computation is awaited before computing"
+    )
+    singleflight_poll_s: float = Field(0.05, gt=0, description="max poll interval while waiting")
 
 
 class Settings(BaseSettings):

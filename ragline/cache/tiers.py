@@ -1,0 +1,1123 @@
+"""Cache tiers and their composition: L1 memory ─► L2 Redis ─► L3 disk (DESIGN.md §2–3).
+
+Values are opaque ``bytes`` everywhere: callers serialise once with orjson and
+the exact-hit path hands the stored bytes straight to the HTTP response.
+
+* :class:`CacheTier` is the extension point (``get_many / set_many /
+  delete_many`` plus ``clear``).  Tiers never raise on a backend failure: they
+  return misses and drop writes (FAIL OPEN, §3.5) and report it through
+  ``healthy`` and their counters.
+* :class:`MemoryTier` (L1) is in-process, bounded in *bytes*, LRU + TTL, with
+  synchronous ``get``/``set`` so the hot path needs no ``await``.
+* :class:`RedisTier` (L2) is shared by every instance; every call is bounded by
+  ``asyncio.timeout`` and sits behind a :class:`~ragline.cache.breaker.CircuitBreaker`.
+* :class:`DiskTier` (L3) is a ``diskcache`` SQLite store bounded in bytes.
+* :class:`TieredCache` reads through the tiers (first hit wins, hits are
+  promoted to faster tiers with their *remaining* TTL), writes to all, counts
+  hits/misses per tier and kind, and applies remote invalidations.
+* :func:`build_cache` assembles one from :class:`~ragline.config.CacheSettings`.
+
+Concurrency model: every object here is used from one asyncio event loop.
+``DiskTier`` hands its SQLite work to worker threads; diskcache is thread- and
+process-safe, so several uvicorn workers may share one L3 directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
+
+from ragline.cache.breaker import HALF_OPEN, CircuitBreaker
+from ragline.cache.keys import KEY_ROOT, kind_of
+
+if TYPE_CHECKING:
+    import diskcache
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+    from ragline.cache.pubsub import InvalidationBus
+    from ragline.config import CacheSettings
+
+T = TypeVar("T")
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "CacheTier",
+    "DiskTier",
+    "MemoryTier",
+    "RedisTier",
+    "TTLTier",
+    "TieredCache",
+    "build_cache",
+]
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class CacheTier(Protocol):
+    """One storage tier.  Implementations must never raise on backend failure.
+
+    ``name`` labels metrics and ``CacheInfo.tier``; ``shared`` is True when the
+    tier is shared between instances (Redis), which decides what a remote
+    invalidation must drop locally.
+    """
+
+    name: str
+    shared: bool
+
+    @property
+    def healthy(self) -> bool:
+        """False while the backend is failing (breaker open, disk errors)."""
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The values found, by key; absent, expired and unreachable keys are left out."""
+        ...
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        """Store every item for ``ttl`` seconds (best effort)."""
+        ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove the keys (best effort; a failing shared tier remembers them, see RedisTier)."""
+        ...
+
+    async def clear(self, prefix: str | None = None) -> int:
+        """Remove every ragline key starting with ``prefix`` (all of them for None); returns a count."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for metrics: bytes, entries, evictions, errors, healthy …"""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class TTLTier(CacheTier, Protocol):
+    """A tier that can also report each hit's remaining TTL (seconds, None = no expiry),
+    so that a promotion to a faster tier never outlives the original entry."""
+
+    async def get_many_ttl(self, keys: Sequence[str]) -> dict[str, tuple[bytes, float | None]]: ...
+
+
+# --------------------------------------------------------------------------- L1 memory
+
+ENTRY_OVERHEAD: Final = 320
+"""Bytes charged per L1 entry on top of ``len(key) + len(value)``.
+
+Measured with tracemalloc for 1k–180k entries of an ``OrderedDict[str, (bytes,
+float)]``: 268–301 bytes per entry (str and bytes headers, the tuple, the float,
+the dict slot and the OrderedDict node).  320 keeps the real footprint at or
+below ``max_bytes``.
+"""
+
+
+class MemoryTier:
+    """In-process L1: bounded in bytes, LRU order, per-entry TTL.
+
+    Every operation is O(1) (amortised).  Expired entries are never returned;
+    they are dropped when touched or when they reach the LRU end (their bytes
+    count against the bound until then, so the bound always holds).  Entries
+    bigger than ``max_entry_bytes`` are not stored, so one huge value cannot
+    flush the whole hot set.
+
+    ``max_ttl_s`` caps every TTL: L1 copies on other instances are dropped by
+    pub/sub invalidation events, and the cap bounds the damage of an event that
+    was lost.
+    """
+
+    shared = False
+
+    __slots__ = (
+        "_clock",
+        "_data",
+        "bytes",
+        "entry_overhead",
+        "evictions",
+        "expirations",
+        "max_bytes",
+        "max_entry_bytes",
+        "max_ttl_s",
+        "name",
+        "rejected",
+    )
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        name: str = "l1",
+        max_ttl_s: float | None = None,
+        max_entry_bytes: int | None = None,
+        entry_overhead: int = ENTRY_OVERHEAD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.name = name
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_bytes // 8 if max_entry_bytes is None else max_entry_bytes
+        self.max_ttl_s = math.inf if max_ttl_s is None else max_ttl_s
+        self.entry_overhead = entry_overhead
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+        self.expirations = 0
+        self.rejected = 0
+
+    # -- synchronous fast path ---------------------------------------------------------
+
+    def get(self, key: str) -> bytes | None:
+        """The live value of ``key`` or None; a hit becomes most recently used."""
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            self._drop(key, entry)
+            self.expirations += 1
+            return None
+        self._data.move_to_end(key)
+        return entry[0]
+
+    def get_ttl(self, key: str) -> tuple[bytes, float] | None:
+        """Like :meth:`get`, also returning the remaining TTL in seconds."""
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        remaining = entry[1] - self._clock()
+        if remaining <= 0:
+            self._drop(key, entry)
+            self.expirations += 1
+            return None
+        self._data.move_to_end(key)
+        return entry[0], remaining
+
+    def set(self, key: str, value: bytes, ttl: float) -> bool:
+        """Store ``value`` for ``min(ttl, max_ttl_s)`` seconds, evicting LRU entries to fit.
+
+        Returns False (and stores nothing, dropping any old value) when the
+        entry is too large or the TTL is not positive.
+        """
+        data = self._data
+        old = data.pop(key, None)
+        if old is not None:
+            self.bytes -= len(key) + len(old[0]) + self.entry_overhead
+        size = len(key) + len(value) + self.entry_overhead
+        if ttl <= 0 or size > self.max_entry_bytes or size > self.max_bytes:
+            self.rejected += 1
+            return False
+        data[key] = (value, self._clock() + min(ttl, self.max_ttl_s))
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            self._shrink()
+        return True
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it was present."""
+        entry = self._data.pop(key, None)
+        if entry is None:
+            return False
+        self.bytes -= len(key) + len(entry[0]) + self.entry_overhead
+        return True
+
+    def clear_prefix(self, prefix: str | None = None) -> int:
+        """Remove every key starting with ``prefix`` (everything for None); O(entries)."""
+        if prefix is None:
+            n = len(self._data)
+            self._data.clear()
+            self.bytes = 0
+            return n
+        doomed = [k for k in self._data if k.startswith(prefix)]
+        for k in doomed:
+            self.delete(k)
+        return len(doomed)
+
+    def purge_expired(self) -> int:
+        """Drop every expired entry now (O(entries)); for an optional periodic sweep."""
+        now = self._clock()
+        doomed = [(k, e) for k, e in self._data.items() if e[1] <= now]
+        for k, e in doomed:
+            self._drop(k, e)
+        self.expirations += len(doomed)
+        return len(doomed)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def keys_lru(self) -> list[str]:
+        """Keys from least to most recently used (tests, debugging)."""
+        return list(self._data)
+
+    def _drop(self, key: str, entry: tuple[bytes, float]) -> None:
+        del self._data[key]
+        self.bytes -= len(key) + len(entry[0]) + self.entry_overhead
+
+    def _shrink(self) -> None:
+        data = self._data
+        overhead = self.entry_overhead
+        while self.bytes > self.max_bytes and data:
+            key, entry = data.popitem(last=False)
+            self.bytes -= len(key) + len(entry[0]) + overhead
+            self.evictions += 1
+
+    # -- CacheTier (async wrappers: no awaits inside, so they never yield) -------------
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        get = self.get
+        for k in keys:
+            v = get(k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    async def get_many_ttl(self, keys: Sequence[str]) -> dict[str, tuple[bytes, float | None]]:
+        out: dict[str, tuple[bytes, float | None]] = {}
+        for k in keys:
+            hit = self.get_ttl(k)
+            if hit is not None:
+                out[k] = hit
+        return out
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        for k, v in items.items():
+            self.set(k, v, ttl)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            self.delete(k)
+
+    async def clear(self, prefix: str | None = None) -> int:
+        return self.clear_prefix(prefix)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "entries": len(self._data),
+            "evictions": self.evictions,
+            "expirations": self.expirations,
+            "rejected": self.rejected,
+            "healthy": 1,
+        }
+
+    async def close(self) -> None:
+        self.clear_prefix(None)
+
+
+# --------------------------------------------------------------------------- L2 redis
+
+
+class _Miss:
+    """Sentinel: the Redis call did not happen or failed (fail open)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+_MISS: Final = _Miss()
+
+_UNLOCK_LUA: Final = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+)
+
+_GLOB_SPECIALS: Final = frozenset("*?[]\\")
+
+
+def _glob_escape(prefix: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIALS else c for c in prefix)
+
+
+class RedisTier:
+    """Shared L2 on Redis (redis-py asyncio, hiredis parser when installed).
+
+    Bounded everywhere:
+
+    * a ``BlockingConnectionPool`` of ``max_connections`` and, in front of it, a
+      semaphore with a bounded wait, so a burst of requests queues briefly and
+      then *misses* instead of failing with "Too many connections";
+    * ``asyncio.timeout(timeout_s)`` around every command, and socket timeouts;
+    * a circuit breaker: after ``failure_threshold`` consecutive errors or
+      timeouts no call is attempted for ``reset_s``; then one background probe
+      (``PING``, allowed ``connect_timeout_s``) decides whether to close it.
+      Callers never wait for the probe.
+
+    Saturation (no pool slot within the wait) is a miss but not a breaker
+    failure: it says this process is busy, not that Redis is down.
+
+    Deletes that cannot be applied while Redis is unreachable are remembered
+    (bounded) and replayed by the probe before the breaker closes, so an
+    invalidation made during an outage still takes effect (§3.1).  If more
+    are pending than the bound allows, every ragline key is cleared on
+    recovery instead.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: Redis | None = None,
+        name: str = "l2",
+        timeout_s: float = 0.05,
+        connect_timeout_s: float = 1.0,
+        max_connections: int = 64,
+        pool_wait_s: float | None = None,
+        breaker: CircuitBreaker | None = None,
+        failure_threshold: int = 3,
+        reset_s: float = 1.0,
+        admin_timeout_s: float = 5.0,
+        max_pending_deletes: int = 100_000,
+    ) -> None:
+        if (url is None) == (client is None):
+            raise ValueError("pass exactly one of url or client")
+        self.name = name
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.admin_timeout_s = admin_timeout_s
+        self.pool_wait_s = timeout_s if pool_wait_s is None else pool_wait_s
+        self.breaker = breaker or CircuitBreaker(failure_threshold, reset_s)
+        self.max_connections = max_connections
+        if client is None:
+            assert url is not None
+            client = self.make_client(
+                url,
+                timeout_s=timeout_s,
+                connect_timeout_s=connect_timeout_s,
+                max_connections=max_connections,
+            )
+            self._owns_client = True
+        else:
+            self._owns_client = False
+        self.client: Redis = client
+        self._sem = asyncio.Semaphore(max_connections)
+        self._unlock_script: AsyncScript = client.register_script(_UNLOCK_LUA)
+        self._probe_task: asyncio.Task[None] | None = None
+        self._pending_keys: set[str] = set()
+        self._pending_prefixes: set[str] = set()
+        self._pending_all = False
+        self._max_pending = max_pending_deletes
+        # counters
+        self.errors = 0
+        self.skipped = 0
+        self.saturated = 0
+        self.last_error: str | None = None
+
+    @staticmethod
+    def make_client(
+        url: str,
+        *,
+        timeout_s: float = 0.05,
+        connect_timeout_s: float = 1.0,
+        max_connections: int = 64,
+    ) -> Redis:
+        """A client on a bounded ``BlockingConnectionPool`` with no client-side retries
+        (the breaker and the caller's fallbacks are the retry policy)."""
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=max(timeout_s, 0.001),
+            socket_timeout=max(timeout_s, connect_timeout_s),
+            socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        return Redis.from_pool(pool)
+
+    # -- the guarded call --------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self.breaker.closed
+
+    async def _run(self, fn: Callable[[], Awaitable[T]], timeout: float | None = None) -> T | _Miss:
+        """Run one Redis operation behind the breaker, the semaphore and a deadline
+        (``timeout_s`` unless given; ``math.inf`` for admin scans that bound each round
+        trip themselves).  Returns ``_MISS`` instead of raising."""
+        breaker = self.breaker
+        if not breaker.allow():
+            self.skipped += 1
+            return _MISS
+        if breaker.state == HALF_OPEN:
+            # this caller won the probe slot: probe in the background, answer a miss now
+            self._start_probe()
+            self.skipped += 1
+            return _MISS
+        sem = self._sem
+        if sem.locked():
+            try:
+                async with asyncio.timeout(self.pool_wait_s):
+                    await sem.acquire()
+            except TimeoutError:
+                self.saturated += 1
+                return _MISS
+        else:
+            await sem.acquire()
+        try:
+            limit = self.timeout_s if timeout is None else timeout
+            async with asyncio.timeout(None if limit == math.inf else limit):
+                result = await fn()
+        except Exception as exc:  # RedisError, OSError, TimeoutError, protocol surprises
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            breaker.record_failure()
+            return _MISS
+        finally:
+            sem.release()
+        breaker.record_success()
+        return result
+
+    def _start_probe(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.create_task(self._probe(), name=f"ragline-{self.name}-probe")
+
+    async def _probe(self) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout_s + self.timeout_s):
+                await self.client.ping()
+            await self._replay_pending()
+        except Exception as exc:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+
+    async def check(self) -> bool:
+        """Readiness probe: PING now (bounded), regardless of the breaker, and update it."""
+        self.breaker.allow()  # an open breaker past reset_s becomes half-open: this is the probe
+        await self._probe()
+        return self.breaker.closed
+
+    # -- pending deletes (invalidations that happened while Redis was unreachable) -------
+
+    def _remember_delete(self, keys: Iterable[str] = (), prefix: str | None = None) -> None:
+        if self._pending_all:
+            return
+        if prefix is not None:
+            self._pending_prefixes.add(prefix)
+        self._pending_keys.update(keys)
+        if len(self._pending_keys) > self._max_pending or len(self._pending_prefixes) > 1000:
+            self._pending_keys.clear()
+            self._pending_prefixes.clear()
+            self._pending_all = True
+
+    @property
+    def pending_deletes(self) -> int:
+        """Keys + prefixes waiting to be deleted on recovery (-1: everything will be cleared)."""
+        if self._pending_all:
+            return -1
+        return len(self._pending_keys) + len(self._pending_prefixes)
+
+    async def _replay_pending(self) -> None:
+        """Apply remembered deletes; raises on failure so the probe keeps the breaker open."""
+        if self._pending_all:
+            await self._scan_unlink(KEY_ROOT)
+            self._pending_all = False
+        for prefix in list(self._pending_prefixes):
+            await self._scan_unlink(prefix)
+            self._pending_prefixes.discard(prefix)
+        if self._pending_keys:
+            keys = list(self._pending_keys)
+            for i in range(0, len(keys), 1000):
+                batch = keys[i : i + 1000]
+                async with asyncio.timeout(self.admin_timeout_s):
+                    await self.client.unlink(*batch)
+                self._pending_keys.difference_update(batch)
+
+    async def _scan_unlink(self, prefix: str) -> int:
+        """SCAN MATCH prefix* + UNLINK, each round trip bounded; raises on failure."""
+        match = _glob_escape(prefix) + "*"
+        cursor = 0
+        removed = 0
+        while True:
+            async with asyncio.timeout(self.admin_timeout_s):
+                cursor, keys = await self.client.scan(cursor=cursor, match=match, count=1000)
+                if keys:
+                    removed += int(await self.client.unlink(*keys))
+            if cursor == 0:
+                return removed
+
+    # -- CacheTier ---------------------------------------------------------------------
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        if not keys:
+            return {}
+        client = self.client
+        values = await self._run(lambda: client.mget(keys))
+        if isinstance(values, _Miss):
+            return {}
+        return {k: v for k, v in zip(keys, values, strict=True) if isinstance(v, bytes)}
+
+    async def get_many_ttl(self, keys: Sequence[str]) -> dict[str, tuple[bytes, float | None]]:
+        """MGET plus one PTTL per key, pipelined: still one round trip."""
+        if not keys:
+            return {}
+        client = self.client
+
+        async def op() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.mget(keys)
+                for k in keys:
+                    pipe.pttl(k)
+                return await pipe.execute()
+
+        res = await self._run(op)
+        if isinstance(res, _Miss):
+            return {}
+        values, pttls = res[0], res[1:]
+        out: dict[str, tuple[bytes, float | None]] = {}
+        for k, v, pttl in zip(keys, values, pttls, strict=True):
+            if not isinstance(v, bytes):
+                continue
+            if pttl == -1:
+                out[k] = (v, None)
+            elif pttl > 0:
+                out[k] = (v, pttl / 1000.0)
+            # pttl == -2 or 0: it expired between the two commands: a miss
+        return out
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        if not items or ttl <= 0:
+            return
+        px = max(1, int(ttl * 1000))
+        client = self.client
+        if len(items) == 1:
+            ((k, v),) = items.items()
+            await self._run(lambda: client.set(k, v, px=px))
+            return
+
+        async def op() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, px=px)
+                return await pipe.execute()
+
+        await self._run(op)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        client = self.client
+        batch = list(keys)
+
+        async def op() -> None:
+            for i in range(0, len(batch), 1000):
+                await client.unlink(*batch[i : i + 1000])
+
+        res = await self._run(op, timeout=self.timeout_s if len(batch) <= 1000 else self.admin_timeout_s)
+        if isinstance(res, _Miss):
+            self._remember_delete(batch)
+
+    async def clear(self, prefix: str | None = None) -> int:
+        """SCAN+UNLINK of ``prefix*`` (every ``rl:`` key for None: other data in a shared
+        Redis is never touched).  Each round trip is bounded by ``admin_timeout_s``."""
+        target = KEY_ROOT if prefix is None else prefix
+        res = await self._run(lambda: self._scan_unlink(target), timeout=math.inf)
+        if isinstance(res, _Miss):
+            self._remember_delete(prefix=target)
+            return 0
+        return res
+
+    # -- locks for cross-instance single-flight ----------------------------------------
+
+    async def try_lock(self, name: str, token: str, ttl_s: float) -> bool | None:
+        """``SET name token NX PX``: True if acquired, False if held elsewhere,
+        None if Redis is unavailable (the caller then proceeds without the lock)."""
+        client = self.client
+        px = max(1, int(ttl_s * 1000))
+        res = await self._run(lambda: client.set(name, token, nx=True, px=px))
+        if isinstance(res, _Miss):
+            return None
+        return bool(res)
+
+    async def unlock(self, name: str, token: str) -> bool:
+        """Release a lock only if we still hold it (compare-and-delete in Lua)."""
+        script = self._unlock_script
+        res = await self._run(lambda: script(keys=[name], args=[token]))
+        return not isinstance(res, _Miss) and bool(res)
+
+    # -- housekeeping ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        state = self.breaker.state
+        return {
+            "healthy": 1 if state == "closed" else 0,
+            "breaker_open": 0 if state == "closed" else 1,
+            "breaker_opens": self.breaker.opens_total,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "saturated": self.saturated,
+            "pending_deletes": self.pending_deletes,
+        }
+
+    async def close(self) -> None:
+        task = self._probe_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+
+# --------------------------------------------------------------------------- L3 disk
+
+
+class DiskTier:
+    """Local L3 on ``diskcache`` (SQLite + files), bounded in bytes on disk.
+
+    * ``size_limit=max_bytes`` with diskcache's culling; the eviction policy is
+      *least-recently-stored*: LRU would turn every read into a write
+      transaction (measured slower and contended across processes).
+    * TTL through diskcache's ``expire``; expired rows are never returned.
+    * ``timeout_s`` is SQLite's busy timeout: a locked database is a miss /
+      dropped write, never a stall.
+    * Reads run synchronously when ``sync_reads`` (a small-value read is a
+      single indexed SELECT, measured faster than the thread hop); writes,
+      deletes and clears always run in a worker thread.
+    """
+
+    shared = False
+
+    def __init__(
+        self,
+        directory: str | Path,
+        max_bytes: int,
+        *,
+        name: str = "l3",
+        timeout_s: float = 0.25,
+        sync_reads: bool = True,
+    ) -> None:
+        import diskcache
+
+        self.name = name
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.sync_reads = sync_reads
+        self._cache: diskcache.Cache = diskcache.Cache(
+            str(self.directory),
+            size_limit=max_bytes,
+            timeout=timeout_s,
+            eviction_policy="least-recently-stored",
+            statistics=False,
+            tag_index=False,
+        )
+        self.errors = 0
+        self._consecutive_errors = 0
+        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._consecutive_errors < 3
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors += 1
+        self._consecutive_errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _get_sync(self, keys: Sequence[str]) -> dict[str, tuple[bytes, float | None]]:
+        cache = self._cache
+        now = time.time()
+        out: dict[str, tuple[bytes, float | None]] = {}
+        for k in keys:
+            value, expire_at = cache.get(k, default=None, expire_time=True)
+            if isinstance(value, bytes):
+                out[k] = (value, None if expire_at is None else expire_at - now)
+        return out
+
+    async def _call(self, fn: Callable[[], T], in_thread: bool = True) -> T | _Miss:
+        try:
+            res = await asyncio.to_thread(fn) if in_thread else fn()
+        except Exception as exc:  # diskcache.Timeout, sqlite3.Error, OSError
+            self._fail(exc)
+            return _MISS
+        self._consecutive_errors = 0
+        return res
+
+    async def get_many_ttl(self, keys: Sequence[str]) -> dict[str, tuple[bytes, float | None]]:
+        if not keys:
+            return {}
+        res = await self._call(lambda: self._get_sync(keys), in_thread=not self.sync_reads)
+        return {} if isinstance(res, _Miss) else res
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return {k: v for k, (v, _) in (await self.get_many_ttl(keys)).items()}
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
+        if not items or ttl <= 0:
+            return
+        cache = self._cache
+        pairs = list(items.items())
+
+        def op() -> None:
+            for k, v in pairs:
+                cache.set(k, v, expire=ttl)
+
+        await self._call(op)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        cache = self._cache
+        batch = list(keys)
+
+        def op() -> None:
+            for k in batch:
+                cache.delete(k)
+
+        await self._call(op)
+
+    async def clear(self, prefix: str | None = None) -> int:
+        """Everything for None; otherwise a scan of all keys (O(entries), admin path)."""
+        cache = self._cache
+
+        def op() -> int:
+            if prefix is None:
+                return int(cache.clear())
+            doomed = [k for k in cache.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
+            n = 0
+            for k in doomed:
+                n += bool(cache.delete(k))
+            return n
+
+        res = await self._call(op)
+        return 0 if isinstance(res, _Miss) else res
+
+    def volume(self) -> int:
+        """diskcache's estimate of bytes on disk (SQLite pages + value files)."""
+        return int(self._cache.volume())
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "healthy": 1 if self.healthy else 0,
+            "errors": self.errors,
+            "max_bytes": self.max_bytes,
+        }
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cache.close()
+
+
+# --------------------------------------------------------------------------- composition
+
+OnInvalidate = Callable[[list[str] | None, str | None], Awaitable[None]]
+
+
+class TieredCache:
+    """L1 → L2 → L3 read-through cache with promotion, per-tier/kind counters and
+    cross-instance invalidation.
+
+    Typical use on the query path::
+
+        raw = cache.get_l1(key)                      # sync, ~0.3 µs, no await
+        if raw is None:
+            raw, tier = await cache.get_with_tier(key, skip_l1=True)
+        ...
+        await cache.set_many({key: orjson.dumps(answer_dict)})
+
+    Writes go to every tier; a hit in a slower tier is copied into the faster
+    ones with its remaining TTL.  ``delete_many``/``clear`` act on every tier
+    and, with a bus attached, tell the other instances to drop the keys from
+    their *local* tiers (L1, L3) too.
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[CacheTier],
+        *,
+        default_ttl_s: float = 24 * 3600.0,
+        bus: InvalidationBus | None = None,
+        resync_clear_local: bool = True,
+        metrics: bool = True,
+    ) -> None:
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique: {names}")
+        self.tiers: tuple[CacheTier, ...] = tuple(tiers)
+        self.default_ttl_s = default_ttl_s
+        self.bus = bus
+        self.resync_clear_local = resync_clear_local
+        first = self.tiers[0] if self.tiers else None
+        self.l1: MemoryTier | None = first if isinstance(first, MemoryTier) else None
+        self._l1_name = self.l1.name if self.l1 is not None else ""
+        self._ttl_aware = tuple(isinstance(t, TTLTier) for t in self.tiers)
+        self.counts: dict[tuple[str, str, str], int] = {}
+        """(tier, kind, "hit"|"miss") -> count; plain ints, read by the metrics collector."""
+        self._background: set[asyncio.Task[Any]] = set()
+        self.remote_invalidations = 0
+        self.resyncs = 0
+        if metrics:
+            from ragline.cache import metrics as _metrics
+
+            _metrics.register(self)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get_l1(self, key: str) -> bytes | None:
+        """Hot path: the L1 value or None, synchronously.  No hashing, no logging, no await."""
+        l1 = self.l1
+        if l1 is None:
+            return None
+        value = l1.get(key)
+        c = self.counts
+        ck = (self._l1_name, kind_of(key), "miss" if value is None else "hit")
+        c[ck] = c.get(ck, 0) + 1
+        return value
+
+    async def get(self, key: str, *, skip_l1: bool = False) -> bytes | None:
+        """The value from the fastest tier that has it, or None."""
+        return (await self._lookup((key,), skip_l1)).get(key, (None, ""))[0]
+
+    async def get_with_tier(self, key: str, *, skip_l1: bool = False) -> tuple[bytes | None, str | None]:
+        """``(value, tier name)`` for ``CacheInfo.tier``; ``(None, None)`` on a miss."""
+        hit = (await self._lookup((key,), skip_l1)).get(key)
+        return (None, None) if hit is None else hit
+
+    async def get_many(self, keys: Sequence[str], *, skip_l1: bool = False) -> dict[str, bytes]:
+        """Read through every tier; one round trip per tier for all keys still missing."""
+        return {k: v for k, (v, _) in (await self._lookup(keys, skip_l1)).items()}
+
+    async def get_many_with_tier(
+        self, keys: Sequence[str], *, skip_l1: bool = False
+    ) -> dict[str, tuple[bytes, str]]:
+        """Like :meth:`get_many`, with the tier that answered each key."""
+        return await self._lookup(keys, skip_l1)
+
+    async def _lookup(self, keys: Sequence[str], skip_l1: bool) -> dict[str, tuple[bytes, str]]:
+        found: dict[str, tuple[bytes, str]] = {}
+        missing: list[str] = list(dict.fromkeys(keys))
+        counts = self.counts
+        for i, tier in enumerate(self.tiers):
+            if not missing:
+                break
+            if i == 0 and skip_l1 and tier is self.l1:
+                continue
+            if self._ttl_aware[i]:
+                hits = await tier.get_many_ttl(missing)  # type: ignore[attr-defined]
+            else:
+                hits = {k: (v, None) for k, v in (await tier.get_many(missing)).items()}
+            name = tier.name
+            still: list[str] = []
+            for k in missing:
+                ck = (name, kind_of(k), "hit" if k in hits else "miss")
+                counts[ck] = counts.get(ck, 0) + 1
+                if k not in hits:
+                    still.append(k)
+            if hits:
+                for k, (v, _) in hits.items():
+                    found[k] = (v, name)
+                if i > 0:
+                    self._promote(i, hits)
+            missing = still
+        return found
+
+    def _promote(self, hit_index: int, hits: Mapping[str, tuple[bytes, float | None]]) -> None:
+        """Copy hits into the faster tiers with their remaining TTL (never longer)."""
+        by_ttl: dict[float, dict[str, bytes]] = {}
+        for k, (v, remaining) in hits.items():
+            ttl = self.default_ttl_s if remaining is None else min(remaining, self.default_ttl_s)
+            if ttl > 0:
+                by_ttl.setdefault(ttl, {})[k] = v
+        for j in range(hit_index):
+            tier = self.tiers[j]
+            if isinstance(tier, MemoryTier):
+                for ttl, items in by_ttl.items():
+                    for k, v in items.items():
+                        tier.set(k, v, ttl)
+            else:
+                for ttl, items in by_ttl.items():
+                    self._spawn(tier.set_many(items, ttl))
+
+    def _spawn(self, coro: Awaitable[Any], limit: int = 1000) -> None:
+        """Fire-and-forget a write to a slower tier, bounded; dropped under overload."""
+        if len(self._background) >= limit:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            return
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        await self.set_many({key: value}, ttl)
+
+    async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
+        """Write to every tier (L1 synchronously, the others concurrently, all fail-open)."""
+        if not items:
+            return
+        ttl = self.default_ttl_s if ttl is None else ttl
+        slow: list[Awaitable[None]] = []
+        for tier in self.tiers:
+            if isinstance(tier, MemoryTier):
+                for k, v in items.items():
+                    tier.set(k, v, ttl)
+            else:
+                slow.append(tier.set_many(items, ttl))
+        if slow:
+            await asyncio.gather(*slow, return_exceptions=True)
+
+    async def delete_many(self, keys: Sequence[str], *, broadcast: bool = True) -> None:
+        """Delete from every tier; with a bus, other instances drop them from L1/L3."""
+        if not keys:
+            return
+        await asyncio.gather(*(t.delete_many(keys) for t in self.tiers), return_exceptions=True)
+        if broadcast and self.bus is not None:
+            await self.bus.publish(keys=list(keys))
+
+    async def clear(self, prefix: str | None = None, *, broadcast: bool = True) -> int:
+        """Clear ``prefix`` (e.g. ``keys.tenant_prefix(t)``) in every tier; returns the
+        number of entries removed across tiers."""
+        results = await asyncio.gather(*(t.clear(prefix) for t in self.tiers), return_exceptions=True)
+        if broadcast and self.bus is not None:
+            await self.bus.publish(prefix=KEY_ROOT if prefix is None else prefix)
+        return sum(r for r in results if isinstance(r, int))
+
+    # -- invalidation from other instances ---------------------------------------------
+
+    async def invalidate_local(self, keys: Sequence[str] | None = None, prefix: str | None = None) -> None:
+        """Drop keys / a prefix from the tiers this instance does not share (L1, L3)."""
+        for tier in self.tiers:
+            if tier.shared:
+                continue
+            try:
+                if keys:
+                    await tier.delete_many(keys)
+                if prefix is not None:
+                    await tier.clear(prefix)
+            except Exception:  # fail open: a tier must not break the subscriber
+                continue
+
+    async def _on_remote(self, keys: list[str] | None, prefix: str | None) -> None:
+        self.remote_invalidations += 1
+        await self.invalidate_local(keys, prefix)
+
+    async def _on_resync(self) -> None:
+        """The bus (re)connected after a gap: events may have been missed, so local
+        copies can no longer be trusted."""
+        self.resyncs += 1
+        if self.resync_clear_local:
+            await self.invalidate_local(prefix=KEY_ROOT)
+
+    # -- lifecycle and introspection ---------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the invalidation subscriber (if a bus is attached).  Call in the app's loop."""
+        if self.bus is not None:
+            self.bus.start(self._on_remote, self._on_resync)
+
+    async def close(self) -> None:
+        """Stop the subscriber, wait briefly for background writes, close every tier."""
+        if self.bus is not None:
+            await self.bus.stop()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=1.0)
+        for t in self.tiers:
+            with contextlib.suppress(Exception):
+                await t.close()
+
+    def tier(self, name: str) -> CacheTier | None:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        """All tiers healthy (a False here is degraded service, never an error)."""
+        return all(t.healthy for t in self.tiers)
+
+    def health(self) -> dict[str, bool]:
+        """Per tier, for ``/readyz``; ``bus`` is included when attached."""
+        out = {t.name: t.healthy for t in self.tiers}
+        if self.bus is not None:
+            out["bus"] = self.bus.connected
+        return out
+
+    def hit_counts(self, tier: str | None = None, kind: str | None = None) -> dict[str, int]:
+        """``{"hit": n, "miss": m}`` summed over the counters that match."""
+        out = {"hit": 0, "miss": 0}
+        for (t, k, r), n in self.counts.items():
+            if (tier is None or t == tier) and (kind is None or k == kind):
+                out[r] = out.get(r, 0) + n
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Plain-data snapshot: per-tier stats and the request counters."""
+        requests: dict[str, dict[str, dict[str, int]]] = {}
+        for (t, k, r), n in self.counts.items():
+            requests.setdefault(t, {}).setdefault(k, {})[r] = n
+        return {
+            "tiers": {t.name: t.stats() for t in self.tiers},
+            "requests": requests,
+            "remote_invalidations": self.remote_invalidations,
+            "resyncs": self.resyncs,
+        }
+
+
+def build_cache(settings: CacheSettings, data_dir: Path, *, metrics: bool = True) -> TieredCache:
+    """Assemble the tiers the settings enable: L1 (memory), L2 (Redis, only with a
+    ``redis_url``), L3 (disk under ``data_dir/"cache"``), plus the invalidation bus
+    when Redis is configured.  ``cache.enabled=False`` gives a cache with no tiers
+    (every read misses, writes are dropped)."""
+    tiers: list[CacheTier] = []
+    bus: InvalidationBus | None = None
+    if settings.enabled:
+        if settings.l1_enabled and settings.l1_max_bytes > 0:
+            tiers.append(MemoryTier(settings.l1_max_bytes, max_ttl_s=settings.l1_max_ttl_s))
+        if settings.l2_enabled and settings.redis_url:
+            tiers.append(
+                RedisTier(
+                    settings.redis_url,
+                    timeout_s=settings.redis_timeout_s,
+                    connect_timeout_s=settings.redis_connect_timeout_s,
+                    max_connections=settings.redis_max_connections,
+                    failure_threshold=settings.breaker_failures,
+                    reset_s=settings.breaker_reset_s,
+                )
+            )
+            from ragline.cache.pubsub import InvalidationBus
+
+            bus = InvalidationBus(settings.redis_url, settings.pubsub_channel)
+        if settings.l3_enabled and settings.l3_max_bytes > 0:
+            tiers.append(
+                DiskTier(Path(data_dir) / "cache", settings.l3_max_bytes, timeout_s=settings.l3_timeout_s)
+            )
+    return TieredCache(
+        tiers,
+        default_ttl_s=settings.ttl_s,
+        bus=bus,
+        resync_clear_local=settings.resync_clear_local,
+        metrics=metrics,
+    )

@@ -1,0 +1,193 @@
+"""Command line: ingest | delete | search | ask | serve | bench | cache.
+
+Every command builds ``Settings`` once (``--config`` YAML, ``RAGLINE_*`` env,
+``--data-dir``) and drives the same pipeline the server uses.  Errors a user
+can fix print one line on stderr and exit with status 2 (1 for internal ones).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ragline.config import Settings
+from ragline.errors import RaglineError
+from ragline.types import DEFAULT_TENANT
+
+T = TypeVar("T")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="ragline: fast, cache-first retrieval-augmented generation.")
+err = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="where the index lives (default ./.ragline)")]
+TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant to read or write")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+
+
+def _settings(config: Path | None, data_dir: Path | None, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = dict(extra)
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    return Settings.load(config, **overrides)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except RaglineError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        raise typer.Exit(1 if exc.status >= 500 else 2) from None
+
+
+async def _with_rag(settings: Settings, fn: Any) -> Any:
+    from ragline.pipeline import AsyncRAG
+
+    async with AsyncRAG(settings) as rag:
+        return await fn(rag)
+
+
+@app.command()
+def ingest(paths: Annotated[list[Path], typer.Argument(help="files or folders (.txt .md .html .pdf .jsonl)")],
+           config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT,
+           json: JsonOpt = False) -> None:
+    """Add or update documents; unchanged files cost no embedding work."""
+    for p in paths:
+        if not p.exists():
+            err.print(f"[red]error:[/red] no such file or folder: {p}", highlight=False)
+            raise typer.Exit(2)
+    settings = _settings(config, data_dir)
+
+    async def go(rag: Any) -> Any:
+        with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]} docs/s"), TimeElapsedColumn(),
+                      console=err, disable=json or not err.is_terminal and "CI" in os.environ) as bar:
+            task = bar.add_task("ingest", total=None, rate="-")
+            import time
+
+            t0 = time.perf_counter()
+
+            def progress(n: int) -> None:
+                bar.advance(task, n)
+                done = bar.tasks[0].completed
+                bar.update(task, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+            return await rag.ingest_paths([str(p) for p in paths], tenant, progress)
+
+    report = _run(_with_rag(settings, go))
+    if json:
+        out.print_json(orjson.dumps(report.to_dict()).decode())
+    else:
+        out.print(f"{report.documents} documents: {report.added} added, {report.updated} updated, "
+                  f"{report.unchanged} unchanged; {report.chunks_added} chunks written, "
+                  f"{report.chunks_embedded} embedded, {report.chunks_removed} removed")
+
+
+@app.command()
+def delete(doc_ids: Annotated[list[str], typer.Argument(help="document ids")],
+           config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT) -> None:
+    """Delete documents and their chunks."""
+    settings = _settings(config, data_dir)
+    removed = _run(_with_rag(settings, lambda rag: rag.delete(doc_ids, tenant)))
+    out.print(f"deleted {len(doc_ids)} document(s), {len(removed)} chunks")
+
+
+@app.command()
+def search(query: str, k: Annotated[int, typer.Option("-k", help="number of results")] = 10,
+           docs: Annotated[bool, typer.Option("--docs", help="best chunk per document")] = False,
+           config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT,
+           json: JsonOpt = False) -> None:
+    """Hybrid search: dense and BM25 in parallel, fused with RRF."""
+    settings = _settings(config, data_dir)
+    hits = _run(_with_rag(settings, lambda rag: rag.search(query, k, tenant, doc_level=docs)))
+    if json:
+        sys.stdout.write(orjson.dumps({"hits": [h.to_dict() for h in hits]}, option=orjson.OPT_INDENT_2)
+                         .decode() + "\n")
+        return
+    if not hits:
+        out.print("no results")
+    for i, h in enumerate(hits, 1):
+        ranks = f"dense #{h.dense_rank or '-'}  bm25 #{h.keyword_rank or '-'}"
+        out.print(f"[bold]{i:>2}. {h.doc_id}[/bold] [dim]({h.chunk_id}, rrf {h.score:.4f}, {ranks})[/dim]",
+                  highlight=False)
+        if h.title:
+            out.print(f"    {h.title}", highlight=False)
+        snippet = " ".join(h.text.split())
+        out.print(f"    {snippet[:200]}{'…' if len(snippet) > 200 else ''}", highlight=False)
+
+
+@app.command()
+def ask(question: str, k: Annotated[int | None, typer.Option("-k", help="chunks to retrieve")] = None,
+        config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT,
+        json: JsonOpt = False) -> None:
+    """Answer a question from the indexed documents, with numbered citations."""
+    settings = _settings(config, data_dir)
+    answer = _run(_with_rag(settings, lambda rag: rag.ask(question, k, tenant)))
+    if json:
+        sys.stdout.write(orjson.dumps(answer.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    out.print(answer.text, highlight=False)
+    if answer.sources:
+        out.print("\n[bold]Sources[/bold]")
+        for i, h in enumerate(answer.sources, 1):
+            out.print(f"  [{i}] {h.doc_id}{' — ' + h.title if h.title else ''}", highlight=False)
+
+
+@app.command()
+def serve(host: Annotated[str | None, typer.Option(help="bind address")] = None,
+          port: Annotated[int | None, typer.Option(help="port")] = None,
+          workers: Annotated[int | None, typer.Option(help="uvicorn worker processes")] = None,
+          ingest_path: Annotated[list[Path] | None, typer.Option("--ingest", help="ingest before serving")] = None,
+          config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    if config is not None:
+        os.environ["RAGLINE_CONFIG"] = str(config.resolve())
+    if data_dir is not None:
+        os.environ["RAGLINE_DATA_DIR"] = str(data_dir.resolve())
+    settings = _settings(None, None)
+    if ingest_path:
+        ingest(ingest_path, None, None, DEFAULT_TENANT, False)
+    host = host or settings.server.host
+    port = settings.server.port if port is None else port
+    workers = workers or settings.server.workers
+    err.print(f"ragline serving {settings.data_dir} on http://{host}:{port}  (docs: /docs)")
+    uvicorn.run("ragline.server.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level=settings.log_level.lower(), access_log=False)
+
+
+bench_app = typer.Typer(help="Benchmarks on ../shared/data (JSON + PNG reports).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("quality")
+def bench_quality(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
+                  out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
+                  limit: Annotated[int | None, typer.Option(help="use only N corpus documents")] = None) -> None:
+    """nDCG@10 / Recall@100 for BM25, dense and hybrid, plus ingest and search speed."""
+    from ragline.bench.quality import run
+
+    run(data, out_dir, limit)
+
+
+def main() -> None:
+    try:
+        app()
+    except RaglineError as exc:  # raised outside _run (e.g. settings)
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Context building: drop near-duplicates, pack to a token budget, trim history.
+
+Pure logic over already-retrieved hits; token counts come from a callable (the
+embedder's tokenizer, or the LLM's where known), so this module owns no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ragline.embed.base import Vectors
+from ragline.types import Hit
+
+TokenCounter = Callable[[str], int]
+
+
+def drop_near_duplicates(hits: Sequence[Hit], vectors: Vectors | None, threshold: float) -> list[int]:
+    """Indices of hits to keep: a hit whose cosine to a kept one is ≥ threshold is dropped.
+
+    Exact text duplicates are dropped even without vectors.
+    """
+    keep: list[int] = []
+    seen_text: set[str] = set()
+    for i, h in enumerate(hits):
+        norm = " ".join(h.text.split()).casefold()
+        if norm in seen_text:
+            continue
+        if vectors is not None and keep:
+            sims = vectors[keep] @ vectors[i]
+            if float(np.max(sims)) >= threshold:
+                continue
+        seen_text.add(norm)
+        keep.append(i)
+    return keep
+
+
+def pack(hits: Sequence[Hit], count_tokens: TokenCounter, budget: int, max_sources: int,
+         vectors: Vectors | None = None, near_duplicate: float = 0.95,
+         per_source_overhead: int = 8) -> list[Hit]:
+    """Best-first packing: take hits in rank order while they fit the budget.
+
+    A hit that does not fit is skipped (a shorter, lower-ranked one may still
+    fit) rather than truncated mid-sentence; ``per_source_overhead`` accounts
+    for the "[n] title" header the prompt adds.
+    """
+    out: list[Hit] = []
+    used = 0
+    for i in drop_near_duplicates(hits, vectors, near_duplicate):
+        if len(out) >= max_sources:
+            break
+        h = hits[i]
+        cost = count_tokens(h.text) + (count_tokens(h.title) if h.title else 0) + per_source_overhead
+        if used + cost > budget:
+            continue
+        out.append(h)
+        used += cost
+    return out
+
+
+def trim_history(history: Sequence[dict[str, str]], count_tokens: TokenCounter, budget: int,
+                 max_turns: int) -> list[dict[str, str]]:
+    """Keep the most recent messages (at most ``max_turns`` user/assistant pairs) within budget."""
+    recent = list(history)[-2 * max_turns:] if max_turns else []
+    out: list[dict[str, str]] = []
+    used = 0
+    for msg in reversed(recent):
+        cost = count_tokens(msg.get("content", "")) + 4
+        if used + cost > budget:
+            break
+        out.append(msg)
+        used += cost
+    out.reverse()
+    return out

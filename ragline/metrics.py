@@ -1,0 +1,48 @@
+"""Prometheus metrics and the stage timer.
+
+Metrics live in the default registry (what ``/metrics`` exposes and what
+multi-worker deployments aggregate with PROMETHEUS_MULTIPROC_DIR).  The stage
+timer records into a histogram and, when asked, into the response's
+``timings`` dict — the same measurement serves both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+HTTP_DURATION = Histogram(
+    "ragline_http_request_duration_seconds", "HTTP request duration by route",
+    ["route", "method", "status"], buckets=_LATENCY_BUCKETS)
+STAGE_DURATION = Histogram(
+    "ragline_stage_duration_seconds", "Pipeline stage duration", ["stage"], buckets=_LATENCY_BUCKETS)
+DOCUMENTS = Gauge("ragline_documents_indexed", "Documents in the store (all tenants)")
+CHUNKS = Gauge("ragline_chunks_indexed", "Chunks in the store (all tenants)")
+INGESTED = Counter("ragline_ingest_documents_total", "Documents ingested by outcome", ["outcome"])
+EMBEDDED = Counter("ragline_embedded_texts_total", "Texts sent to the embedding model")
+LLM_TOKENS = Counter("ragline_llm_tokens_total", "LLM tokens used", ["kind"])
+LLM_CALLS = Counter("ragline_llm_calls_total", "LLM calls by outcome", ["outcome"])
+ERRORS = Counter("ragline_errors_total", "Errors returned to clients by code", ["code"])
+
+_STAGE_CHILDREN = {}
+
+
+@contextmanager
+def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+    """Time a pipeline stage into the histogram (and ``timings`` in ms, if given)."""
+    child = _STAGE_CHILDREN.get(name)
+    if child is None:
+        child = _STAGE_CHILDREN[name] = STAGE_DURATION.labels(name)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        dt = time.perf_counter() - t0
+        child.observe(dt)
+        if timings is not None:
+            timings[name] = round(timings.get(name, 0.0) + dt * 1000.0, 3)

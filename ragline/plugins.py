@@ -1,0 +1,40 @@
+"""Entry-point registry for embedders, LLMs and stores.
+
+Built-in components register through the same entry points as third-party
+ones (see pyproject.toml), so ``embedder.provider: local`` and a plugin's
+``embedder.provider: my-embedder`` resolve the same way.  Each factory is called
+with its settings section (stores: with the data dir and vector width).
+``reload()`` re-reads the entry points, for plugin reload without a restart.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from ragline.errors import ConfigError
+
+GROUPS = ("ragline.embedders", "ragline.llms", "ragline.stores")
+
+_cache: dict[str, dict[str, Any]] = {}
+
+
+def available(group: str) -> dict[str, Any]:
+    """name → entry point for one group (cached until ``reload``)."""
+    if group not in _cache:
+        _cache[group] = {ep.name: ep for ep in entry_points(group=group)}
+    return _cache[group]
+
+
+def load(group: str, name: str) -> Any:
+    """The factory registered under ``name``; ConfigError lists the known names."""
+    eps = available(group)
+    ep = eps.get(name)
+    if ep is None:
+        known = ", ".join(sorted(eps)) or "none"
+        raise ConfigError(f"no {group.split('.')[-1][:-1]} named {name!r} (installed: {known})")
+    return ep.load()
+
+
+def reload() -> None:
+    _cache.clear()

@@ -1,0 +1,141 @@
+"""Hybrid retrieval: dense ANN and BM25 in parallel, fused with RRF, then MMR.
+
+Pure functions (``rrf``, ``mmr``, ``best_per_document``) plus ``HybridRetriever``,
+which runs both retrievers concurrently in worker threads (usearch and tantivy
+release the GIL) and keeps each retriever's rank and raw score on every hit,
+together with each retriever's cutoff score (the score of its last candidate).
+The cutoffs are what ingestion-driven cache invalidation compares new chunks
+against (DESIGN.md §3.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ragline.config import RetrievalSettings
+from ragline.embed.base import Vectors
+from ragline.store.base import Scored, Store
+from ragline.types import Hit
+
+
+def rrf(rankings: list[list[Scored]], k: int = 60) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: score(d) = Σ 1 / (k + rank_r(d)), ranks 1-based.
+
+    Ties are broken by first appearance (dense list first), which keeps the
+    output deterministic.
+    """
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, s in enumerate(ranking, start=1):
+            scores[s.chunk_id] = scores.get(s.chunk_id, 0.0) + 1.0 / (k + rank)
+    order = {cid: i for i, cid in enumerate(scores)}
+    return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+def mmr(query: Vectors, candidates: Vectors, relevance: list[float], top_n: int,
+        lambda_: float) -> list[int]:
+    """Maximal marginal relevance over candidate indices.
+
+    ``relevance`` is the fused score scaled to [0, 1]; redundancy is the max
+    cosine to an already selected candidate.  Returns indices in pick order.
+    """
+    n = len(relevance)
+    if n == 0 or top_n <= 0:
+        return []
+    rel = np.asarray(relevance, dtype=np.float32)
+    sims = candidates @ candidates.T
+    selected: list[int] = []
+    max_sim = np.full(n, -np.inf, dtype=np.float32)
+    available = np.ones(n, dtype=bool)
+    for _ in range(min(top_n, n)):
+        redundancy = np.where(np.isfinite(max_sim), max_sim, 0.0)
+        score = lambda_ * rel - (1.0 - lambda_) * redundancy
+        score[~available] = -np.inf
+        i = int(np.argmax(score))
+        selected.append(i)
+        available[i] = False
+        max_sim = np.maximum(max_sim, sims[i])
+    return selected
+
+
+def best_per_document(hits: list[Hit]) -> list[Hit]:
+    """Keep the best-ranked chunk of each document, preserving order."""
+    seen: set[str] = set()
+    out: list[Hit] = []
+    for h in hits:
+        if h.doc_id not in seen:
+            seen.add(h.doc_id)
+            out.append(h)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """Fused hits plus what a cache entry needs to know to be invalidated correctly."""
+
+    hits: list[Hit]
+    dense_cutoff: float | None = None
+    """Cosine of the dense retriever's last candidate (None: fewer than asked)."""
+    keyword_cutoff: float | None = None
+    """BM25 score of the keyword retriever's last candidate (None: fewer than asked)."""
+    candidate_ids: tuple[str, ...] = field(default_factory=tuple)
+
+
+class HybridRetriever:
+    """Composes a Store's two retrievers; every call is scoped to one tenant."""
+
+    def __init__(self, store: Store, settings: RetrievalSettings) -> None:
+        self.store = store
+        self.settings = settings
+
+    async def retrieve(self, tenant: str, query: str, qvec: Vectors, k: int,
+                       use_mmr: bool | None = None, doc_level: bool = False,
+                       candidates: int | None = None) -> Retrieval:
+        s = self.settings
+        depth = max(candidates or s.candidates, k)
+        dense_task = (asyncio.to_thread(self.store.search_dense, tenant, qvec, depth)
+                      if s.dense else _empty())
+        kw_task = (asyncio.to_thread(self.store.search_keyword, tenant, query, depth)
+                   if s.keyword else _empty())
+        dense, keyword = await asyncio.gather(dense_task, kw_task)
+        fused = rrf([dense, keyword], s.rrf_k)
+        dense_info = {x.chunk_id: (r, x.score) for r, x in enumerate(dense, start=1)}
+        kw_info = {x.chunk_id: (r, x.score) for r, x in enumerate(keyword, start=1)}
+
+        want_mmr = s.mmr if use_mmr is None else use_mmr
+        # Fetch texts for the head of the fused list only; MMR looks a little deeper.
+        pool = fused[: (max(3 * k, 20) if want_mmr else k) if not doc_level else max(depth, k)]
+        ids = [cid for cid, _ in pool]
+        chunks = await asyncio.to_thread(self.store.chunks, tenant, ids)
+        order = list(range(len(pool)))
+        if want_mmr and len(pool) > 1:
+            vecs = await asyncio.to_thread(self.store.vectors, tenant, ids)
+            top = pool[0][1]
+            order = mmr(qvec.reshape(-1), vecs, [sc / top for _, sc in pool], len(pool), s.mmr_lambda)
+        hits: list[Hit] = []
+        for i in order:
+            cid, score = pool[i]
+            ch = chunks.get(cid)
+            if ch is None:  # deleted between search and fetch
+                continue
+            dr = dense_info.get(cid)
+            kr = kw_info.get(cid)
+            hits.append(Hit(chunk_id=cid, doc_id=ch.doc_id, text=ch.text, score=score, title=ch.title,
+                            dense_rank=dr[0] if dr else None, dense_score=dr[1] if dr else None,
+                            keyword_rank=kr[0] if kr else None, keyword_score=kr[1] if kr else None,
+                            metadata=ch.metadata))
+        if doc_level:
+            hits = best_per_document(hits)
+        return Retrieval(
+            hits=hits[:k],
+            dense_cutoff=dense[-1].score if len(dense) >= depth else None,
+            keyword_cutoff=keyword[-1].score if len(keyword) >= depth else None,
+            candidate_ids=tuple(cid for cid, _ in fused),
+        )
+
+
+async def _empty() -> list[Scored]:
+    return []

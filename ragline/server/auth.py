@@ -1,0 +1,43 @@
+"""API key → tenant.  No key means the default tenant unless keys are required."""
+
+from __future__ import annotations
+
+import hmac
+
+from ragline.config import ServerSettings
+from ragline.errors import Forbidden, Unauthorized
+from ragline.types import DEFAULT_TENANT
+
+
+class Auth:
+    def __init__(self, settings: ServerSettings) -> None:
+        self._keys = dict(settings.api_keys)
+        self._admin = list(settings.admin_keys)
+        self._required = settings.require_api_key
+
+    @staticmethod
+    def key_from_headers(authorization: str | None, x_api_key: str | None) -> str | None:
+        if x_api_key:
+            return x_api_key
+        if authorization and authorization[:7].lower() == "bearer ":
+            return authorization[7:].strip() or None
+        return None
+
+    def tenant(self, key: str | None) -> str:
+        """The tenant for a key; unknown keys are refused (never silently mapped to default)."""
+        if key is None:
+            if self._required:
+                raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+            return DEFAULT_TENANT
+        tenant = self._keys.get(key)
+        if tenant is None:
+            if any(hmac.compare_digest(key, a) for a in self._admin):
+                return DEFAULT_TENANT
+            raise Unauthorized("unknown API key")
+        return tenant
+
+    def require_admin(self, key: str | None) -> None:
+        if key is None:
+            raise Unauthorized("this endpoint needs an admin API key")
+        if not any(hmac.compare_digest(key, a) for a in self._admin):
+            raise Forbidden("this API key is not an admin key")
