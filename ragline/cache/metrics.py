@@ -19,6 +19,7 @@ retired total so the counter stays monotonic.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Iterator
@@ -31,15 +32,19 @@ from prometheus_client.registry import Collector, CollectorRegistry
 if TYPE_CHECKING:
     from ragline.cache.tiers import TieredCache
 
-__all__ = ["CacheCollector", "collector", "register"]
+__all__ = ["CacheCollector", "collector", "ensure_registered", "register", "unregister"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a GC finalizer may run while it is held
 _caches: weakref.WeakSet[TieredCache] = weakref.WeakSet()
 _retired: dict[tuple[str, str, str], int] = {}
+_finalizers: dict[int, weakref.finalize[..., TieredCache]] = {}
 
 
-def _retire(counts: dict[tuple[str, str, str], int]) -> None:
+def _retire(cache_id: int, counts: dict[tuple[str, str, str], int]) -> None:
     with _lock:
+        fin = _finalizers.get(cache_id)
+        if fin is not None and not fin.alive:
+            del _finalizers[cache_id]
         for k, n in counts.items():
             _retired[k] = _retired.get(k, 0) + n
 
@@ -74,9 +79,9 @@ class CacheCollector(Collector):
         healthy = GaugeMetricFamily("ragline_cache_healthy", "1 if the tier is usable.", labels=["tier"])
         agg: dict[str, dict[str, float]] = {}
         for cache in caches:
-            for tier in cache.tiers:
-                st = tier.stats()
-                a = agg.setdefault(tier.name, {"healthy": 1.0})
+            for t in cache.tiers:
+                st = t.stats()
+                a = agg.setdefault(t.name, {"healthy": 1.0})
                 for name in ("bytes", "entries", "evictions", "errors"):
                     if name in st:
                         a[name] = a.get(name, 0.0) + float(st[name])
@@ -123,10 +128,9 @@ def ensure_registered(registry: CollectorRegistry = REGISTRY) -> None:
     with _lock:
         if id(registry) in _registered:
             return
-        try:
+        # ValueError: names already registered by a previous incarnation of this module
+        with contextlib.suppress(ValueError):
             registry.register(_collector)
-        except ValueError:
-            pass  # names already registered by a previous incarnation of this module
         _registered.add(id(registry))
 
 
@@ -137,15 +141,15 @@ def register(cache: TieredCache) -> None:
         if cache in _caches:
             return
         _caches.add(cache)
-    weakref.finalize(cache, _retire, cache.counts)
+        _finalizers[id(cache)] = weakref.finalize(cache, _retire, id(cache), cache.counts)
 
 
 def unregister(cache: TieredCache) -> None:
-    """Stop exporting ``cache`` (its request counts are kept in the retired total)."""
+    """Stop exporting ``cache``; its request counts so far move to the retired total."""
     with _lock:
         if cache not in _caches:
             return
         _caches.discard(cache)
-    # the finalizer will fold counts in when the cache dies; fold now and detach it
-    for f in list(weakref.finalize._registry.values()) if False else []:  # pragma: no cover
-        del f
+        fin = _finalizers.pop(id(cache), None)
+    if fin is not None:
+        fin()  # runs _retire once and detaches

@@ -179,7 +179,7 @@ class Chunker:
     """
 
     def __init__(self, tokenizer: Tokenizer | str | Path, settings: ChunkSettings | None = None) -> None:
-        settings = settings or ChunkSettings()
+        settings = settings or ChunkSettings.model_validate({})
         if isinstance(tokenizer, Tokenizer):
             # A private copy: turning truncation/padding off must not change the caller's tokenizer.
             tok = Tokenizer.from_str(tokenizer.to_str())
@@ -268,10 +268,7 @@ class Chunker:
             if not text:
                 result.append([])
                 continue
-            if len(enc) <= self.size:
-                spans = [(0, len(text))]
-            else:
-                spans = self._spans(text, enc)
+            spans = [(0, len(text))] if len(enc) <= self.size else self._spans(text, enc)
             result.append(self._make_chunks(doc, text, spans))
         return result
 

@@ -1,0 +1,194 @@
+"""Single-flight: N identical concurrent requests, one computation (DESIGN.md §2 step 2).
+
+* :class:`SingleFlight` (in-process): the first caller of ``do(key, fn)`` starts
+  ``fn()`` as a task; every concurrent caller with the same key awaits that
+  same task and gets its result or its exception.  A caller that is cancelled
+  (client went away) leaves the others undisturbed; when the *last* waiter is
+  cancelled the computation is cancelled too (nobody wants the LLM tokens).
+  The key's entry is removed as soon as the task finishes, however it
+  finishes, so nothing leaks.
+* :class:`DistributedSingleFlight` (across instances): in front of the local
+  one, a short Redis lock (``SET NX PX``) elects one instance to compute.
+  The others poll the cache through a callback until the value appears, the
+  lock disappears (then they try to take it), or ``wait_s`` passes (then they
+  compute themselves: a bounded wait, never a deadlock).  Redis being down
+  means no lock: every instance computes (fail open), still deduplicated
+  in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ragline.cache.tiers import RedisTier
+
+T = TypeVar("T")
+
+__all__ = ["DistributedSingleFlight", "SingleFlight"]
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Future[T]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
+class SingleFlight(Generic[T]):
+    """Deduplicate concurrent async computations by key, within one event loop."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, _Flight[T]] = {}
+        self.calls = 0
+        """Computations started."""
+        self.shared = 0
+        """Callers that joined a computation already in flight."""
+
+    def __len__(self) -> int:
+        """Keys currently in flight (0 when idle: entries never outlive their task)."""
+        return len(self._flights)
+
+    def in_flight(self, key: str) -> bool:
+        return key in self._flights
+
+    async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn()`` once for all concurrent callers of ``key``; return or raise its outcome."""
+        flight = self._flights.get(key)
+        if flight is None:
+            task: asyncio.Future[T] = asyncio.ensure_future(fn())
+            flight = _Flight(task)
+            self._flights[key] = flight
+            self.calls += 1
+            task.add_done_callback(functools.partial(self._done, key, flight))
+        else:
+            self.shared += 1
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            # our caller was cancelled (or the task was): if nobody else waits, stop the work
+            if flight.waiters == 1 and not flight.task.done():
+                flight.task.cancel()
+            raise
+        finally:
+            flight.waiters -= 1
+
+    def _done(self, key: str, flight: _Flight[T], task: asyncio.Future[T]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if not task.cancelled():
+            task.exception()  # mark retrieved: no "exception was never retrieved" if all waiters left
+
+
+class DistributedSingleFlight(Generic[T]):
+    """Cross-instance single-flight over a Redis lock, fail-open.
+
+    ``compute`` must *store* its result in the shared cache before returning,
+    so that waiting instances find it with ``poll``; the lock is released right
+    after ``compute`` returns (or fails), and in any case expires after
+    ``lock_s`` if this instance dies.
+    """
+
+    def __init__(
+        self,
+        redis: RedisTier | None,
+        *,
+        lock_s: float = 30.0,
+        wait_s: float = 10.0,
+        poll_s: float = 0.05,
+        first_poll_s: float = 0.005,
+        local: SingleFlight[T] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.lock_s = lock_s
+        self.wait_s = wait_s
+        self.poll_s = poll_s
+        self.first_poll_s = min(first_poll_s, poll_s)
+        self.local: SingleFlight[T] = local if local is not None else SingleFlight()
+        self.computed = 0
+        """Computations this instance ran."""
+        self.waited = 0
+        """Results obtained from another instance's computation."""
+        self.timeouts = 0
+        """Waits that ran out and computed anyway."""
+        self.lockless = 0
+        """Computations done without a lock because Redis was unavailable."""
+
+    @staticmethod
+    def lock_name(key: str) -> str:
+        """The Redis lock key of a cache key (never a cache entry itself)."""
+        return f"{key}:sf"
+
+    async def do(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        poll: Callable[[], Awaitable[T | None]],
+    ) -> T:
+        """Return ``compute()``'s result, computed by at most one instance at a time."""
+        return await self.local.do(key, lambda: self._across(key, compute, poll))
+
+    async def _across(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        poll: Callable[[], Awaitable[T | None]],
+    ) -> T:
+        redis = self.redis
+        if redis is None:
+            return await self._compute(compute)
+        name = self.lock_name(key)
+        token = secrets.token_hex(8)
+        got = await redis.try_lock(name, token, self.lock_s)
+        if got is None:
+            self.lockless += 1
+            return await self._compute(compute)
+        if got:
+            return await self._compute_locked(compute, name, token)
+        # another instance is computing: poll for its result, bounded
+        deadline = time.monotonic() + self.wait_s
+        delay = self.first_poll_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.timeouts += 1
+                return await self._compute(compute)
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, self.poll_s)
+            value = await poll()
+            if value is not None:
+                self.waited += 1
+                return value
+            got = await redis.try_lock(name, token, self.lock_s)
+            if got:  # the holder finished without a value, or died: our turn
+                # it may have stored the value between our poll and our lock
+                value = await poll()
+                if value is not None:
+                    await redis.unlock(name, token)
+                    self.waited += 1
+                    return value
+                return await self._compute_locked(compute, name, token)
+            if got is None:  # Redis went away while we waited
+                self.lockless += 1
+                return await self._compute(compute)
+
+    async def _compute(self, compute: Callable[[], Awaitable[T]]) -> T:
+        self.computed += 1
+        return await compute()
+
+    async def _compute_locked(self, compute: Callable[[], Awaitable[T]], name: str, token: str) -> T:
+        assert self.redis is not None
+        try:
+            return await self._compute(compute)
+        finally:
+            # release even on error/cancel so waiters stop polling and retry at once
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.redis.unlock(name, token))
