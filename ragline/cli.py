@@ -39,14 +39,18 @@ def _settings(config: Path | None, data_dir: Path | None, **extra: Any) -> Setti
     overrides: dict[str, Any] = dict(extra)
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    return Settings.load(config, **overrides)
+    try:
+        return Settings.load(config, **overrides)
+    except RaglineError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except RaglineError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1 if exc.status >= 500 else 2) from None
 
 
@@ -64,14 +68,14 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files or folders (.
     """Add or update documents; unchanged files cost no embedding work."""
     for p in paths:
         if not p.exists():
-            err.print(f"[red]error:[/red] no such file or folder: {p}", highlight=False)
+            err.print(f"[red]error:[/red] no such file or folder: {p}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     settings = _settings(config, data_dir)
 
     async def go(rag: Any) -> Any:
         with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[rate]} docs/s"), TimeElapsedColumn(),
-                      console=err, disable=json or not err.is_terminal and "CI" in os.environ) as bar:
+                      console=err, disable=json or not err.is_terminal) as bar:
             task = bar.add_task("ingest", total=None, rate="-")
             import time
 
@@ -185,7 +189,7 @@ def main() -> None:
     try:
         app()
     except RaglineError as exc:  # raised outside _run (e.g. settings)
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,155 +1,145 @@
-"""Prometheus view of the cache, computed at scrape time from plain-int counters.
+"""Prometheus metrics of the cache, fed from plain-int counters off the hot path.
 
-The hot path (an L1 hit) only bumps an ``int`` in ``TieredCache.counts``; no
-prometheus-client object is touched per request.  One collector, registered
-once on the default ``REGISTRY``, turns the counters of every live
-``TieredCache`` into:
+The hot path (an L1 hit) only bumps an ``int`` in ``TieredCache.counts``
+(~0.15 µs); a prometheus-client ``Counter.inc`` costs ~0.5 µs even on a bound
+child.  :func:`sync` turns the ints into real metrics by adding the *deltas*
+since the previous sync.  ``TieredCache.start()`` runs it every second,
+``TieredCache.close()`` once more, and a ``/metrics`` handler may call
+:func:`sync_all` before rendering.  Because these are ordinary
+``Counter``/``Gauge`` objects, ``PROMETHEUS_MULTIPROC_DIR`` aggregation across
+uvicorn workers works (a custom collector would only ever show one worker).
 
-* ``ragline_cache_requests_total{tier,kind,result}``  counter, result = hit | miss
-* ``ragline_cache_bytes{tier}`` / ``ragline_cache_entries{tier}``  gauges (L1)
-* ``ragline_cache_evictions_total{tier}``  counter (L1 LRU evictions)
-* ``ragline_cache_errors_total{tier}``  counter (Redis / disk failures, fail-open)
-* ``ragline_cache_healthy{tier}``  gauge, 0 while a breaker is open
+Metrics (default ``REGISTRY``):
 
-Registration is idempotent: importing or calling :func:`register` again (tests
-build many caches, pytest may re-import) never raises "Duplicated timeseries".
-The request counters of a cache that is garbage-collected are folded into a
-retired total so the counter stays monotonic.
+* ``ragline_cache_requests_total{tier,kind,result}``  result = hit | miss
+* ``ragline_cache_evictions_total{tier}``  L1 entries evicted to respect the byte bound
+* ``ragline_cache_errors_total{tier}``  backend failures answered as misses (fail open)
+* ``ragline_cache_bytes{tier}``, ``ragline_cache_entries{tier}``  L1 size
+* ``ragline_cache_healthy{tier}``  0 while a breaker is open / the disk fails
+
+Creation is registry-safe: if the names are already registered (a test that
+re-imports this module, or two copies of it) the existing collectors are reused
+instead of raising "Duplicated timeseries".
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.metrics import MetricWrapperBase
 
 if TYPE_CHECKING:
     from ragline.cache.tiers import TieredCache
 
-__all__ = ["CacheCollector", "collector", "ensure_registered", "register", "unregister"]
+__all__ = [
+    "BYTES",
+    "ENTRIES",
+    "ERRORS",
+    "EVICTIONS",
+    "HEALTHY",
+    "REQUESTS",
+    "register",
+    "sync",
+    "sync_all",
+]
 
-_lock = threading.RLock()  # re-entrant: a GC finalizer may run while it is held
-_caches: weakref.WeakSet[TieredCache] = weakref.WeakSet()
-_retired: dict[tuple[str, str, str], int] = {}
-_finalizers: dict[int, weakref.finalize[..., TieredCache]] = {}
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
-def _retire(cache_id: int, counts: dict[tuple[str, str, str], int]) -> None:
+def _get_or_create(cls: type[M], name: str, doc: str, labels: list[str], **kw: Any) -> M:
+    """Create a metric in the default registry, or return the one already there."""
+    try:
+        return cls(name, doc, labels, **kw)
+    except ValueError:  # "Duplicated timeseries in CollectorRegistry"
+        existing = REGISTRY._names_to_collectors.get(name)
+        if existing is None and cls is Counter:
+            existing = REGISTRY._names_to_collectors.get(name + "_total")
+        if isinstance(existing, cls):
+            return existing
+        raise
+
+
+REQUESTS = _get_or_create(
+    Counter, "ragline_cache_requests_total", "Cache lookups per tier, kind and result (hit|miss).",
+    ["tier", "kind", "result"],
+)  # fmt: skip
+EVICTIONS = _get_or_create(
+    Counter, "ragline_cache_evictions_total", "Entries evicted to respect a tier's byte bound.", ["tier"]
+)
+ERRORS = _get_or_create(
+    Counter, "ragline_cache_errors_total", "Cache backend failures answered as misses (fail open).", ["tier"]
+)
+BYTES = _get_or_create(
+    Gauge, "ragline_cache_bytes", "Bytes held by a bounded cache tier.", ["tier"], multiprocess_mode="livesum"
+)
+ENTRIES = _get_or_create(
+    Gauge, "ragline_cache_entries", "Entries held by a cache tier.", ["tier"], multiprocess_mode="livesum"
+)
+HEALTHY = _get_or_create(
+    Gauge, "ragline_cache_healthy", "1 if the cache tier is usable, 0 if degraded.", ["tier"],
+    multiprocess_mode="livemin",
+)  # fmt: skip
+
+# Module state survives importlib.reload (tests): losing ``_last`` would re-add every count.
+_lock: threading.RLock = globals().get("_lock") or threading.RLock()  # re-entrant: GC finalizers
+_caches: weakref.WeakSet[TieredCache] = globals().get("_caches") or weakref.WeakSet()
+_last: weakref.WeakKeyDictionary[TieredCache, dict[Any, float]] = (
+    globals().get("_last") or weakref.WeakKeyDictionary()
+)
+
+
+def _flush_requests(counts: dict[tuple[str, str, str], int], last: dict[Any, float]) -> None:
+    for labels, n in list(counts.items()):
+        delta = n - last.get(labels, 0)
+        if delta > 0:
+            REQUESTS.labels(*labels).inc(delta)
+            last[labels] = n
+
+
+def sync(cache: TieredCache) -> None:
+    """Add ``cache``'s counter deltas since the last sync to the metrics; set the gauges."""
     with _lock:
-        fin = _finalizers.get(cache_id)
-        if fin is not None and not fin.alive:
-            del _finalizers[cache_id]
-        for k, n in counts.items():
-            _retired[k] = _retired.get(k, 0) + n
+        last = _last.setdefault(cache, {})
+        _flush_requests(cache.counts, last)
+        for tier in cache.tiers:
+            st = tier.stats()
+            name = tier.name
+            for metric, stat in ((EVICTIONS, "evictions"), (ERRORS, "errors")):
+                if stat in st:
+                    k = (stat, name)
+                    delta = st[stat] - last.get(k, 0)
+                    if delta > 0:
+                        metric.labels(name).inc(delta)
+                        last[k] = st[stat]
+            if "bytes" in st:
+                BYTES.labels(name).set(st["bytes"])
+            if "entries" in st:
+                ENTRIES.labels(name).set(st["entries"])
+            HEALTHY.labels(name).set(st.get("healthy", 1))
 
 
-class CacheCollector(Collector):
-    """Reads the live caches' counters on every scrape."""
-
-    def collect(self) -> Iterator[Metric]:
-        with _lock:
-            caches = list(_caches)
-            totals = dict(_retired)
-        for cache in caches:
-            for k, n in list(cache.counts.items()):
-                totals[k] = totals.get(k, 0) + n
-        requests = CounterMetricFamily(
-            "ragline_cache_requests",
-            "Cache lookups per tier, kind and result (hit|miss).",
-            labels=["tier", "kind", "result"],
-        )
-        for (tier, kind, result), n in sorted(totals.items()):
-            requests.add_metric([tier, kind, result], n)
-        yield requests
-
-        size = GaugeMetricFamily("ragline_cache_bytes", "Bytes held by a bounded tier.", labels=["tier"])
-        entries = GaugeMetricFamily("ragline_cache_entries", "Entries held by a tier.", labels=["tier"])
-        evictions = CounterMetricFamily(
-            "ragline_cache_evictions", "Entries evicted to respect the byte bound.", labels=["tier"]
-        )
-        errors = CounterMetricFamily(
-            "ragline_cache_errors", "Backend failures answered as misses (fail open).", labels=["tier"]
-        )
-        healthy = GaugeMetricFamily("ragline_cache_healthy", "1 if the tier is usable.", labels=["tier"])
-        agg: dict[str, dict[str, float]] = {}
-        for cache in caches:
-            for t in cache.tiers:
-                st = t.stats()
-                a = agg.setdefault(t.name, {"healthy": 1.0})
-                for name in ("bytes", "entries", "evictions", "errors"):
-                    if name in st:
-                        a[name] = a.get(name, 0.0) + float(st[name])
-                a["healthy"] = min(a["healthy"], float(st.get("healthy", 1)))
-        for tier_name, a in sorted(agg.items()):
-            if "bytes" in a:
-                size.add_metric([tier_name], a["bytes"])
-            if "entries" in a:
-                entries.add_metric([tier_name], a["entries"])
-            if "evictions" in a:
-                evictions.add_metric([tier_name], a["evictions"])
-            if "errors" in a:
-                errors.add_metric([tier_name], a["errors"])
-            healthy.add_metric([tier_name], a["healthy"])
-        yield size
-        yield entries
-        yield evictions
-        yield errors
-        yield healthy
-
-    def describe(self) -> Iterator[Metric]:
-        # Declaring the names lets the registry detect a genuine duplicate once, at
-        # registration, instead of at every scrape.
-        yield CounterMetricFamily("ragline_cache_requests", "", labels=["tier", "kind", "result"])
-        yield GaugeMetricFamily("ragline_cache_bytes", "", labels=["tier"])
-        yield GaugeMetricFamily("ragline_cache_entries", "", labels=["tier"])
-        yield CounterMetricFamily("ragline_cache_evictions", "", labels=["tier"])
-        yield CounterMetricFamily("ragline_cache_errors", "", labels=["tier"])
-        yield GaugeMetricFamily("ragline_cache_healthy", "", labels=["tier"])
-
-
-_collector = CacheCollector()
-_registered: set[int] = set()
-
-
-def collector() -> CacheCollector:
-    """The process-wide collector (to register on a custom registry, too)."""
-    return _collector
-
-
-def ensure_registered(registry: CollectorRegistry = REGISTRY) -> None:
-    """Register the collector on ``registry`` once; a no-op afterwards, and a no-op if an
-    earlier import of this module (a test re-import) already registered the same names."""
+def sync_all() -> None:
+    """:func:`sync` every live registered cache (call before rendering ``/metrics``)."""
     with _lock:
-        if id(registry) in _registered:
-            return
-        # ValueError: names already registered by a previous incarnation of this module
-        with contextlib.suppress(ValueError):
-            registry.register(_collector)
-        _registered.add(id(registry))
+        caches = list(_caches)
+    for cache in caches:
+        sync(cache)
 
 
 def register(cache: TieredCache) -> None:
-    """Include ``cache``'s counters in the exported metrics for as long as it lives."""
-    ensure_registered()
+    """Track ``cache`` for :func:`sync_all`; when it is garbage-collected, its last
+    request counts are flushed so no increment is lost."""
     with _lock:
         if cache in _caches:
             return
         _caches.add(cache)
-        _finalizers[id(cache)] = weakref.finalize(cache, _retire, id(cache), cache.counts)
+        last = _last.setdefault(cache, {})
+    weakref.finalize(cache, _final_flush, cache.counts, last)
 
 
-def unregister(cache: TieredCache) -> None:
-    """Stop exporting ``cache``; its request counts so far move to the retired total."""
+def _final_flush(counts: dict[tuple[str, str, str], int], last: dict[Any, float]) -> None:
     with _lock:
-        if cache not in _caches:
-            return
-        _caches.discard(cache)
-        fin = _finalizers.pop(id(cache), None)
-    if fin is not None:
-        fin()  # runs _retire once and detaches
+        _flush_requests(counts, last)

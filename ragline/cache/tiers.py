@@ -723,6 +723,10 @@ class DiskTier:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.sync_reads = sync_reads
+        # SQLite's WAL lives beside the database and is not counted by diskcache's
+        # size_limit; keep it to ~1/32 of the bound (4 MiB at most, SQLite's default)
+        # so the whole directory stays within the bound.
+        wal_pages = max(16, min(1000, max_bytes // 4096 // 32))
         self._cache: diskcache.Cache = diskcache.Cache(
             str(self.directory),
             size_limit=max_bytes,
@@ -730,6 +734,8 @@ class DiskTier:
             eviction_policy="least-recently-stored",
             statistics=False,
             tag_index=False,
+            sqlite_wal_autocheckpoint=wal_pages,
+            sqlite_journal_size_limit=wal_pages * 4096,
         )
         self.errors = 0
         self._consecutive_errors = 0
@@ -874,6 +880,8 @@ class TieredCache:
         self.counts: dict[tuple[str, str, str], int] = {}
         """(tier, kind, "hit"|"miss") -> count; plain ints, read by the metrics collector."""
         self._background: set[asyncio.Task[Any]] = set()
+        self._metrics_task: asyncio.Task[None] | None = None
+        self.metrics = metrics
         self.remote_invalidations = 0
         self.resyncs = 0
         if metrics:
@@ -1032,13 +1040,37 @@ class TieredCache:
 
     # -- lifecycle and introspection ---------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the invalidation subscriber (if a bus is attached).  Call in the app's loop."""
+    async def start(self, metrics_interval_s: float = 1.0) -> None:
+        """Start the invalidation subscriber (if a bus is attached) and the periodic
+        metrics sync (if metrics are on).  Call once, in the app's event loop."""
         if self.bus is not None:
             self.bus.start(self._on_remote, self._on_resync)
+        if self.metrics and (self._metrics_task is None or self._metrics_task.done()):
+            self._metrics_task = asyncio.create_task(
+                self._metrics_loop(metrics_interval_s), name="ragline-cache-metrics"
+            )
+
+    async def _metrics_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Push the plain-int counters' deltas into the prometheus metrics now."""
+        if self.metrics:
+            from ragline.cache import metrics as _metrics
+
+            with contextlib.suppress(Exception):  # metrics must never break the cache
+                _metrics.sync(self)
 
     async def close(self) -> None:
         """Stop the subscriber, wait briefly for background writes, close every tier."""
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._metrics_task
+            self._metrics_task = None
+        self.flush_metrics()
         if self.bus is not None:
             await self.bus.stop()
         if self._background:

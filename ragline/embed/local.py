@@ -53,6 +53,9 @@ class LocalEmbedder:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars on the CLI's stderr
 
         if settings.threads:
             torch.set_num_threads(settings.threads)

@@ -174,8 +174,9 @@ class Chunker:
 
     Built from the embedder's ``tokenizer.json`` (``from_model_dir``) so that
     ``size`` is measured in the very tokens the model sees.  Special tokens
-    ([CLS]/[SEP]) are not counted: the embedder adds them on top, so keep
-    ``size`` at or below ``max_seq_length - 2``.  Thread-safe.
+    ([CLS]/[SEP]) are not counted, nor is the title that ``Chunk.index_text``
+    prepends: keep ``size`` plus a typical title within the model's
+    ``max_seq_length - 2``.  Thread-safe.
     """
 
     def __init__(self, tokenizer: Tokenizer | str | Path, settings: ChunkSettings | None = None) -> None:
@@ -360,6 +361,9 @@ class Chunker:
                 if s_opt is not None and (cand is None or s_opt < cand):
                     cand = s_opt
                 if cand is None:
-                    cand = next((i for i in range(lo2, cut) if word_start(i)), lo2)
+                    # After whitespace first ("1.15" must not become a chunk starting ".15").
+                    cand = next((i for i in range(lo2, cut) if gap_before(i)), None)
+                if cand is None:
+                    cand = next((i for i in range(lo2, cut) if t2w(i) != t2w(i - 1)), lo2)
                 nxt = cand
             start = max(nxt, start + 1)

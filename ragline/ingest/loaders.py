@@ -153,7 +153,7 @@ def html_to_text(html: str) -> tuple[str, str]:
 
     Drops scripts, styles, navigation and other non-prose elements; block
     elements become paragraph breaks, ``<br>`` a line break, and whitespace
-    inside running text is collapsed (except in ``<pre>``).  The title is the
+    inside running text is collapsed (``<pre>`` keeps its line breaks).  The title is the
     ``<title>`` element, else the first ``<h1>``, else empty.
     """
     from selectolax.lexbor import LexborHTMLParser
@@ -268,7 +268,8 @@ def _jsonl_doc(line: bytes, lineno: int, name: str, source: str) -> Document | N
 
 def _file_too_large(name: str, size: int, limits: LimitSettings) -> PayloadTooLarge:
     return PayloadTooLarge(f"file {_show(name)} is {_mb(size)}, over the limit of "
-                           f"{_mb(limits.max_file_bytes)} (limits.max_file_bytes); split it or raise the limit")
+                           f"{_mb(limits.max_file_bytes)} (limits.max_file_bytes); "
+                           "split it or raise the limit")
 
 
 def _suffix(name: str) -> str:

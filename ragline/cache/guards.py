@@ -1,0 +1,504 @@
+"""Guards for the semantic cache: may a cached answer serve a *different* query?
+
+The semantic cache is a candidate generator, never the judge (DESIGN.md §3.2).
+An ANN lookup proposes a cached query whose embedding is close to the new one
+(cosine ≥ τ); sentence embeddings, however, are nearly blind to exactly the
+details that change an answer: a negation ("is X safe" / "is X not safe"), a
+number ("2016" / "2017"), a name ("Union County" / "Morgan County"), the kind
+of question ("how" / "why"), a polarity word ("advantages" / "disadvantages")
+or swapped roles ("benzene into toluene" / "toluene into benzene").  These
+guards compare cheap lexical features of both queries and veto the hit when
+such a detail differs.
+
+``extract_features`` runs once per query (regexes and small word lists, tens
+of microseconds) and its result is stored next to the cached query;
+``guards_pass`` compares two stored feature records (a few microseconds) and
+returns ``(ok, reason)`` so that rejections can be counted by reason.
+
+Everything is case- and punctuation-insensitive: "What is COVID-19?" and
+"what is covid 19" give the same decision against a third query.  The checks
+are deliberately conservative: a false rejection only costs an LLM call, a
+false acceptance serves a wrong answer.  Calibration and the measured
+precision/recall on QQP and STS-B are in ``benchmarks/semantic_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "ALL_CHECKS",
+    "DEFAULT_CHECKS",
+    "QueryFeatures",
+    "extract_features",
+    "guards_pass",
+]
+
+# --------------------------------------------------------------------------- word lists
+
+_NEGATION_WORDS = frozenset(
+    {
+        "not", "no", "never", "without", "none", "neither", "nor", "cannot", "nobody",
+        "nothing", "nowhere", "noone", "nope",
+        # apostrophe-less contractions, common in typed queries
+        "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "cant", "couldnt",
+        "wouldnt", "shouldnt", "wont", "havent", "hasnt", "hadnt", "mustnt", "aint", "neednt",
+    }
+)  # fmt: skip
+
+_UNITS = {
+    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
+    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
+    "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60,
+    "seventy": 70, "eighty": 80, "ninety": 90,
+}  # fmt: skip
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000, "billion": 1_000_000_000}
+_ORDINAL_WORDS = {
+    "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
+    "eighth": 8, "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12, "thirteenth": 13,
+    "fourteenth": 14, "fifteenth": 15, "sixteenth": 16, "seventeenth": 17,
+    "eighteenth": 18, "nineteenth": 19, "twentieth": 20,
+}  # fmt: skip
+_NUMBER_SUFFIX = {"k": 1_000, "m": 1_000_000, "mn": 1_000_000, "bn": 1_000_000_000, "b": 1_000_000_000}
+
+# Function words: never entities, never content terms.
+_STOPWORDS = frozenset(
+    """
+    a an the and or but if then else of to in on at by for with from into onto over under
+    about as is are was were be been being am do does did doing done have has had having
+    i me my mine myself we us our ours you your yours he him his she her hers it its they
+    them their theirs this that these those there here what which who whom whose when
+    where why how can could will would shall should may might must ought any some such
+    so than too very just also only even still yet much many more most own same other
+    each every all both few lot lots get got gets getting one ones someone something
+    anyone anything everyone everything really actually please thanks thank quora
+    let way ways best good better possible kind sort type etc vs via per
+    """.split()
+)
+
+# Words that ask for the same thing in other words ("tips for", "ways to", "the best...").
+_FILLER = frozenset(
+    """
+    tip tips way ways method methods idea ideas advice suggestion suggestions option options
+    thing things good best great top really exactly actually possible someone anyone people
+    ever use using know
+    """.split()
+)
+
+_AUX_START = frozenset(
+    """
+    is are was were am be do does did have has had can could will would shall should may
+    might must isnt arent wasnt werent dont doesnt didnt cant couldnt wont wouldnt
+    shouldnt havent hasnt hadnt
+    """.split()
+)
+
+# Words whose sense is reversed by an antonym; pairs are compared after stemming.
+_ANTONYM_PAIRS = (
+    ("increase", "decrease"), ("increase", "reduce"), ("rise", "fall"), ("more", "less"),
+    ("more", "fewer"), ("higher", "lower"), ("high", "low"), ("before", "after"),
+    ("positive", "negative"), ("advantage", "disadvantage"), ("pro", "con"),
+    ("benefit", "drawback"), ("best", "worst"), ("good", "bad"), ("better", "worse"),
+    ("male", "female"), ("man", "woman"), ("men", "women"), ("boy", "girl"), ("guy", "girl"),
+    ("husband", "wife"), ("boyfriend", "girlfriend"), ("father", "mother"),
+    ("dad", "mom"), ("son", "daughter"), ("brother", "sister"), ("he", "she"),
+    ("his", "her"), ("him", "her"), ("king", "queen"), ("north", "south"), ("east", "west"),
+    ("buy", "sell"), ("buyer", "seller"), ("import", "export"), ("win", "lose"),
+    ("win", "loss"), ("profit", "loss"), ("gain", "loss"), ("gain", "lose"), ("rich", "poor"),
+    ("right", "wrong"), ("true", "false"), ("legal", "illegal"), ("maximum", "minimum"),
+    ("max", "min"), ("largest", "smallest"), ("biggest", "smallest"), ("big", "small"),
+    ("large", "small"), ("long", "short"), ("fast", "slow"), ("hot", "cold"),
+    ("easy", "hard"), ("easy", "difficult"), ("cheap", "expensive"), ("young", "old"),
+    ("new", "old"), ("first", "last"), ("start", "end"), ("begin", "end"),
+    ("input", "output"), ("upper", "lower"), ("inner", "outer"), ("inside", "outside"),
+    ("urban", "rural"), ("private", "public"), ("push", "pull"), ("open", "close"),
+    ("up", "down"), ("over", "under"), ("above", "below"), ("love", "hate"),
+    ("like", "dislike"), ("agree", "disagree"), ("possible", "impossible"),
+    ("happy", "sad"), ("success", "failure"), ("successful", "failed"), ("strong", "weak"),
+    ("early", "late"), ("past", "future"), ("top", "bottom"), ("left", "right"),
+    ("day", "night"), ("light", "dark"), ("maternal", "paternal"),
+    ("internal", "external"), ("domestic", "international"), ("ancient", "modern"),
+    ("accept", "reject"), ("pass", "fail"), ("add", "remove"), ("include", "exclude"),
+    ("always", "never"), ("majority", "minority"), ("plus", "minus"), ("entry", "exit"),
+    ("arrival", "departure"), ("teacher", "student"), ("employer", "employee"),
+    ("parent", "child"), ("safe", "dangerous"), ("healthy", "unhealthy"),
+    ("legal", "illegal"), ("useful", "useless"), ("important", "unimportant"),
+    ("optimistic", "pessimistic"), ("introvert", "extrovert"), ("liberal", "conservative"),
+    ("democrat", "republican"), ("capitalism", "socialism"), ("theist", "atheist"),
+    ("online", "offline"), ("wireless", "wired"), ("heaven", "hell"), ("life", "death"),
+    ("alive", "dead"), ("war", "peace"), ("friend", "enemy"), ("similarity", "difference"),
+)  # fmt: skip
+
+# The first word of a question decides its type; "how many"/"how much" ask for a quantity.
+_WH_TYPES = {
+    "who": "who", "whom": "who", "whose": "who", "what": "what", "which": "what",
+    "when": "when", "where": "where", "why": "why", "how": "how", "whats": "what",
+    "whos": "who", "wheres": "where", "hows": "how",
+}  # fmt: skip
+_HOW_QUANTITY = frozenset({"many", "much"})
+_WHAT_TIME = frozenset({"time", "year", "date", "day", "month", "century", "age"})
+
+# --------------------------------------------------------------------------- regexes
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9$](?:[A-Za-z0-9+#%$]|['’.,/:\-](?=[A-Za-z0-9]))*[+#%]*")
+_SENTENCE_BREAK_RE = re.compile(r"[.?!:;\"()\[\]]\s*$|^\s*$")
+_NUMBER_RE = re.compile(
+    r"^[$£€]?(?P<num>[-+]?\d[\d,]*(?:\.\d+)?)(?P<suf>%|k|m|mn|bn|b|st|nd|rd|th)?$", re.IGNORECASE
+)
+_FRACTION_RE = re.compile(r"^\d+(?:[/:]\d+)+$")
+_CODE_RE = re.compile(r"[A-Za-z].*\d|\d.*[A-Za-z]")
+_NO_ABBREV_RE = re.compile(r"\bno\.\s*\d", re.IGNORECASE)
+_SPLIT_RE = re.compile(r"[-/.,:]")
+_DOTTED_RE = re.compile(r"^(?:[A-Za-z]\.){1,}[A-Za-z]\.?$")
+_NON_CODE_RE = re.compile(r"[^a-z0-9+#]")
+_CONTRACTION_RE = re.compile(r"'(?:s|m|re|ve|ll|d)$")
+_NT_BASE = {"can't": "can", "won't": "will", "shan't": "shall", "ain't": "is"}
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFeatures:
+    """Cheap lexical features of one query, stored alongside its cached answer.
+
+    * ``negated`` — the query contains a negation cue (not, n't, never, without...).
+    * ``numbers`` — normalised numbers: ``"10000"``, ``"2.5"``, ``"10%"``, ``"#2"``
+      for ordinals ("2nd" and "second" are both ``"#2"``), fractions as written.
+    * ``entities`` — stems of likely names: capitalised words not at a sentence
+      start, acronyms, CamelCase, alphanumeric codes ("covid-19", "p53", "il-6").
+    * ``polarity`` — stems from an antonym lexicon (increase/decrease, male/female...).
+    * ``qtype`` — who/what/when/where/why/how/quantity, ``yesno`` for questions
+      opening with an auxiliary verb, ``other`` otherwise.
+    * ``terms`` — all word stems in order (stop words included), for entity
+      coverage and the role-swap check.
+    """
+
+    negated: bool
+    numbers: frozenset[str]
+    entities: frozenset[str]
+    polarity: frozenset[str]
+    qtype: str
+    terms: tuple[str, ...]
+
+
+def stem(word: str) -> str:
+    """A deliberately crude English stemmer: lower case, no possessive/plural/-ing/-ed.
+
+    Both sides of a comparison use the same function, so consistency matters
+    more than linguistic accuracy ("studying"/"study" and "uses"/"use" meet).
+    """
+    w = word.lower().replace("’", "'")
+    if w.endswith("'s"):
+        w = w[:-2]
+    w = w.replace("'", "")
+    n = len(w)
+    if n <= 3 or not w.isalpha():
+        return w
+    if w.endswith("ies") and n > 4:
+        return w[:-3] + "y"
+    if w.endswith("ied") and n > 4:
+        return w[:-3] + "y"
+    if w.endswith("ing") and n > 5:
+        w = w[:-3]
+    elif w.endswith("ed") and n > 4:
+        w = w[:-2]
+    elif w.endswith(("sses", "shes", "ches", "xes", "zes")):
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith(("ss", "us", "is")):
+        w = w[:-1]
+    if len(w) > 3 and w.endswith("e"):
+        w = w[:-1]
+    if len(w) > 3 and w[-1] == w[-2] and w[-1] not in "aeiouls":
+        w = w[:-1]  # "stopped" -> "stopp" -> "stop"
+    return w
+
+
+_ANTONYMS: dict[str, frozenset[str]] = {}
+for _x, _y in _ANTONYM_PAIRS:
+    _sx, _sy = stem(_x), stem(_y)
+    _ANTONYMS[_sx] = _ANTONYMS.get(_sx, frozenset()) | {_sy}
+    _ANTONYMS[_sy] = _ANTONYMS.get(_sy, frozenset()) | {_sx}
+_STOP_STEMS = frozenset(stem(w) for w in _STOPWORDS) | _STOPWORDS
+_FILLER_STEMS = frozenset(stem(w) for w in _FILLER) | _FILLER
+
+
+def _format_number(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+def _parse_number(token: str) -> str | None:
+    """Normalise a numeric token, or return None if it is not one."""
+    if _FRACTION_RE.match(token):
+        return token
+    m = _NUMBER_RE.match(token)
+    if m is None:
+        return None
+    raw = m.group("num").replace(",", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    suf = (m.group("suf") or "").lower()
+    if suf in ("st", "nd", "rd", "th"):
+        return f"#{_format_number(value)}"
+    if suf == "%":
+        return f"{_format_number(value)}%"
+    value *= _NUMBER_SUFFIX.get(suf, 1)
+    return _format_number(value)
+
+
+def _number_words(words: list[str], start: int) -> tuple[str | None, int]:
+    """Parse a run of number words ("twenty five", "two hundred") starting at ``start``."""
+    total = current = 0
+    i = start
+    seen = False
+    while i < len(words):
+        w = words[i]
+        if w in _UNITS:
+            current += _UNITS[w]
+        elif w in _SCALES and (seen or w != "hundred"):
+            current = max(current, 1) * _SCALES[w]
+            if _SCALES[w] > 100:
+                total += current
+                current = 0
+        elif w in _SCALES:
+            current = _SCALES[w]
+        elif w == "and" and seen and i + 1 < len(words) and words[i + 1] in _UNITS:
+            i += 1
+            continue
+        else:
+            break
+        seen = True
+        i += 1
+    if not seen:
+        return None, start
+    return _format_number(total + current), i
+
+
+def _is_sentence_start(text: str, start: int) -> bool:
+    return start == 0 or bool(_SENTENCE_BREAK_RE.search(text[max(0, start - 3) : start]))
+
+
+def extract_features(text: str) -> QueryFeatures:
+    """Compute the guard features of ``text`` (a user query); pure and fast.
+
+    Numbers, negations and question type come from word lists and regexes; no
+    model is loaded.  The result depends only on ``text``.
+    """
+    negations = 0
+    numbers: set[str] = set()
+    entities: set[str] = set()
+    terms: list[str] = []
+    qtype = ""
+    letters = [c for c in text if c.isalpha()]
+    shouting = len(letters) > 8 and sum(c.isupper() for c in letters) > 0.5 * len(letters)
+
+    matches = list(_TOKEN_RE.finditer(text))
+    words = [m.group().lower().replace("’", "'") for m in matches]
+    skip_until = 0
+    for idx, m in enumerate(matches):
+        tok = m.group().replace("’", "'")
+        low = words[idx]
+        sentence_start = _is_sentence_start(text, m.start())
+
+        # -- contractions: "can't" -> can + negation, "I'm" -> I, "what's" -> what
+        if "'" in low:
+            if low.endswith("n't"):
+                negations += 1
+                low = _NT_BASE.get(low, low[:-3])
+                tok = tok[: len(low)]
+            else:
+                cm = _CONTRACTION_RE.search(low)
+                if cm is not None:
+                    low = low[: cm.start()]
+                    tok = tok[: cm.start()]
+        elif low in _NEGATION_WORDS and not _negation_idiom(words, idx, text, m.start()):
+            negations += 1
+
+        # -- question type: the first wh-word, or an auxiliary opening a sentence
+        if not qtype:
+            if low in _WH_TYPES:
+                qtype = _WH_TYPES[low]
+                nxt = words[idx + 1] if idx + 1 < len(words) else ""
+                if qtype == "how" and nxt in _HOW_QUANTITY:
+                    qtype = "quantity"
+                elif qtype == "how" and nxt == "come":
+                    qtype = "why"
+                elif qtype == "what" and nxt in _WHAT_TIME:
+                    qtype = "when"
+            elif sentence_start and low in _AUX_START:
+                qtype = "yesno"
+
+        # -- numbers (digits, number words, ordinals)
+        num = _parse_number(tok)
+        if num is not None:
+            numbers.add(num)
+            terms.append(num)
+            continue
+        if idx >= skip_until and (low in _UNITS or low in _SCALES) and low != "one":
+            value, end = _number_words(words, idx)
+            if value is not None:
+                numbers.add(value)
+                skip_until = end
+        if low in _ORDINAL_WORDS and low != "second":
+            numbers.add(f"#{_ORDINAL_WORDS[low]}")
+
+        # -- alphanumeric codes and dotted acronyms are entities as a whole
+        if _CODE_RE.search(tok) or _DOTTED_RE.match(tok):
+            code = _NON_CODE_RE.sub("", low)
+            if code:
+                entities.add(code)
+                terms.append(code)
+            continue
+        for part in _SPLIT_RE.split(tok):
+            if not part:
+                continue
+            plow = part.lower()
+            s = stem(plow)
+            terms.append(s)
+            if shouting or len(part) < 2:
+                continue
+            upper = sum(c.isupper() for c in part)
+            if upper == 0:
+                continue
+            acronym = upper >= 2 and part.isupper()
+            if not acronym and (plow in _STOPWORDS or s in _STOP_STEMS):
+                continue
+            camel = not part[0].isupper() or (upper >= 2 and not acronym)
+            if acronym or camel or not sentence_start:
+                entities.add(s)
+
+    polarity = {t for t in terms if t in _ANTONYMS}
+    return QueryFeatures(
+        negated=negations > 0,
+        numbers=frozenset(numbers),
+        entities=frozenset(entities),
+        polarity=frozenset(polarity),
+        qtype=qtype or "other",
+        terms=tuple(terms),
+    )
+
+
+def _negation_idiom(words: list[str], idx: int, text: str, offset: int) -> bool:
+    """Negation words that do not negate: "or not", "why not", "not only", "no. 5"."""
+    w = words[idx]
+    prev = words[idx - 1] if idx > 0 else ""
+    nxt = words[idx + 1] if idx + 1 < len(words) else ""
+    if w == "not":
+        return prev in ("or", "why", "if") or nxt == "only"
+    if w == "no":
+        return bool(_NO_ABBREV_RE.match(text, offset)) or nxt == "matter"
+    return False
+
+
+# --------------------------------------------------------------------------- guards
+
+ALL_CHECKS = ("negation", "numbers", "entities", "qtype", "polarity", "order", "content")
+DEFAULT_CHECKS = ALL_CHECKS
+
+
+def _entity_gap(a: QueryFeatures, b_terms: frozenset[str]) -> list[str]:
+    return sorted(e for e in a.entities if e not in b_terms)
+
+
+def _content(terms: tuple[str, ...]) -> set[str]:
+    return {t for t in terms if t not in _STOP_STEMS and t not in _FILLER_STEMS and not t[0].isdigit()
+            and t[0] != "#" and t not in _NEGATION_WORDS}
+
+
+def _content_gap(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Content words of each query that the other lacks (stop and filler words aside)."""
+    ca, cb = _content(a), _content(b)
+    return sorted(ca - cb), sorted(cb - ca)
+
+
+def _polarity_conflict(a: frozenset[str], b: frozenset[str]) -> str | None:
+    """A word in one query whose antonym is in the other (and not its own side)."""
+    for w in a - b:
+        for x in _ANTONYMS[w]:
+            if x in b:
+                return f"{w}/{x}"
+    for w in b - a:
+        for x in _ANTONYMS[w]:
+            if x in a:
+                return f"{x}/{w}"
+    return None
+
+
+def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> str | None:
+    """Two content terms that trade places around a shared pivot word.
+
+    "convert benzene into toluene" / "convert toluene into benzene": benzene
+    comes before "into" and toluene after it in one query, the reverse in the
+    other.  A moved clause ("if X, can I Y" / "can I Y if X") keeps each term on
+    the same side of every pivot and passes.
+    """
+    pos_a: dict[str, int] = {}
+    pos_b: dict[str, int] = {}
+    dup: set[str] = set()
+    for i, t in enumerate(a):
+        if t in pos_a:
+            dup.add(t)
+        pos_a[t] = i
+    for i, t in enumerate(b):
+        if t in pos_b:
+            dup.add(t)
+        pos_b[t] = i
+    shared = [t for t in pos_a if t in pos_b and t not in dup]
+    if len(shared) < 3:
+        return None
+    shared.sort(key=pos_a.__getitem__)
+    content = [t for t in shared if t not in _STOP_STEMS]
+    for i, x in enumerate(content):
+        for y in content[i + 1 :]:
+            if pos_b[y] >= pos_b[x]:
+                continue
+            lo, hi = pos_a[x], pos_a[y]
+            lob, hib = pos_b[y], pos_b[x]
+            for p in shared:
+                if lo < pos_a[p] < hi and lob < pos_b[p] < hib:
+                    return f"{x}/{y}"
+    return None
+
+
+def guards_pass(
+    a: QueryFeatures, b: QueryFeatures, checks: Iterable[str] = DEFAULT_CHECKS
+) -> tuple[bool, str]:
+    """Decide whether the answer cached for one query may serve the other.
+
+    Symmetric.  Returns ``(True, "")`` or ``(False, reason)`` where the reason
+    names the first failing check ("negation differs", "numbers differ: ...",
+    "entities differ: ...", "question type differs: how/why", "polarity
+    differs: ...", "roles swapped: ...").  ``checks`` selects a subset of
+    ``ALL_CHECKS`` (for ablations and for ``CacheSettings``).
+    """
+    enabled = checks if isinstance(checks, (frozenset, set, tuple, list)) else tuple(checks)
+    if "negation" in enabled and a.negated != b.negated:
+        return False, "negation differs"
+    if "numbers" in enabled and a.numbers != b.numbers:
+        diff = sorted(a.numbers ^ b.numbers)
+        return False, f"numbers differ: {{{', '.join(diff)}}}"
+    if "entities" in enabled and (a.entities or b.entities):
+        missing = _entity_gap(a, frozenset(b.terms)) + _entity_gap(b, frozenset(a.terms))
+        if missing:
+            return False, f"entities differ: {{{', '.join(missing)}}}"
+    if "qtype" in enabled and a.qtype != b.qtype:
+        return False, f"question type differs: {a.qtype}/{b.qtype}"
+    if "polarity" in enabled and (a.polarity or b.polarity):
+        conflict = _polarity_conflict(a.polarity, b.polarity)
+        if conflict:
+            return False, f"polarity differs: {conflict}"
+    if "content" in enabled:
+        extra_a, extra_b = _content_gap(a.terms, b.terms)
+        if extra_a or extra_b:
+            return False, f"content differs: {{{', '.join(extra_a + extra_b)}}}"
+    if "order" in enabled:
+        swap = _swapped(a.terms, b.terms)
+        if swap:
+            return False, f"roles swapped: {swap}"
+    return True, ""
