@@ -46,3 +46,8 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
         child.observe(dt)
         if timings is not None:
             timings[name] = round(timings.get(name, 0.0) + dt * 1000.0, 3)
+INVALIDATIONS = Counter("ragline_cache_invalidations_total", "Cache entries dropped by cause", ["cause"])
+LLM_SAVED = Counter("ragline_llm_calls_saved_total", "LLM calls answered from the LLM cache")
+SEMANTIC_SIMILARITY = Histogram("ragline_semantic_hit_similarity", "Cosine similarity of served semantic hits",
+                                buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0))
+ANSWERS = Counter("ragline_answers_total", "Answers served by cache outcome", ["outcome", "tenant"])

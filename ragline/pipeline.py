@@ -14,11 +14,24 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+import orjson
 
 from ragline import metrics, plugins
+from ragline.cache.deps import DepRecord
+from ragline.cache.layer import CacheLayer
+from ragline.codec import (
+    CACHE_BYPASS,
+    CACHE_L1,
+    CACHE_MISS,
+    answer_body,
+    answer_from_body,
+    retrieval_from_bytes,
+    retrieval_to_bytes,
+)
+from ragline.codec import exact as _exact
 from ragline.config import EmbedderSettings, Settings
 from ragline.context import pack, trim_history
 from ragline.embed.base import Embedder, Vectors
@@ -27,13 +40,15 @@ from ragline.embed.local import resolve_model_dir
 from ragline.errors import InvalidInput, NotFound, PayloadTooLarge
 from ragline.ingest.chunking import Chunker, doc_hash
 from ragline.ingest.loaders import iter_documents, validate_document
-from ragline.llm.base import LLM, GenParams, Message
+from ragline.llm.base import LLM, Completion, GenParams, Message
 from ragline.llm.prompt import build_messages
 from ragline.retrieve import HybridRetriever, Retrieval
 from ragline.store.base import Store
-from ragline.types import DEFAULT_TENANT, Answer, Chunk, Document, Hit, IngestReport, Usage
+from ragline.store.embedded import analyze
+from ragline.types import DEFAULT_TENANT, Answer, CacheInfo, Chunk, Document, Hit, IngestReport, Usage
 
 T = TypeVar("T")
+CacheMode = Literal["default", "bypass", "refresh"]
 Progress = Callable[[int], None]
 """Called with the number of documents just processed (for progress bars)."""
 
@@ -53,6 +68,7 @@ class AsyncRAG:
         self._chunker: Chunker | None = None
         self._batcher: MicroBatcher | None = None
         self._retriever: HybridRetriever | None = None
+        self.cache: CacheLayer | None = None
         self._start_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self.ready = False
@@ -65,6 +81,8 @@ class AsyncRAG:
         async with self._start_lock:
             if not self.ready:
                 await asyncio.to_thread(self._build)
+                if self.cache is not None:
+                    await self.cache.start()
                 self.ready = True
                 self._update_gauges()
         return self
@@ -86,12 +104,16 @@ class AsyncRAG:
         self._batcher = MicroBatcher(emb, max_batch=s.embedder.batch_size,
                                      max_wait_ms=s.embedder.micro_batch_wait_ms)
         self._retriever = HybridRetriever(self._store, s.retrieval)
+        if s.cache.enabled:
+            self.cache = CacheLayer(s, emb.dim, emb.id, self._llm.id)
 
     async def aclose(self) -> None:
         if self._batcher is not None:
             await self._batcher.aclose()
         if self._llm is not None:
             await self._llm.aclose()
+        if self.cache is not None:
+            await self.cache.close()
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         self.ready = False
@@ -144,10 +166,10 @@ class AsyncRAG:
         async with self._write_lock:
             pending: asyncio.Task[None] | None = None
             for batch in _doc_batches(docs, self.chunker, self.settings, _INGEST_BATCH_CHUNKS):
-                prepared = await self._prepare(batch, tenant, counts)
+                prepared, old_ids = await self._prepare(batch, tenant, counts)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(self._commit(tenant, prepared, len(batch), progress))
+                pending = asyncio.create_task(self._commit(tenant, prepared, old_ids, len(batch), progress))
             if pending is not None:
                 await pending
         self._update_gauges()
@@ -160,8 +182,14 @@ class AsyncRAG:
         return await self.ingest(iter_documents(paths, self.settings.limits), tenant, progress)
 
     async def _prepare(self, batch: list[tuple[Document, str, list[Chunk]]], tenant: str,
-                       counts: dict[str, int]) -> list[tuple[Document, str, list[Chunk], Vectors]]:
-        """Drop unchanged documents, reuse known vectors, embed the rest once per unique text."""
+                       counts: dict[str, int]
+                       ) -> tuple[list[tuple[Document, str, list[Chunk], Vectors]], list[str]]:
+        """Drop unchanged documents, reuse known vectors, embed the rest once per unique text.
+
+        Vectors come, cheapest first, from the replaced chunks of the same
+        document, the embedding cache, then the model.  Returns the prepared
+        documents and the chunk ids they replace.
+        """
         store = self.store
         states = await asyncio.to_thread(store.doc_state, tenant, [d.id for d, _, _ in batch])
         changed: list[tuple[Document, str, list[Chunk]]] = []
@@ -193,25 +221,52 @@ class AsyncRAG:
             for ch in chunks:
                 if ch.content_hash not in known:
                     todo.setdefault(ch.content_hash, ch.index_text)
+        if todo and self.cache is not None:
+            texts = list(todo.values())
+            hashes = list(todo)
+            for i, v in (await self.cache.get_vectors(tenant, texts, self.embedder.dim)).items():
+                known[hashes[i]] = v
+                del todo[hashes[i]]
         if todo:
-            vecs = await asyncio.to_thread(self.embedder.embed, list(todo.values()))
+            texts = list(todo.values())
+            vecs = await asyncio.to_thread(self.embedder.embed, texts)
             metrics.EMBEDDED.inc(len(todo))
             counts["chunks_embedded"] += len(todo)
             known.update(zip(todo.keys(), vecs, strict=True))
+            if self.cache is not None:
+                await self.cache.put_vectors(tenant, texts, vecs)
         out = []
         for doc, h, chunks in changed:
             counts["chunks_added"] += len(chunks)
             vec = (np.stack([known[c.content_hash] for c in chunks]) if chunks
                    else np.zeros((0, self.embedder.dim), np.float32))
             out.append((doc, h, chunks, vec))
-        return out
+        return out, old_chunk_ids
 
     async def _commit(self, tenant: str, prepared: list[tuple[Document, str, list[Chunk], Vectors]],
-                      n_docs: int, progress: Progress | None) -> None:
+                      old_ids: list[str], n_docs: int, progress: Progress | None) -> None:
         if prepared:
             await asyncio.to_thread(self.store.upsert, tenant, prepared)
+            chunks = [c for _, _, cs, _ in prepared for c in cs]
+            vecs = [v for _, _, _, v in prepared if len(v)]
+            await self._invalidate(tenant, old_ids, chunks, np.concatenate(vecs) if vecs else None)
         if progress is not None:
             progress(n_docs)
+
+    async def _invalidate(self, tenant: str, removed: list[str], added: list[Chunk],
+                          vectors: Vectors | None) -> None:
+        """Drop exactly the cached entries this change could alter (DESIGN.md §3.1)."""
+        cache = self.cache
+        if cache is None:
+            return
+        with metrics.stage("invalidate"):
+            chunk_terms = [set(analyze(c.index_text)) for c in added]
+            idf_of = getattr(self.store, "term_idf", None)
+            idf = (await asyncio.to_thread(idf_of, tenant, set().union(*chunk_terms))
+                   if idf_of is not None and chunk_terms else None)
+            report = await cache.on_change(tenant, removed, vectors, chunk_terms, idf, self._reverify)
+        for cause, n in report.causes.items():
+            metrics.INVALIDATIONS.labels(cause).inc(n)
 
     async def delete(self, doc_ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[str]:
         """Delete documents by id; NotFound if none of them exists. Returns removed chunk ids."""
@@ -225,6 +280,7 @@ class AsyncRAG:
                 raise NotFound(f"no document with id {missing[0]!r}" if len(missing) == 1
                                else f"none of the {len(missing)} document ids exist")
             removed = await asyncio.to_thread(self.store.delete, tenant, list(states))
+            await self._invalidate(tenant, removed, [], None)
         self._update_gauges()
         return removed
 
@@ -235,40 +291,73 @@ class AsyncRAG:
             metrics.CHUNKS.set(st["chunks"])
 
     # -- query -------------------------------------------------------------------
-    async def embed_query(self, query: str, timings: dict[str, float] | None = None) -> Vectors:
+    async def embed_query(self, query: str, tenant: str = DEFAULT_TENANT,
+                          timings: dict[str, float] | None = None) -> Vectors:
+        """The query vector: embedding cache first, then the micro-batched model."""
         await self.start()
         assert self._batcher is not None
         with metrics.stage("embed", timings):
-            return (await self._batcher.embed([query]))[0]
+            cache = self.cache
+            if cache is not None:
+                hit = await cache.get_vectors(tenant, [query], self.embedder.dim)
+                if 0 in hit:
+                    return hit[0]
+            vec = (await self._batcher.embed([query]))[0]
+            if cache is not None:
+                await cache.put_vectors(tenant, [query], vec.reshape(1, -1))
+            return vec
 
     async def retrieve(self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, *,
                        doc_level: bool = False, mmr: bool | None = None, candidates: int | None = None,
-                       timings: dict[str, float] | None = None) -> Retrieval:
+                       timings: dict[str, float] | None = None, cache_mode: CacheMode = "default",
+                       qvec: Vectors | None = None) -> Retrieval:
+        """Hybrid retrieval, served from the retrieval cache when its dependencies are unchanged."""
         k = self._check_query(query, k)
-        qvec = await self.embed_query(query, timings)
+        use_mmr = self.settings.retrieval.mmr if mmr is None else mmr
+        cache = self.cache if cache_mode != "bypass" else None
+        key = cache.retrieval_key(tenant, query, k, use_mmr, doc_level, candidates) if cache else None
+        if cache is not None and key is not None and cache_mode == "default":
+            with metrics.stage("retrieval_cache", timings):
+                body, _ = await cache.get(key)
+            if body is not None:
+                return retrieval_from_bytes(body)
+        if qvec is None:
+            qvec = await self.embed_query(query, tenant, timings)
         assert self._retriever is not None
         with metrics.stage("retrieve", timings):
-            return await self._retriever.retrieve(tenant, query, qvec, k, use_mmr=mmr,
-                                                  doc_level=doc_level, candidates=candidates)
+            r = await self._retriever.retrieve(tenant, query, qvec, k, use_mmr=use_mmr,
+                                               doc_level=doc_level, candidates=candidates)
+        if cache is not None and key is not None:
+            dep = self._dep_record(key, tenant, query, qvec, r, [h.chunk_id for h in r.hits], k, use_mmr,
+                                   doc_level, candidates)
+            await cache.put(key, retrieval_to_bytes(r), dep)
+        return r
+
+    def _dep_record(self, key: str, tenant: str, query: str, qvec: Vectors, r: Retrieval,
+                    context_ids: list[str], k: int, mmr: bool, doc_level: bool = False,
+                    candidates: int | None = None) -> DepRecord:
+        terms = tuple(sorted(set(analyze(query))))
+        return DepRecord(key, tenant, query, np.asarray(qvec, np.float32), terms, r.candidate_ids,
+                         tuple(context_ids), r.dense_cutoff, r.keyword_cutoff, k, mmr,
+                         doc_level=doc_level, candidates=candidates)
 
     async def search(self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, *,
                      doc_level: bool = False, mmr: bool | None = False,
-                     timings: dict[str, float] | None = None) -> list[Hit]:
+                     timings: dict[str, float] | None = None, cache_mode: CacheMode = "default") -> list[Hit]:
         """Hybrid search; plain RRF order unless ``mmr`` (search is for ranking, not context)."""
-        r = await self.retrieve(query, k, tenant, doc_level=doc_level, mmr=mmr, timings=timings)
+        r = await self.retrieve(query, k, tenant, doc_level=doc_level, mmr=mmr, timings=timings,
+                                cache_mode=cache_mode)
         return r.hits
 
-    async def _context(self, query: str, k: int | None, tenant: str, history: Sequence[Message],
-                       timings: dict[str, float]) -> tuple[list[Hit], list[Message]]:
-        r = await self.retrieve(query, k, tenant, timings=timings)
+    async def _pack(self, query: str, hits: list[Hit], tenant: str, history: Sequence[Message],
+                    timings: dict[str, float] | None) -> tuple[list[Hit], list[Message]]:
         s = self.settings.context
         count = self.chunker.count_tokens
         with metrics.stage("context", timings):
-            vecs = (await asyncio.to_thread(self.store.vectors, tenant, [h.chunk_id for h in r.hits])
-                    if r.hits else None)
-            sources = pack(r.hits, count, s.token_budget, s.max_sources, vecs, s.near_duplicate)
-            hist = trim_history(_check_history(history, self.settings.limits.max_history_messages),
-                                count, s.token_budget // 2, s.history_turns)
+            vecs = (await asyncio.to_thread(self.store.vectors, tenant, [h.chunk_id for h in hits])
+                    if hits else None)
+            sources = pack(hits, count, s.token_budget, s.max_sources, vecs, s.near_duplicate)
+            hist = trim_history(history, count, s.token_budget // 2, s.history_turns)
             messages = build_messages(query, sources, hist)
         return sources, messages
 
@@ -276,36 +365,145 @@ class AsyncRAG:
         s = self.settings.llm
         return GenParams(model=s.model, temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p)
 
+    async def _complete(self, tenant: str, messages: list[Message], timings: dict[str, float]) -> Completion:
+        """Generation through the LLM cache (only for deterministic parameters, unless configured)."""
+        params = self.gen_params()
+        cache = self.cache
+        key = None
+        if cache is not None and cache.cacheable_llm(params.temperature):
+            key = cache.llm_key(tenant, {"model": params.model, "t": params.temperature, "n": params.max_tokens,
+                                         "p": params.top_p, "s": list(params.stop)}, messages)
+            body, _ = await cache.get(key)
+            if body is not None:
+                d = orjson.loads(body)
+                usage = Usage(**d["usage"])
+                cache.counters["llm_calls_saved"] += 1
+                cache.counters["llm_tokens_saved"] += usage.total_tokens
+                metrics.LLM_SAVED.inc()
+                return Completion(d["text"], usage, d["model"], d["finish"])
+        with metrics.stage("generate", timings):
+            done = await self.llm.complete(messages, params)
+        metrics.LLM_CALLS.labels("ok").inc()
+        metrics.LLM_TOKENS.labels("prompt").inc(done.usage.prompt_tokens)
+        metrics.LLM_TOKENS.labels("completion").inc(done.usage.completion_tokens)
+        if key is not None and cache is not None and done.finish_reason in ("stop", "length"):
+            await cache.put(key, orjson.dumps({"text": done.text, "model": done.model, "finish": done.finish_reason,
+                                               "usage": {"prompt_tokens": done.usage.prompt_tokens,
+                                                         "completion_tokens": done.usage.completion_tokens}}))
+        return done
+
+    async def ask_body(self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, *,
+                       history: Sequence[Message] = (), cache_mode: CacheMode = "default",
+                       timings: dict[str, float] | None = None) -> tuple[bytes, CacheInfo]:
+        """The answer as pre-serialised JSON (answer, sources, usage, model) plus how it was served.
+
+        The exact-hit path is: validate, one key hash, an L1 dict lookup, return
+        the stored bytes — no model objects are built.
+        """
+        k = self._check_query(query, k)
+        hist = _check_history(history, self.settings.limits.max_history_messages) if history else []
+        cache = self.cache
+        if cache is None or cache_mode == "bypass":
+            body, _ = await self._answer_miss(None, query, k, tenant, hist, timings if timings is not None else {})
+            return body, CACHE_BYPASS if cache is not None else CACHE_MISS
+        key = cache.answer_key(tenant, query, k, hist)
+        if cache_mode == "default":
+            body = cache.get_l1(key)
+            if body is not None:
+                return body, CACHE_L1
+            body, tier = await cache.get(key, skip_l1=True)
+            if body is not None:
+                return body, _exact(tier)
+        t = timings if timings is not None else {}
+
+        async def compute() -> tuple[bytes, CacheInfo]:
+            return await self._answer_miss(key, query, k, tenant, hist, t)
+
+        async def poll() -> tuple[bytes, CacheInfo] | None:
+            b, tier = await cache.get(key)
+            return (b, _exact(tier)) if b is not None else None
+
+        if cache_mode == "refresh":
+            return await compute()
+        result: tuple[bytes, CacheInfo] = await cache.flight.do(key, compute, poll)
+        return result
+
+    async def _answer_miss(self, key: str | None, query: str, k: int, tenant: str, hist: list[Message],
+                           timings: dict[str, float]) -> tuple[bytes, CacheInfo]:
+        cache = self.cache if key is not None else None
+        qvec = await self.embed_query(query, tenant, timings)
+        r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
+                                cache_mode="default" if cache is not None else "bypass")
+        sources, messages = await self._pack(query, r.hits, tenant, hist, timings)
+        ctx = [h.chunk_id for h in sources]
+        if cache is not None and key is not None and not hist:
+            with metrics.stage("semantic", timings):
+                match = await cache.semantic_match(tenant, query, qvec, ctx)
+            if match is not None:
+                body, sim, matched = match
+                metrics.SEMANTIC_SIMILARITY.observe(sim)
+                await cache.put(key, body, self._dep_record(key, tenant, query, qvec, r, ctx, k,
+                                                            self.settings.retrieval.mmr), semantic=True)
+                return body, CacheInfo("semantic", None, round(sim, 4), matched)
+        done = await self._complete(tenant, messages, timings)
+        body = answer_body(done.text, sources, done.usage, done.model)
+        if cache is not None and key is not None:
+            dep = self._dep_record(key, tenant, query, qvec, r, ctx, k, self.settings.retrieval.mmr)
+            await cache.put(key, body, dep, semantic=not hist)
+        return body, CACHE_MISS
+
     async def ask(self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, *,
-                  history: Sequence[Message] = ()) -> Answer:
+                  history: Sequence[Message] = (), cache_mode: CacheMode = "default") -> Answer:
         """Retrieve, pack, generate: a cited answer whose sources are numbered as cited."""
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        sources, messages = await self._context(query, k, tenant, history, timings)
-        with metrics.stage("generate", timings):
-            done = await self.llm.complete(messages, self.gen_params())
-        metrics.LLM_TOKENS.labels("prompt").inc(done.usage.prompt_tokens)
-        metrics.LLM_TOKENS.labels("completion").inc(done.usage.completion_tokens)
+        body, info = await self.ask_body(query, k, tenant, history=history, cache_mode=cache_mode,
+                                         timings=timings)
         timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
-        return Answer(done.text, tuple(sources), done.usage, timings, model=done.model)
+        return answer_from_body(orjson.loads(body), info, timings)
 
     async def ask_stream(self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, *,
-                         history: Sequence[Message] = ()) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+                         history: Sequence[Message] = (), cache_mode: CacheMode = "default"
+                         ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Events: ("sources", {...}) first, then ("delta", {"text"}) …, then ("done", {...}).
 
-        Validation and retrieval happen before the first event, so bad input
-        raises instead of producing a broken stream.
+        Validation, the cache lookup and retrieval happen before the first
+        event, so bad input raises instead of producing a broken stream.  A
+        cached answer streams with the same event shape; only a generation
+        that completed is stored.
         """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        sources, messages = await self._context(query, k, tenant, history, timings)
-        return self._stream_events(sources, messages, timings, t0)
+        k = self._check_query(query, k)
+        hist = _check_history(history, self.settings.limits.max_history_messages) if history else []
+        cache = self.cache if cache_mode != "bypass" else None
+        key = cache.answer_key(tenant, query, k, hist) if cache is not None else None
+        if cache is not None and key is not None and cache_mode == "default":
+            body, tier = await cache.get(key)
+            if body is not None:
+                return _replay(body, _exact(tier), timings, t0)
+        qvec = await self.embed_query(query, tenant, timings)
+        r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
+                                cache_mode="default" if cache is not None else "bypass")
+        sources, messages = await self._pack(query, r.hits, tenant, hist, timings)
+        ctx = [h.chunk_id for h in sources]
+        dep = (self._dep_record(key, tenant, query, qvec, r, ctx, k, self.settings.retrieval.mmr)
+               if cache is not None and key is not None else None)
+        if cache is not None and key is not None and dep is not None and not hist:
+            match = await cache.semantic_match(tenant, query, qvec, ctx)
+            if match is not None:
+                await cache.put(key, match[0], dep, semantic=True)
+                return _replay(match[0], CacheInfo("semantic", None, round(match[1], 4), match[2]), timings, t0)
+        return self._stream_events(sources, messages, timings, t0, key, dep, not hist)
 
     async def _stream_events(self, sources: list[Hit], messages: list[Message], timings: dict[str, float],
-                             t0: float) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+                             t0: float, key: str | None, dep: DepRecord | None,
+                             semantic: bool) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         yield "sources", {"sources": [h.to_dict() for h in sources]}
         usage = Usage()
         model = self.llm.id
+        finish: str | None = None
+        parts: list[str] = []
         tg = time.perf_counter()
         first = True
         async for piece in self.llm.stream(messages, self.gen_params()):
@@ -313,18 +511,54 @@ class AsyncRAG:
                 timings["first_token"] = round((time.perf_counter() - tg) * 1000, 3)
                 first = False
             if piece.delta:
+                parts.append(piece.delta)
                 yield "delta", {"text": piece.delta}
             if piece.usage is not None:
                 usage = piece.usage
+            if piece.finish_reason is not None:
+                finish = piece.finish_reason
         timings["generate"] = round((time.perf_counter() - tg) * 1000, 3)
         timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
+        metrics.LLM_CALLS.labels("ok").inc()
         metrics.LLM_TOKENS.labels("prompt").inc(usage.prompt_tokens)
         metrics.LLM_TOKENS.labels("completion").inc(usage.completion_tokens)
+        cache = self.cache
+        if cache is not None and key is not None and finish in ("stop", "length"):
+            # only a generation that ran to completion is stored (never an aborted stream)
+            await cache.put(key, answer_body("".join(parts), sources, usage, model), dep, semantic=semantic)
         yield "done", {"usage": usage.to_dict(), "timings": timings, "model": model,
-                       "cache": {"kind": "miss", "tier": None, "similarity": None, "matched_query": None}}
+                       "cache": CACHE_MISS.to_dict()}
+
+    async def _reverify(self, rec: DepRecord) -> DepRecord | None:
+        """Re-run retrieval for a cached entry from its stored vector; None if its context changed."""
+        assert self._retriever is not None
+        r = await self._retriever.retrieve(rec.tenant, rec.query, rec.qvec, rec.k, use_mmr=rec.mmr,
+                                           doc_level=rec.doc_level, candidates=rec.candidates)
+        if ":answer:" in rec.entry_key:
+            sources, _ = await self._pack(rec.query, r.hits, rec.tenant, [], None)
+            ctx = tuple(h.chunk_id for h in sources)
+        else:
+            ctx = tuple(h.chunk_id for h in r.hits)
+        if ctx != rec.context_ids:
+            return None
+        return DepRecord(rec.entry_key, rec.tenant, rec.query, rec.qvec, rec.terms, r.candidate_ids, ctx,
+                         r.dense_cutoff, r.keyword_cutoff, rec.k, rec.mmr, rec.extra_keys, rec.doc_level,
+                         rec.candidates)
 
     def stats(self, tenant: str | None = None) -> dict[str, int]:
         return self.store.stats(tenant)
+
+
+async def _replay(body: bytes, info: CacheInfo, timings: dict[str, float],
+                  t0: float) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A cached answer as the same event sequence a fresh generation produces."""
+    d = orjson.loads(body)
+    yield "sources", {"sources": d["sources"]}
+    words = d["answer"].split(" ")
+    for i, w in enumerate(words):
+        yield "delta", {"text": w if i == 0 else " " + w}
+    timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
+    yield "done", {"usage": d["usage"], "timings": timings, "model": d.get("model", ""), "cache": info.to_dict()}
 
 
 def _check_history(history: Sequence[Message], limit: int) -> list[Message]:

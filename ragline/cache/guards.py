@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = [
     "ALL_CHECKS",
@@ -66,40 +67,43 @@ _NUMBER_SUFFIX = {"k": 1_000, "m": 1_000_000, "mn": 1_000_000, "bn": 1_000_000_0
 
 # Function words: never entities, never content terms.
 _STOPWORDS = frozenset(
-    """
-    a an the and or but if then else of to in on at by for with from into onto over under
-    about as is are was were be been being am do does did doing done have has had having
-    i me my mine myself we us our ours you your yours he him his she her hers it its they
-    them their theirs this that these those there here what which who whom whose when
-    where why how can could will would shall should may might must ought any some such
-    so than too very just also only even still yet much many more most own same other
-    each every all both few lot lots get got gets getting one ones someone something
-    anyone anything everyone everything really actually please thanks thank quora
-    let way ways best good better possible kind sort type etc vs via per
-    """.split()
-)
+    [
+        "a", "an", "the", "and", "or", "but", "if", "then", "else", "of", "to", "in", "on", "at", "by", "for",
+        "with", "from", "into", "onto", "over", "under", "about", "as", "is", "are", "was", "were", "be", "been",
+        "being", "am", "do", "does", "did", "doing", "done", "have", "has", "had", "having", "i", "me", "my",
+        "mine", "myself", "we", "us", "our", "ours", "you", "your", "yours", "he", "him", "his", "she", "her",
+        "hers", "it", "its", "they", "them", "their", "theirs", "this", "that", "these", "those", "there", "here",
+        "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "can", "could", "will", "would",
+        "shall", "should", "may", "might", "must", "ought", "any", "some", "such", "so", "than", "too", "very",
+        "just", "also", "only", "even", "still", "yet", "much", "many", "more", "same", "each", "every", "all",
+        "both", "few", "lot", "lots", "get", "got", "gets", "getting", "one", "ones", "someone", "something",
+        "anyone", "anything", "everyone", "everything", "really", "actually", "please", "thanks", "thank", "quora",
+        "let", "way", "ways", "best", "good", "better", "possible", "kind", "sort", "type", "etc", "vs", "via",
+        "per",
+    ]
+)  # fmt: skip
 
 # Words that ask for the same thing in other words ("tips for", "ways to", "the best...").
 _FILLER = frozenset(
-    """
-    tip tips way ways method methods idea ideas advice suggestion suggestions option options
-    thing things good best great top really exactly actually possible someone anyone people
-    ever use using know
-    """.split()
-)
+    [
+        "tip", "tips", "way", "ways", "method", "methods", "idea", "ideas", "advice", "suggestion", "suggestions",
+        "option", "options", "thing", "things", "good", "best", "great", "top", "really", "exactly", "actually",
+        "possible", "someone", "anyone", "people", "ever", "use", "using", "know", "okay", "ok",
+    ]
+)  # fmt: skip
 
 _AUX_START = frozenset(
-    """
-    is are was were am be do does did have has had can could will would shall should may
-    might must isnt arent wasnt werent dont doesnt didnt cant couldnt wont wouldnt
-    shouldnt havent hasnt hadnt
-    """.split()
-)
+    [
+        "is", "are", "was", "were", "am", "be", "do", "does", "did", "have", "has", "had", "can", "could", "will",
+        "would", "shall", "should", "may", "might", "must", "isnt", "arent", "wasnt", "werent", "dont", "doesnt",
+        "didnt", "cant", "couldnt", "wont", "wouldnt", "shouldnt", "havent", "hasnt", "hadnt",
+    ]
+)  # fmt: skip
 
 # Words whose sense is reversed by an antonym; pairs are compared after stemming.
 _ANTONYM_PAIRS = (
     ("increase", "decrease"), ("increase", "reduce"), ("rise", "fall"), ("more", "less"),
-    ("more", "fewer"), ("higher", "lower"), ("high", "low"), ("before", "after"),
+    ("more", "fewer"), ("most", "least"), ("higher", "lower"), ("high", "low"), ("before", "after"),
     ("positive", "negative"), ("advantage", "disadvantage"), ("pro", "con"),
     ("benefit", "drawback"), ("best", "worst"), ("good", "bad"), ("better", "worse"),
     ("male", "female"), ("man", "woman"), ("men", "women"), ("boy", "girl"), ("guy", "girl"),
@@ -138,6 +142,29 @@ _WH_TYPES = {
     "when": "when", "where": "where", "why": "why", "how": "how", "whats": "what",
     "whos": "who", "wheres": "where", "hows": "how",
 }  # fmt: skip
+# "What is the best way to X?" asks what "How do I X?" asks; other wh-types are distinct.
+_QTYPE_CLASS = {"what": "open", "how": "open", "other": "open"}
+_MODALS = {
+    "should": "must", "must": "must", "ought": "must", "shall": "must",
+    "can": "can", "could": "can", "may": "can", "might": "can", "cannot": "can",
+    "will": "will", "would": "will",
+}  # fmt: skip
+_PERSONS = {
+    "i": "1", "me": "1", "my": "1", "mine": "1", "myself": "1",
+    "we": "1", "us": "1", "our": "1", "ours": "1", "ourselves": "1",
+    "you": "2", "your": "2", "yours": "2", "yourself": "2", "yourselves": "2", "u": "2", "ur": "2",
+    "someone": "indef", "somebody": "indef", "anyone": "indef", "anybody": "indef",
+    "everyone": "indef", "everybody": "indef",
+}  # fmt: skip
+# The country, however written ("US", "U.S.", "USA"); lower-case "us" is the pronoun.
+_ALIASES = {"us": "usa", "usa": "usa"}
+# Object pronouns take their subject form in ``terms`` so that "I murdered
+# someone" / "someone murdered me" is seen as a role swap.
+_SUBJECT_FORM = {"me": "i", "us": "we", "him": "he", "them": "they"}
+# Pronouns that fill a role (subject/object); role swaps among them matter.
+_ROLE_WORDS = frozenset({"i", "we", "you", "he", "she", "they", "someone", "somebody", "anyone", "anybody"})
+_AUX_ONE = frozenset({"does", "can", "could", "should", "would", "will", "may", "might", "must", "do"})
+_DEICTIC = frozenset({"this", "these", "those"})
 _HOW_QUANTITY = frozenset({"many", "much"})
 _WHAT_TIME = frozenset({"time", "year", "date", "day", "month", "century", "age"})
 
@@ -146,12 +173,19 @@ _WHAT_TIME = frozenset({"time", "year", "date", "day", "month", "century", "age"
 _TOKEN_RE = re.compile(r"[A-Za-z0-9$](?:[A-Za-z0-9+#%$]|['’.,/:\-](?=[A-Za-z0-9]))*[+#%]*")
 _SENTENCE_BREAK_RE = re.compile(r"[.?!:;\"()\[\]]\s*$|^\s*$")
 _NUMBER_RE = re.compile(
-    r"^[$£€]?(?P<num>[-+]?\d[\d,]*(?:\.\d+)?)(?P<suf>%|k|m|mn|bn|b|st|nd|rd|th)?$", re.IGNORECASE
+    r"^[$£€]?(?P<num>[-+]?\d[\d,]*(?:\.\d+)?)(?P<suf>%|k|m|mn|bn|b|st|nd|rd|th)?[$£€]?$", re.IGNORECASE
 )
+_NUMBER_START = frozenset("0123456789$£€+-")
+_LETTER_RE = re.compile(r"[A-Za-z]")
+_NUMBER_SPLIT_RE = re.compile(r"[-/:',]")
+_QUESTION_RE = re.compile(r"\?+")
 _FRACTION_RE = re.compile(r"^\d+(?:[/:]\d+)+$")
 _CODE_RE = re.compile(r"[A-Za-z].*\d|\d.*[A-Za-z]")
 _NO_ABBREV_RE = re.compile(r"\bno\.\s*\d", re.IGNORECASE)
 _SPLIT_RE = re.compile(r"[-/.,:]")
+_WORD_RE = re.compile(r"\b[A-Za-z]{2,}\b")
+_CAPS_WORD_RE = re.compile(r"\b[A-Z]{2,}\b")
+_NAME_NUMBER_RE = re.compile(r"^[A-Za-z]+-\d+(?:\.\d+)?$")
 _DOTTED_RE = re.compile(r"^(?:[A-Za-z]\.){1,}[A-Za-z]\.?$")
 _NON_CODE_RE = re.compile(r"[^a-z0-9+#]")
 _CONTRACTION_RE = re.compile(r"'(?:s|m|re|ve|ll|d)$")
@@ -164,16 +198,25 @@ _NT_BASE = {"can't": "can", "won't": "will", "shan't": "shall", "ain't": "is"}
 class QueryFeatures:
     """Cheap lexical features of one query, stored alongside its cached answer.
 
-    * ``negated`` — the query contains a negation cue (not, n't, never, without...).
-    * ``numbers`` — normalised numbers: ``"10000"``, ``"2.5"``, ``"10%"``, ``"#2"``
-      for ordinals ("2nd" and "second" are both ``"#2"``), fractions as written.
+    * ``negated`` — the query contains a negation cue (not, n't, never, without,
+      no, none, nor, cannot...); idioms that do not negate ("or not", "why not",
+      "not only", "no. 5") are ignored.
+    * ``numbers`` — normalised numbers: ``"10000"`` (for "10,000", "10k", "ten
+      thousand"), ``"2.5"``, ``"10%"``, ``"#2"`` for ordinals ("2nd", "second").
     * ``entities`` — stems of likely names: capitalised words not at a sentence
-      start, acronyms, CamelCase, alphanumeric codes ("covid-19", "p53", "il-6").
+      start, acronyms, CamelCase, alphanumeric codes ("p53", "m604n", "s300");
+      "COVID-19" counts as the name "covid" plus the number 19.
     * ``polarity`` — stems from an antonym lexicon (increase/decrease, male/female...).
     * ``qtype`` — who/what/when/where/why/how/quantity, ``yesno`` for questions
       opening with an auxiliary verb, ``other`` otherwise.
-    * ``terms`` — all word stems in order (stop words included), for entity
-      coverage and the role-swap check.
+    * ``modality`` — modal classes used: ``must`` (should/must/ought/shall),
+      ``can`` (can/could/may/might), ``will`` (will/would).
+    * ``questions`` — number of question marks (a compound query asks more).
+    * ``person`` — grammatical persons: ``1`` (I/my/we/our), ``2`` (you/your),
+      ``indef`` (someone/anyone/"does one").
+    * ``deixis`` — "this/these/those": the query points at something outside its text.
+    * ``content`` — stems of content words (no stop, filler, negation or number words).
+    * ``terms`` — every word stem in order, for entity coverage and role swaps.
     """
 
     negated: bool
@@ -181,9 +224,15 @@ class QueryFeatures:
     entities: frozenset[str]
     polarity: frozenset[str]
     qtype: str
+    modality: frozenset[str]
+    questions: int
+    person: frozenset[str]
+    deixis: bool
+    content: frozenset[str]
     terms: tuple[str, ...]
 
 
+@lru_cache(maxsize=65536)
 def stem(word: str) -> str:
     """A deliberately crude English stemmer: lower case, no possessive/plural/-ing/-ed.
 
@@ -201,11 +250,17 @@ def stem(word: str) -> str:
         return w[:-3] + "y"
     if w.endswith("ied") and n > 4:
         return w[:-3] + "y"
+    if w.endswith("ness") and n > 6:
+        w = w[:-4]
+        n -= 4
+    elif w.endswith(("ence", "ance")) and n > 6:
+        return w[:-2] + "t"  # "difference" -> "different", "importance" -> "important"
+    elif w.endswith("ly") and n > 5:
+        w = w[:-2]
+        n -= 2
     if w.endswith("ing") and n > 5:
         w = w[:-3]
-    elif w.endswith("ed") and n > 4:
-        w = w[:-2]
-    elif w.endswith(("sses", "shes", "ches", "xes", "zes")):
+    elif (w.endswith("ed") and n > 4) or w.endswith(("sses", "shes", "ches", "xes", "zes")):
         w = w[:-2]
     elif w.endswith("s") and not w.endswith(("ss", "us", "is")):
         w = w[:-1]
@@ -223,6 +278,7 @@ for _x, _y in _ANTONYM_PAIRS:
     _ANTONYMS[_sy] = _ANTONYMS.get(_sy, frozenset()) | {_sx}
 _STOP_STEMS = frozenset(stem(w) for w in _STOPWORDS) | _STOPWORDS
 _FILLER_STEMS = frozenset(stem(w) for w in _FILLER) | _FILLER
+_ROLE_STEMS = frozenset(stem(w) for w in _ROLE_WORDS) | _ROLE_WORDS
 
 
 def _format_number(value: float) -> str:
@@ -284,6 +340,11 @@ def _is_sentence_start(text: str, start: int) -> bool:
     return start == 0 or bool(_SENTENCE_BREAK_RE.search(text[max(0, start - 3) : start]))
 
 
+def _is_clause_start(text: str, start: int) -> bool:
+    """Sentence start, or after a comma: "If I have X, can I Y?" is a yes/no question."""
+    return _is_sentence_start(text, start) or text[max(0, start - 2) : start].rstrip().endswith(",")
+
+
 def extract_features(text: str) -> QueryFeatures:
     """Compute the guard features of ``text`` (a user query); pure and fast.
 
@@ -295,8 +356,9 @@ def extract_features(text: str) -> QueryFeatures:
     entities: set[str] = set()
     terms: list[str] = []
     qtype = ""
-    letters = [c for c in text if c.isalpha()]
-    shouting = len(letters) > 8 and sum(c.isupper() for c in letters) > 0.5 * len(letters)
+    person: set[str] = set()
+    caps = _CAPS_WORD_RE.findall(text)
+    shouting = len(caps) >= 3 and len(caps) > 0.6 * len(_WORD_RE.findall(text))
 
     matches = list(_TOKEN_RE.finditer(text))
     words = [m.group().lower().replace("’", "'") for m in matches]
@@ -304,7 +366,6 @@ def extract_features(text: str) -> QueryFeatures:
     for idx, m in enumerate(matches):
         tok = m.group().replace("’", "'")
         low = words[idx]
-        sentence_start = _is_sentence_start(text, m.start())
 
         # -- contractions: "can't" -> can + negation, "I'm" -> I, "what's" -> what
         if "'" in low:
@@ -317,8 +378,14 @@ def extract_features(text: str) -> QueryFeatures:
                 if cm is not None:
                     low = low[: cm.start()]
                     tok = tok[: cm.start()]
+            if not low:
+                continue
         elif low in _NEGATION_WORDS and not _negation_idiom(words, idx, text, m.start()):
             negations += 1
+        if low in _PERSONS and tok != "US":
+            person.add(_PERSONS[low])
+        elif low == "one" and idx > 0 and words[idx - 1] in _AUX_ONE:
+            person.add("indef")
 
         # -- question type: the first wh-word, or an auxiliary opening a sentence
         if not qtype:
@@ -331,26 +398,40 @@ def extract_features(text: str) -> QueryFeatures:
                     qtype = "why"
                 elif qtype == "what" and nxt in _WHAT_TIME:
                     qtype = "when"
-            elif sentence_start and low in _AUX_START:
+            elif low in _AUX_START and _is_clause_start(text, m.start()):
                 qtype = "yesno"
 
         # -- numbers (digits, number words, ordinals)
-        num = _parse_number(tok)
-        if num is not None:
+        num = _parse_number(tok) if tok[0] in _NUMBER_START else None
+        if num is not None:  # "10,000", "$5", "10k", "2nd", "10%", "3/4"
             numbers.add(num)
             terms.append(num)
             continue
-        if idx >= skip_until and (low in _UNITS or low in _SCALES) and low != "one":
-            value, end = _number_words(words, idx)
+        if tok[0] in _NUMBER_START and not _LETTER_RE.search(tok):
+            for piece in _NUMBER_SPLIT_RE.split(tok):  # "$4.83/85", "5'2", "6-7"
+                value = _parse_number(piece)
+                if value is not None:
+                    numbers.add(value)
+                    terms.append(value)
+            continue
+        if idx < skip_until:
+            continue  # inside a run of number words already parsed
+        if (low in _UNITS or low in _SCALES) and low != "one":
+            value, skip_until = _number_words(words, idx)
             if value is not None:
                 numbers.add(value)
-                skip_until = end
-        if low in _ORDINAL_WORDS and low != "second":
+                terms.append(value)
+                continue
+        if low in _ORDINAL_WORDS:  # "second" too: "a second chance" and "2nd chance" must agree
             numbers.add(f"#{_ORDINAL_WORDS[low]}")
+            terms.append(f"#{_ORDINAL_WORDS[low]}")
+            continue
 
-        # -- alphanumeric codes and dotted acronyms are entities as a whole
-        if _CODE_RE.search(tok) or _DOTTED_RE.match(tok):
+        # -- alphanumeric codes and dotted acronyms are entities as a whole; a
+        #    hyphenated name-number ("COVID-19", "IL-6") is split like "Covid 19"
+        if (_CODE_RE.search(tok) and not _NAME_NUMBER_RE.match(tok)) or _DOTTED_RE.match(tok):
             code = _NON_CODE_RE.sub("", low)
+            code = _ALIASES.get(code, code) if "." in tok else code
             if code:
                 entities.add(code)
                 terms.append(code)
@@ -358,28 +439,45 @@ def extract_features(text: str) -> QueryFeatures:
         for part in _SPLIT_RE.split(tok):
             if not part:
                 continue
-            plow = part.lower()
-            s = stem(plow)
-            terms.append(s)
-            if shouting or len(part) < 2:
+            num = _parse_number(part) if part[0] in _NUMBER_START else None
+            if num is not None:
+                numbers.add(num)
+                terms.append(num)
                 continue
-            upper = sum(c.isupper() for c in part)
+            plow = part.lower()
+            s = _ALIASES[plow] if part.isupper() and plow in _ALIASES else _SUBJECT_FORM.get(plow) or stem(plow)
+            terms.append(s)
+            if shouting or len(part) < 2 or part.islower():
+                continue
+            upper = sum(map(str.isupper, part))
             if upper == 0:
                 continue
             acronym = upper >= 2 and part.isupper()
             if not acronym and (plow in _STOPWORDS or s in _STOP_STEMS):
                 continue
             camel = not part[0].isupper() or (upper >= 2 and not acronym)
-            if acronym or camel or not sentence_start:
+            if acronym or camel or not _is_sentence_start(text, m.start()):
                 entities.add(s)
 
-    polarity = {t for t in terms if t in _ANTONYMS}
     return QueryFeatures(
         negated=negations > 0,
         numbers=frozenset(numbers),
         entities=frozenset(entities),
-        polarity=frozenset(polarity),
+        polarity=frozenset(t for t in terms if t in _ANTONYMS),
         qtype=qtype or "other",
+        modality=frozenset(_MODALS[t] for t in terms if t in _MODALS),
+        questions=len(_QUESTION_RE.findall(text)),
+        person=frozenset(person),
+        deixis=any(t in _DEICTIC for t in terms),
+        content=frozenset(
+            t
+            for t in terms
+            if t not in _STOP_STEMS
+            and t not in _FILLER_STEMS
+            and t not in _NEGATION_WORDS
+            and not t[0].isdigit()
+            and t[0] != "#"
+        ),
         terms=tuple(terms),
     )
 
@@ -398,23 +496,15 @@ def _negation_idiom(words: list[str], idx: int, text: str, offset: int) -> bool:
 
 # --------------------------------------------------------------------------- guards
 
-ALL_CHECKS = ("negation", "numbers", "entities", "qtype", "polarity", "order", "content")
+ALL_CHECKS = (
+    "negation", "numbers", "entities", "qtype", "compound", "polarity", "modality", "person",
+    "deixis", "content", "order",
+)  # fmt: skip
 DEFAULT_CHECKS = ALL_CHECKS
 
 
 def _entity_gap(a: QueryFeatures, b_terms: frozenset[str]) -> list[str]:
     return sorted(e for e in a.entities if e not in b_terms)
-
-
-def _content(terms: tuple[str, ...]) -> set[str]:
-    return {t for t in terms if t not in _STOP_STEMS and t not in _FILLER_STEMS and not t[0].isdigit()
-            and t[0] != "#" and t not in _NEGATION_WORDS}
-
-
-def _content_gap(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Content words of each query that the other lacks (stop and filler words aside)."""
-    ca, cb = _content(a), _content(b)
-    return sorted(ca - cb), sorted(cb - ca)
 
 
 def _polarity_conflict(a: frozenset[str], b: frozenset[str]) -> str | None:
@@ -453,7 +543,7 @@ def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> str | None:
     if len(shared) < 3:
         return None
     shared.sort(key=pos_a.__getitem__)
-    content = [t for t in shared if t not in _STOP_STEMS]
+    content = [t for t in shared if t not in _STOP_STEMS or t in _ROLE_STEMS]
     for i, x in enumerate(content):
         for y in content[i + 1 :]:
             if pos_b[y] >= pos_b[x]:
@@ -466,9 +556,7 @@ def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> str | None:
     return None
 
 
-def guards_pass(
-    a: QueryFeatures, b: QueryFeatures, checks: Iterable[str] = DEFAULT_CHECKS
-) -> tuple[bool, str]:
+def guards_pass(a: QueryFeatures, b: QueryFeatures, checks: Iterable[str] = DEFAULT_CHECKS) -> tuple[bool, str]:
     """Decide whether the answer cached for one query may serve the other.
 
     Symmetric.  Returns ``(True, "")`` or ``(False, reason)`` where the reason
@@ -487,16 +575,23 @@ def guards_pass(
         missing = _entity_gap(a, frozenset(b.terms)) + _entity_gap(b, frozenset(a.terms))
         if missing:
             return False, f"entities differ: {{{', '.join(missing)}}}"
-    if "qtype" in enabled and a.qtype != b.qtype:
+    if "qtype" in enabled and _QTYPE_CLASS.get(a.qtype, a.qtype) != _QTYPE_CLASS.get(b.qtype, b.qtype):
         return False, f"question type differs: {a.qtype}/{b.qtype}"
+    if "compound" in enabled and (a.questions > 1) != (b.questions > 1):
+        return False, f"question count differs: {a.questions}/{b.questions}"
     if "polarity" in enabled and (a.polarity or b.polarity):
         conflict = _polarity_conflict(a.polarity, b.polarity)
         if conflict:
             return False, f"polarity differs: {conflict}"
-    if "content" in enabled:
-        extra_a, extra_b = _content_gap(a.terms, b.terms)
-        if extra_a or extra_b:
-            return False, f"content differs: {{{', '.join(extra_a + extra_b)}}}"
+    if "modality" in enabled and a.modality and b.modality and a.modality != b.modality:
+        return False, f"modality differs: {'+'.join(sorted(a.modality))}/{'+'.join(sorted(b.modality))}"
+    if "person" in enabled and a.person != b.person:
+        return False, f"person differs: {'+'.join(sorted(a.person)) or '-'}/{'+'.join(sorted(b.person)) or '-'}"
+    if "deixis" in enabled and a.deixis != b.deixis:
+        return False, "deixis differs (this/these)"
+    if "content" in enabled and a.content != b.content:
+        extra = sorted(a.content ^ b.content)
+        return False, f"content differs: {{{', '.join(extra)}}}"
     if "order" in enabled:
         swap = _swapped(a.terms, b.terms)
         if swap:

@@ -413,8 +413,14 @@ def iter_documents(paths: Sequence[str | Path] | str | Path, limits: LimitSettin
     supported (``UnsupportedFile`` otherwise).  A file that fails to load
     raises, or, when ``on_error`` is given, is reported to ``on_error(path,
     error)`` and skipped.  A path that does not exist is an ``InvalidInput``.
+
+    Two documents with the same id (``index.md`` in two folders given side by
+    side, or a repeated JSONL ``_id``) would silently overwrite each other in
+    the store, so the second one is an ``InvalidInput`` (reported to
+    ``on_error`` and skipped when a handler is given).
     """
     items: Iterable[str | Path] = [paths] if isinstance(paths, str | Path) else paths
+    seen: dict[str, Path] = {}  # document id -> the file it came from
     for item in items:
         root = Path(item)
         if root.is_dir():
@@ -429,7 +435,20 @@ def iter_documents(paths: Sequence[str | Path] | str | Path, limits: LimitSettin
             raise InvalidInput(f"path not found: {_show(str(root), 200)}; give an existing file or folder")
         for fp, rel in targets:
             try:
-                yield from iter_file(fp, limits, doc_id=rel, on_skip=on_skip)
+                for doc in iter_file(fp, limits, doc_id=rel, on_skip=on_skip):
+                    first = seen.get(doc.id)
+                    if first is None:
+                        seen[doc.id] = fp
+                    else:
+                        dup = InvalidInput(
+                            f"duplicate document id {_show(doc.id)} in {_show(str(fp))} (first read "
+                            f"from {_show(str(first))}); ids must be unique: fix the repeated JSONL "
+                            "'_id', or ingest the common parent of two folders instead of both")
+                        if on_error is None:
+                            raise dup
+                        on_error(fp, dup)
+                        continue
+                    yield doc
             except InvalidInput as exc:
                 if on_error is None:
                     raise

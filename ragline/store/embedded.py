@@ -20,6 +20,7 @@ The integer key shared by all three is the chunk's SQLite ``rowid``.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import sqlite3
@@ -59,6 +60,16 @@ CREATE INDEX IF NOT EXISTS chunks_doc ON chunks (tenant, doc_id);
 
 _QUERY_SYNTAX = re.compile(r"[^\w]+", re.UNICODE)
 _TENANT_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+_ANALYZER = (tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.remove_long(40))
+             .filter(tantivy.Filter.lowercase()).filter(tantivy.Filter.stemmer("english")).build())
+"""The same analysis as tantivy's ``en_stem`` tokenizer used by the keyword index."""
+
+
+def analyze(text: str) -> list[str]:
+    """Index terms of ``text`` exactly as the keyword index sees them."""
+    return list(_ANALYZER.analyze(text))
 
 
 def keyword_query_text(query: str) -> str:
@@ -204,6 +215,19 @@ class EmbeddedStore:
             cid = k2c.get(int(key))
             if cid is not None:
                 out.append(Scored(cid, float(score)))
+        return out
+
+    def term_idf(self, tenant: str, terms: Iterable[str]) -> dict[str, float]:
+        """BM25 idf of each term in this tenant's keyword index (Lucene/tantivy formula)."""
+        ti = self._tenant(tenant)
+        if ti is None:
+            return {}
+        searcher = ti.keyword.searcher()
+        n_docs = searcher.num_docs
+        out = {}
+        for t in terms:
+            df = searcher.doc_freq("body", t)
+            out[t] = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
         return out
 
     def upsert(self, tenant: str, docs: list[tuple[Document, str, list[Chunk], Vectors]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_missing_tokenizer_is_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         Chunker.from_file(tmp_path / "nope.json", ChunkSettings(size=32, overlap=4))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="tokenizer.json"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.json"):
         Chunker.from_model_dir(tmp_path, ChunkSettings(size=32, overlap=4))
 
 
@@ -108,19 +109,21 @@ def test_overlap_is_honoured(tokenizer_json: Path) -> None:
     text = normalize_whitespace(long_text(seed=3))
     enc = ch.tokenizer.encode(text, add_special_tokens=False)
     chunks = ch.chunk(Document(id="d", text=text))
-    spans = []
+    spans: list[tuple[int, int]] = []
     pos = 0
     for c in chunks:
-        a = text.find(c.text, pos)
-        spans.append((enc.char_to_token(a), enc.char_to_token(a + len(c.text) - 1) + 1))
-        pos = a + 1
-    for (s0, e0), (s1, _e1) in zip(spans, spans[1:], strict=False):
+        at = text.find(c.text, pos)
+        first, last = enc.char_to_token(at), enc.char_to_token(at + len(c.text) - 1)
+        assert first is not None and last is not None
+        spans.append((first, last + 1))
+        pos = at + 1
+    for (s0, e0), (s1, _e1) in itertools.pairwise(spans):
         shared = e0 - s1
         assert 0 < shared <= overlap, (s0, e0, s1)
     # With overlap, consecutive chunk texts share verbatim text.
-    for a, b in zip(chunks, chunks[1:], strict=False):
-        first_word = b.text.split()[0]
-        assert first_word in a.text
+    for prev, nxt in itertools.pairwise(chunks):
+        first_word = nxt.text.split()[0]
+        assert first_word in prev.text
 
 
 def test_no_overlap_means_disjoint_cover(tokenizer_json: Path) -> None:
@@ -237,3 +240,22 @@ def test_normalize_whitespace() -> None:
     assert normalize_whitespace(s) is s or normalize_whitespace(s) == s
     once = normalize_whitespace(" p  q \n \n r ")
     assert normalize_whitespace(once) == once
+
+
+def test_ascii_fast_path_matches_full_tokenizer(tokenizer_json: Path) -> None:
+    ch = make(tokenizer_json)
+    assert ch._ascii_tok is not None  # BERT-style tokenizer: the fast twin exists
+    full = ch.tokenizer
+    texts = [
+        SCIFACT_LIKE, "Tabs\tand\r\nCRLF and [MASK] or [CLS] literal [SEP].", "UPPER lower MiXeD 123.45%",
+        "e-mail: someone@example.com, URL https://x.org/a?b=c#d", "(n = 17); p < 0.001 +/- 3.0%",
+        long_text(seed=9), "naïve café 日本語 — non-ASCII goes the slow path",
+    ]
+    for text in texts:
+        a = full.encode(text, add_special_tokens=False)
+        if ch._fast_ok(text):
+            b = ch._ascii_tok.encode(text, add_special_tokens=False)
+            assert (a.ids, a.offsets, a.word_ids) == (b.ids, b.offsets, b.word_ids), text
+        assert ch.count_tokens(text) == len(a)
+    assert ch.count_tokens_batch(texts) == [len(full.encode(t, add_special_tokens=False)) for t in texts]
+    assert not ch._fast_ok("control\x01char") and not ch._fast_ok("é")

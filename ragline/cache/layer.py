@@ -1,0 +1,257 @@
+"""CacheLayer: what the pipeline asks of the cache (DESIGN.md §2–3).
+
+It owns the key scheme for each kind (answer, retrieval, embedding, llm), the
+tiers, the dependency index, the semantic index and single-flight, and turns
+ingestion changes into exact invalidations:
+
+* removed or replaced chunks → every entry that had one of them among its
+  candidates is re-checked (dropped outright if the chunk was in its context);
+* new chunks → entries whose dense list they would enter (cosine ≥ cutoff) or
+  whose query shares a keyword term with them are re-checked;
+* "re-checked" means retrieval is re-run from the stored query vector (no
+  embedding, a few ms) and the entry is kept only if its context chunk ids
+  are unchanged — so invalidation is exact for what is served, and everything
+  else stays cached.
+
+Dropped keys are deleted from every tier and published on Redis so other
+instances drop them from L1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ragline.cache import guards
+from ragline.cache.deps import DependencyIndex, DepRecord
+from ragline.cache.keys import canonical_query, make_key_for, tenant_prefix
+from ragline.cache.semantic import SemanticIndex
+from ragline.cache.singleflight import DistributedSingleFlight
+from ragline.cache.tiers import RedisTier, TieredCache, build_cache
+from ragline.config import Settings
+from ragline.embed.base import Vectors
+from ragline.llm.prompt import PROMPT_VERSION
+
+Reverify = Callable[[DepRecord], Awaitable[DepRecord | None]]
+"""Re-run retrieval for a cached entry; the refreshed record, or None if its context changed."""
+
+
+@dataclass(slots=True)
+class InvalidationReport:
+    checked: int = 0
+    dropped: int = 0
+    kept: int = 0
+    causes: dict[str, int] = field(default_factory=dict)
+
+
+class CacheLayer:
+    def __init__(self, settings: Settings, dim: int, embedder_id: str, llm_id: str) -> None:
+        self.settings = settings
+        self.cs = settings.cache
+        self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
+        self.deps = DependencyIndex(settings.data_dir / "cache" / "deps.sqlite3")
+        self.semantic = SemanticIndex(dim)
+        self.embedder_id = embedder_id
+        self.llm_id = llm_id
+        # Everything that changes an answer, hashed once: per-request keys hash only the query part.
+        self.fingerprint = f"{settings.fingerprint()}:{embedder_id}:{llm_id}:{PROMPT_VERSION}"
+        redis = next((t for t in self.tiers.tiers if isinstance(t, RedisTier)), None)
+        self.flight: DistributedSingleFlight[Any] = DistributedSingleFlight(
+            redis, lock_s=self.cs.singleflight_lock_s, wait_s=self.cs.singleflight_wait_s,
+            poll_s=self.cs.singleflight_poll_s)
+        self.ttl = self.cs.ttl_s
+        self.counters: dict[str, int] = {"semantic_hits": 0, "semantic_rejected_guard": 0,
+                                         "semantic_rejected_verify": 0, "llm_calls_saved": 0,
+                                         "llm_tokens_saved": 0}
+
+    async def start(self) -> None:
+        await self.tiers.start()
+        await asyncio.to_thread(self._load_semantic)
+
+    def _load_semantic(self) -> None:
+        """Rebuild the in-process semantic index from the persistent dependency records."""
+        for key in self.deps.all_keys():
+            if ":answer:" not in key:
+                continue
+            tenant = key.split(":")[2]
+            for rec in self.deps.records(tenant, [key]):
+                self.semantic.add(tenant, self.fingerprint, key, rec.query, rec.qvec)
+
+    async def close(self) -> None:
+        await self.tiers.close()
+        await asyncio.to_thread(self.deps.close)
+
+    # -- keys -----------------------------------------------------------------
+    def answer_key(self, tenant: str, query: str, k: int, history: Sequence[dict[str, str]]) -> str:
+        material: dict[str, Any] = {"q": canonical_query(query), "k": k, "fp": self.fingerprint}
+        if history:
+            material["h"] = [[m["role"], m["content"]] for m in history]
+        return make_key_for(tenant, "answer", material)
+
+    def retrieval_key(self, tenant: str, query: str, k: int, mmr: bool, doc_level: bool,
+                      candidates: int | None) -> str:
+        return make_key_for(tenant, "retrieval", {"q": canonical_query(query), "k": k, "m": mmr,
+                                                  "d": doc_level, "c": candidates, "fp": self.fingerprint})
+
+    def embedding_key(self, tenant: str, text: str) -> str:
+        return make_key_for(tenant, "embedding", {"e": self.embedder_id, "t": text})
+
+    def llm_key(self, tenant: str, params: dict[str, Any], messages: list[dict[str, str]]) -> str:
+        return make_key_for(tenant, "llm", {"llm": self.llm_id, "p": params, "m": messages})
+
+    def cacheable_llm(self, temperature: float) -> bool:
+        return temperature == 0.0 or self.cs.cache_nonzero_temperature
+
+    # -- read / write ----------------------------------------------------------
+    def get_l1(self, key: str) -> bytes | None:
+        return self.tiers.get_l1(key)
+
+    async def get(self, key: str, skip_l1: bool = False) -> tuple[bytes | None, str | None]:
+        return await self.tiers.get_with_tier(key, skip_l1=skip_l1)
+
+    async def put(self, key: str, value: bytes, dep: DepRecord | None = None, semantic: bool = False) -> None:
+        """Store an entry in every tier; with ``dep``, register it for invalidation first
+        (so there is no window in which a cached entry is invisible to invalidation)."""
+        if dep is not None:
+            await asyncio.to_thread(self.deps.add, dep, time.time() + self.ttl)
+            if semantic and self.cs.semantic:
+                self.semantic.add(dep.tenant, self.fingerprint, key, dep.query, dep.qvec)
+        await self.tiers.set_many({key: value}, self.ttl)
+
+    # -- embeddings ----------------------------------------------------------------
+    async def get_vectors(self, tenant: str, texts: Sequence[str], dim: int) -> dict[int, Vectors]:
+        """Cached vectors by position in ``texts`` (misses are absent)."""
+        keys = [self.embedding_key(tenant, t) for t in texts]
+        found = await self.tiers.get_many(keys)
+        return {i: np.frombuffer(found[k], dtype=np.float32) for i, k in enumerate(keys)
+                if k in found and len(found[k]) == 4 * dim}
+
+    async def put_vectors(self, tenant: str, texts: Sequence[str], vectors: Vectors) -> None:
+        items = {self.embedding_key(tenant, t): np.ascontiguousarray(v, dtype=np.float32).tobytes()
+                 for t, v in zip(texts, vectors, strict=True)}
+        await self.tiers.set_many(items, self.ttl)
+
+    # -- semantic -----------------------------------------------------------------------
+    async def semantic_match(self, tenant: str, query: str, qvec: Vectors,
+                             context_ids: Sequence[str]) -> tuple[bytes, float, str] | None:
+        """A cached answer for a *different* query that may serve this one, or None.
+
+        Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
+        then retrieval verification: its context chunk ids must equal this
+        query's freshly retrieved ones.  Returns (stored body, similarity, matched query).
+        """
+        if not self.cs.semantic:
+            return None
+        cands = self.semantic.candidates(tenant, self.fingerprint, qvec, self.cs.semantic_threshold)
+        if not cands:
+            return None
+        feats = guards.extract_features(query)
+        ctx = list(context_ids)
+        for c in cands:
+            if self.cs.semantic_guards:
+                ok, _ = guards.guards_pass(feats, guards.extract_features(c.query))
+                if not ok:
+                    self.counters["semantic_rejected_guard"] += 1
+                    continue
+            body, _tier = await self.get(c.answer_key)
+            if body is None:
+                self.semantic.remove([c.answer_key])
+                continue
+            if self.cs.semantic_verify_retrieval:
+                cached_ctx = [s["chunk_id"] for s in orjson.loads(body)["sources"]]
+                if cached_ctx != ctx:
+                    self.counters["semantic_rejected_verify"] += 1
+                    continue
+            self.counters["semantic_hits"] += 1
+            return body, c.similarity, c.query
+        return None
+
+    # -- invalidation ------------------------------------------------------------------
+    async def on_change(self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None,
+                        chunk_terms: Sequence[set[str]], idf: dict[str, float] | None,
+                        reverify: Reverify) -> InvalidationReport:
+        """Apply one ingest/delete to the cache: drop exactly the entries whose context changed.
+
+        Keyword side: an entry sharing terms with a new chunk is re-checked only
+        if the chunk's BM25 upper bound for that query, Σ idf(t)·(k1+1) over the
+        shared terms, reaches the entry's keyword cutoff (k1 = 1.2 as in tantivy).
+        """
+        report = InvalidationReport()
+        removed = set(removed_ids)
+        by_chunk = await asyncio.to_thread(self.deps.by_chunks, tenant, removed) if removed else set()
+        dense = (await asyncio.to_thread(self.deps.dense_entered, tenant, new_vectors)
+                 if new_vectors is not None and len(new_vectors) else set())
+        all_terms: set[str] = set().union(*chunk_terms) if chunk_terms else set()
+        by_term = await asyncio.to_thread(self.deps.by_terms, tenant, all_terms) if all_terms else set()
+        by_term -= by_chunk | dense
+        if by_term:
+            for rec in await asyncio.to_thread(self.deps.records, tenant, by_term):
+                if rec.keyword_cutoff is None or idf is None:
+                    continue
+                q = set(rec.terms)
+                bound = max((sum(idf.get(t, 0.0) for t in q & ct) * 2.2 for ct in chunk_terms), default=0.0)
+                if bound < rec.keyword_cutoff:
+                    by_term.discard(rec.entry_key)
+        affected = by_chunk | dense | by_term
+        if not affected:
+            return report
+        records = await asyncio.to_thread(self.deps.records, tenant, affected)
+        drop: list[str] = []
+        refreshed: list[DepRecord] = []
+        for rec in records:
+            report.checked += 1
+            if removed.intersection(rec.context_ids):
+                cause = "deleted_context"
+            else:
+                new = await reverify(rec)
+                if new is not None:
+                    refreshed.append(new)
+                    report.kept += 1
+                    continue
+                cause = "removed_candidate" if rec.entry_key in by_chunk else (
+                    "dense_entry" if rec.entry_key in dense else "keyword_entry")
+            drop.append(rec.entry_key)
+            drop.extend(rec.extra_keys)
+            report.causes[cause] = report.causes.get(cause, 0) + 1
+        for rec in refreshed:
+            await asyncio.to_thread(self.deps.add, rec, time.time() + self.ttl)
+        await self.drop(drop)
+        report.dropped = len(drop)
+        return report
+
+    async def drop(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        self.semantic.remove(set(keys))
+        await asyncio.to_thread(self.deps.remove, list(keys))
+        await self.tiers.delete_many(list(keys))
+
+    async def invalidate_tenant(self, tenant: str) -> int:
+        keys = await asyncio.to_thread(self.deps.tenant_keys, tenant)
+        self.semantic.clear(tenant)
+        await asyncio.to_thread(self.deps.clear, tenant)
+        n = await self.tiers.clear(tenant_prefix(tenant))
+        return max(n, len(keys))
+
+    async def invalidate_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> int:
+        keys = await asyncio.to_thread(self.deps.by_chunks, tenant, chunk_ids)
+        await self.drop(sorted(keys))
+        return len(keys)
+
+    async def invalidate_all(self) -> int:
+        self.semantic.clear()
+        n = await asyncio.to_thread(self.deps.count)
+        await asyncio.to_thread(self.deps.clear)
+        return max(n, await self.tiers.clear(None))
+
+    def stats(self) -> dict[str, Any]:
+        return {"tiers": self.tiers.stats(), "dependency_records": self.deps.count(),
+                "semantic_entries": len(self.semantic), "counters": dict(self.counters),
+                "singleflight": {"computed": self.flight.computed, "waited": self.flight.waited,
+                                 "lockless": self.flight.lockless}}

@@ -1,0 +1,384 @@
+"""The cache storage layer against a real redis-server: L2 round trips, TTL, prefix
+clears, promotion, fail-open behaviour under a killed or hung Redis, recovery, pub/sub
+invalidation between two instances and cross-instance single-flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from ragline.cache.keys import make_key, tenant_prefix
+from ragline.cache.pubsub import InvalidationBus
+from ragline.cache.singleflight import DistributedSingleFlight
+from ragline.cache.tiers import MemoryTier, RedisTier, TieredCache
+from tests.fixtures.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+def key(i: int, tenant: str = "t1", kind: str = "answer") -> str:
+    return make_key(tenant, kind, f"q{i}")
+
+
+def tier(url: str, **kw: Any) -> RedisTier:
+    opts: dict[str, Any] = {"timeout_s": 0.05, "failure_threshold": 3, "reset_s": 0.2}
+    opts.update(kw)
+    return RedisTier(url, **opts)
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    try:
+        await client.aclose()
+    except Exception:
+        pass
+
+
+async def wait_until(pred: Any, timeout: float = 5.0, step: float = 0.02) -> float:
+    """Await ``pred()`` (sync or async) until truthy; return the time it took."""
+    t0 = time.monotonic()
+    while True:
+        res = pred()
+        if asyncio.iscoroutine(res):
+            res = await res
+        if res:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(step)
+
+
+# ------------------------------------------------------------------------------ basics
+
+
+async def test_roundtrip_ttl_and_delete(redis_url: str, raw: aioredis.Redis) -> None:
+    l2 = tier(redis_url)
+    await l2.set_many({key(1): b"one", key(2): b"two"}, ttl=60)
+    assert await l2.get_many([key(1), key(2), key(3)]) == {key(1): b"one", key(2): b"two"}
+    got = await l2.get_many_ttl([key(1), key(3)])
+    assert got[key(1)][0] == b"one" and 59 < (got[key(1)][1] or 0) <= 60
+    assert await raw.pttl(key(1)) > 59_000  # SET ... PX really set
+    await l2.set_many({key(4): b"brief"}, ttl=0.1)
+    assert await l2.get_many([key(4)]) == {key(4): b"brief"}
+    await asyncio.sleep(0.2)
+    assert await l2.get_many([key(4)]) == {}
+    await l2.delete_many([key(1)])
+    assert await l2.get_many([key(1), key(2)]) == {key(2): b"two"}
+    assert l2.healthy and l2.errors == 0
+    # a value not written by a RedisTier (no envelope) is never returned
+    await raw.set(key(5), b"foreign", px=60_000)
+    assert await l2.get_many([key(5)]) == {}
+    await l2.close()
+
+
+async def test_concurrent_reads_are_coalesced(redis_url: str) -> None:
+    l2 = tier(redis_url)
+    await l2.set_many({key(i): b"v%d" % i for i in range(50)}, ttl=60)
+    results = await asyncio.gather(*(l2.get_many([key(i % 60)]) for i in range(600)))
+    for i, r in enumerate(results):
+        assert r == ({key(i % 60): b"v%d" % (i % 60)} if i % 60 < 50 else {})
+    assert l2.batched_requests == 600 and l2.batches <= 3  # one MGET per event-loop tick
+    # a cancelled caller does not disturb the others
+    t1 = asyncio.ensure_future(l2.get_many([key(1)]))
+    t2 = asyncio.ensure_future(l2.get_many([key(2)]))
+    await asyncio.sleep(0)
+    t1.cancel()
+    assert await t2 == {key(2): b"v2"}
+    assert t1.cancelled()
+    await l2.close()
+
+
+async def test_prefix_clear_is_exact(redis_url: str, raw: aioredis.Redis) -> None:
+    l2 = tier(redis_url)
+    await l2.set_many({key(i): b"x" for i in range(2500)}, ttl=60)  # > one SCAN page
+    await l2.set_many({key(1, tenant="t10"): b"y", key(2, tenant="t2"): b"z"}, ttl=60)
+    await raw.set("foreign:data", b"keep")  # not ours: never touched
+    assert await l2.clear(tenant_prefix("t1")) == 2500
+    assert await raw.dbsize() == 3  # "t1" did not match "t10"
+    assert await l2.clear(None) == 2  # every rl: key ...
+    assert await raw.get("foreign:data") == b"keep"  # ... and nothing else
+    await l2.close()
+
+
+async def test_tiered_promotion_l2_to_l1(redis_url: str) -> None:
+    l2 = tier(redis_url)
+    a = TieredCache([MemoryTier(1 << 20), l2], default_ttl_s=3600, metrics=False)
+    b = TieredCache([MemoryTier(1 << 20), tier(redis_url)], default_ttl_s=3600, metrics=False)
+    await a.set_many({key(1): b"v1", key(2, kind="retrieval"): b"r"}, ttl=30)
+    assert a.get_l1(key(1)) == b"v1"  # written to every tier
+    # instance b has it only in L2: read-through, then promoted into b's L1
+    assert b.get_l1(key(1)) is None
+    assert await b.get_with_tier(key(1), skip_l1=True) == (b"v1", "l2")
+    assert b.l1 is not None
+    hit = b.l1.get_ttl(key(1))
+    assert hit is not None and hit[0] == b"v1" and hit[1] <= 30  # remaining TTL, not the default
+    assert b.get_l1(key(1)) == b"v1"
+    assert await b.get_with_tier(key(1)) == (b"v1", "l1")
+    assert await b.get_many([key(1), key(2, kind="retrieval"), key(3)]) == {
+        key(1): b"v1",
+        key(2, kind="retrieval"): b"r",
+    }
+    assert b.hit_counts("l2", "retrieval") == {"hit": 1, "miss": 0}
+    assert b.hit_counts("l2", "answer") == {"hit": 1, "miss": 1}
+    await a.close()
+    await b.close()
+
+
+# ------------------------------------------------------------------------------ fail open
+
+
+async def test_fail_open_when_redis_dies_and_recovery(redis_server: RedisServer, redis_url: str) -> None:
+    l2 = tier(redis_url, timeout_s=0.05, failure_threshold=3, reset_s=0.2)
+    cache = TieredCache([MemoryTier(1 << 20), l2], metrics=False)
+    await cache.set_many({key(1): b"v"})
+    assert await l2.get_many([key(1)]) == {key(1): b"v"}
+
+    redis_server.stop()
+    # every call returns (a miss / a dropped write) without raising, quickly
+    for i in range(5):
+        t0 = time.perf_counter()
+        assert await l2.get_many([key(1)]) == {}
+        await l2.set_many({key(i + 10): b"w"}, ttl=60)
+        await cache.set_many({key(i + 20): b"w"})
+        assert await cache.get_with_tier(key(99)) == (None, None)
+        assert time.perf_counter() - t0 < 0.5
+    assert l2.breaker.state in ("open", "half_open")
+    assert not l2.healthy and not cache.healthy
+    assert cache.health()["l2"] is False
+    assert l2.errors >= 3
+    # while open, calls do not even try: microseconds, counted as skipped
+    skipped = l2.skipped
+    t0 = time.perf_counter()
+    for _ in range(100):
+        await l2.get_many([key(1)])
+    assert (time.perf_counter() - t0) / 100 < 0.005
+    assert l2.skipped > skipped
+    # L1 keeps serving
+    assert cache.get_l1(key(1)) == b"v"
+
+    redis_server.start()  # empty (no persistence); write through another instance's tier
+    other = tier(redis_url)
+    await other.set_many({key(1): b"back"}, ttl=60)
+    assert other.healthy
+    await other.close()
+
+    async def l2_hit() -> bool:
+        return await l2.get_many([key(1)]) == {key(1): b"back"}
+
+    took = await wait_until(l2_hit, timeout=5.0)
+    assert took < 5.0
+    assert l2.healthy and l2.breaker.state == "closed" and cache.healthy
+    await cache.close()
+
+
+async def test_hung_redis_is_bounded_by_timeout(redis_server: RedisServer, redis_url: str) -> None:
+    l2 = tier(redis_url, timeout_s=0.05, failure_threshold=2, reset_s=0.2)
+    await l2.set_many({key(1): b"v"}, ttl=60)
+    redis_server.pause()  # accepts nothing, answers nothing
+    try:
+        durations = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            assert await l2.get_many([key(1)]) == {}
+            durations.append(time.perf_counter() - t0)
+        assert max(durations) < 0.25, durations  # bounded by timeout_s (50 ms), not by TCP
+        assert not l2.healthy
+        # an invalidation during the outage is remembered ...
+        await l2.delete_many([key(1)])
+        assert l2.pending_deletes == 1
+    finally:
+        redis_server.resume()
+    # ... and applied before the breaker closes again: the stale value is never served
+    async def recovered() -> bool:
+        got = await l2.get_many([key(1)])
+        assert got == {}, "stale value served after recovery"
+        return l2.healthy
+
+    await wait_until(recovered, timeout=5.0)
+    assert l2.pending_deletes == 0
+    await l2.close()
+
+
+async def test_pool_saturation_is_a_miss_not_an_outage(redis_url: str) -> None:
+    l2 = tier(redis_url, max_connections=4, timeout_s=0.05)
+    await l2.set_many({key(1): b"v"}, ttl=60)
+    results = await asyncio.gather(*(l2.get_many([key(1)]) for _ in range(3000)))
+    hits = sum(1 for r in results if r)
+    assert hits > 0
+    assert hits + l2.saturated == 3000  # every call answered: a hit or a fast miss
+    assert l2.healthy and l2.breaker.opens_total == 0  # local saturation is not a Redis failure
+    await l2.close()
+
+
+# ------------------------------------------------------------------------------ pub/sub
+
+
+async def test_pubsub_invalidation_reaches_other_instance(redis_server: RedisServer, redis_url: str) -> None:
+    def make() -> TieredCache:
+        bus = InvalidationBus(redis_url, "ragline:test", ping_interval_s=0.5, backoff_max_s=0.2)
+        return TieredCache([MemoryTier(1 << 20), tier(redis_url)], bus=bus, metrics=False)
+
+    a, b = make(), make()
+    await a.start()
+    await b.start()
+    assert a.bus is not None and b.bus is not None
+    assert await a.bus.wait_connected() and await b.bus.wait_connected()
+
+    await a.set_many({key(1): b"v1", key(2): b"v2", key(3, tenant="t2"): b"v3"})
+    for k in (key(1), key(2), key(3, tenant="t2")):
+        await b.get(k)  # promote into b's L1
+    assert b.l1 is not None and len(b.l1) == 3
+
+    await a.delete_many([key(1)])  # deletes L2 and a's L1, tells b
+    await wait_until(lambda: key(1) not in b.l1, timeout=2.0)  # type: ignore[operator]
+    assert b.get_l1(key(2)) == b"v2"
+    assert await b.get(key(1)) is None  # gone from L2 as well
+
+    await a.clear(tenant_prefix("t2"))
+    await wait_until(lambda: key(3, tenant="t2") not in b.l1, timeout=2.0)  # type: ignore[operator]
+    assert b.get_l1(key(2)) == b"v2"
+    assert b.remote_invalidations == 2 and a.remote_invalidations == 0  # own events skipped
+
+    # Redis restarts: the subscriber reconnects and, having missed events, drops b's L1
+    resyncs = b.resyncs
+    redis_server.stop()
+    await asyncio.sleep(0.3)
+    redis_server.start()
+    await wait_until(lambda: b.resyncs > resyncs, timeout=5.0)
+    assert len(b.l1) == 0
+    assert await b.bus.wait_connected()
+    # and invalidations flow again
+    await a.set_many({key(5): b"v5"})
+    await b.get(key(5))
+    assert key(5) in b.l1, (a.tiers[1].stats(), b.tiers[1].stats(), a.tiers[1].last_error, b.tiers[1].last_error)  # type: ignore[attr-defined]
+    await a.delete_many([key(5)])
+    await wait_until(lambda: key(5) not in b.l1, timeout=2.0)  # type: ignore[operator]
+    await a.close()
+    await b.close()
+
+
+async def test_publish_during_outage_is_retried(redis_server: RedisServer, redis_url: str) -> None:
+    received: list[Any] = []
+
+    async def on_inv(keys: list[str] | None, prefix: str | None) -> None:
+        received.append((keys, prefix))
+
+    async def noop() -> None:
+        return None
+
+    pub = InvalidationBus(redis_url, "ragline:test2", timeout_s=0.1, backoff_max_s=0.2)
+    sub = InvalidationBus(redis_url, "ragline:test2", ping_interval_s=0.5, backoff_max_s=0.2)
+    sub.start(on_inv, noop)
+    assert await sub.wait_connected()
+    redis_server.stop()
+    t0 = time.perf_counter()
+    assert await pub.publish(keys=[key(1)]) is False  # queued, not raised
+    assert time.perf_counter() - t0 < 0.5
+    assert pub.pending == 1
+    redis_server.start()
+    await wait_until(lambda: sub.connected, timeout=5.0)
+    await wait_until(lambda: pub.pending == 0, timeout=5.0)
+    await wait_until(lambda: received, timeout=5.0)
+    assert received[-1] == ([key(1)], None)
+    await pub.stop()
+    await sub.stop()
+
+
+# ------------------------------------------------------------------------------ single-flight
+
+
+async def test_cross_instance_singleflight_one_computation(redis_url: str) -> None:
+    calls = 0
+
+    def instance() -> tuple[TieredCache, DistributedSingleFlight[bytes]]:
+        l2 = tier(redis_url, timeout_s=0.2)
+        cache = TieredCache([MemoryTier(1 << 20), l2], metrics=False)
+        return cache, DistributedSingleFlight(l2, lock_s=5, wait_s=5, poll_s=0.02)
+
+    (c1, sf1), (c2, sf2) = instance(), instance()
+    k = key(42)
+
+    def caller(cache: TieredCache, sf: DistributedSingleFlight[bytes]) -> Any:
+        async def compute() -> bytes:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.3)  # an LLM call
+            value = b"answer"
+            await cache.set_many({k: value})
+            return value
+
+        async def poll() -> bytes | None:
+            return await cache.get(k)
+
+        return sf.do(k, compute, poll)
+
+    results = await asyncio.gather(*(caller(c1, sf1) for _ in range(10)), *(caller(c2, sf2) for _ in range(10)))
+    assert results == [b"answer"] * 20
+    assert calls == 1
+    assert sf1.computed + sf2.computed == 1
+    assert sf1.waited + sf2.waited == 1  # the other instance's one (deduplicated) flight polled
+    assert c1.l1 is not None and c2.l1 is not None
+    assert c1.get_l1(k) == b"answer" and c2.get_l1(k) == b"answer"  # the poller promoted it
+    # the lock was released
+    raw = aioredis.Redis.from_url(redis_url)
+    assert await raw.exists(DistributedSingleFlight.lock_name(k)) == 0
+    await raw.aclose()
+    await c1.close()
+    await c2.close()
+
+
+async def test_singleflight_holder_failure_lets_waiter_compute(redis_url: str) -> None:
+    l2a, l2b = tier(redis_url, timeout_s=0.2), tier(redis_url, timeout_s=0.2)
+    sfa: DistributedSingleFlight[str] = DistributedSingleFlight(l2a, lock_s=5, wait_s=5, poll_s=0.02)
+    sfb: DistributedSingleFlight[str] = DistributedSingleFlight(l2b, lock_s=5, wait_s=5, poll_s=0.02)
+
+    async def failing() -> str:
+        await asyncio.sleep(0.1)
+        raise RuntimeError("llm down")
+
+    async def ok() -> str:
+        return "b computed"
+
+    async def nothing() -> str | None:
+        return None
+
+    ta = asyncio.create_task(sfa.do("k", failing, nothing))
+    await asyncio.sleep(0.02)
+    t0 = time.monotonic()
+    result_b = await sfb.do("k", ok, nothing)
+    assert result_b == "b computed"
+    assert time.monotonic() - t0 < 1.0  # took over as soon as the lock was released
+    with pytest.raises(RuntimeError):
+        await ta
+    await l2a.close()
+    await l2b.close()
+
+
+async def test_singleflight_fails_open_without_redis(redis_server: RedisServer, redis_url: str) -> None:
+    l2 = tier(redis_url, timeout_s=0.05)
+    sf: DistributedSingleFlight[int] = DistributedSingleFlight(l2, lock_s=5, wait_s=5)
+    redis_server.stop()
+    calls = 0
+
+    async def compute() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return 1
+
+    async def poll() -> int | None:
+        return None
+
+    t0 = time.monotonic()
+    assert await asyncio.gather(*(sf.do("k", compute, poll) for _ in range(5))) == [1] * 5
+    assert time.monotonic() - t0 < 1.0
+    assert calls == 1  # still deduplicated in-process
+    assert sf.lockless == 1
+    await l2.close()
