@@ -86,7 +86,13 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files or folders (.
                 done = bar.tasks[0].completed
                 bar.update(task, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
 
-            return await rag.ingest_paths([str(p) for p in paths], tenant, progress)
+            from ragline.ingest.loaders import iter_documents
+
+            def skipped(path: Path, why: str) -> None:
+                err.print(f"[yellow]skipped[/yellow] {path}: {why}", highlight=False, soft_wrap=True)
+
+            docs = iter_documents([str(p) for p in paths], settings.limits, on_skip=skipped)
+            return await rag.ingest(docs, tenant, progress)
 
     report = _run(_with_rag(settings, go))
     if json:
@@ -183,6 +189,43 @@ def bench_quality(data: Annotated[Path, typer.Option(help="BEIR dataset folder")
     from ragline.bench.quality import run
 
     run(data, out_dir, limit)
+
+
+cache_app = typer.Typer(help="Inspect and invalidate the cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("stats")
+def cache_stats(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Tier sizes, hit/miss counts, dependency records and semantic entries."""
+    settings = _settings(config, data_dir)
+
+    async def go(rag: Any) -> Any:
+        return rag.cache.stats() if rag.cache is not None else {"enabled": False}
+
+    sys.stdout.write(orjson.dumps(_run(_with_rag(settings, go)), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@cache_app.command("clear")
+def cache_clear(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Drop every cached entry in every tier (documents are untouched)."""
+    settings = _settings(config, data_dir)
+    n = _run(_with_rag(settings, lambda rag: rag.invalidate(everything=True)))
+    out.print(f"cleared {n} cache entries")
+
+
+@cache_app.command("invalidate")
+def cache_invalidate(tenant: TenantOpt = DEFAULT_TENANT,
+                     doc: Annotated[str | None, typer.Option("--doc", help="only entries using this document")] = None,
+                     key: Annotated[str | None, typer.Option("--key", help="one cache key")] = None,
+                     config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Invalidate one key, one document's dependents, or a whole tenant."""
+    settings = _settings(config, data_dir)
+    if key is not None:
+        n = _run(_with_rag(settings, lambda rag: rag.invalidate(key=key)))
+    else:
+        n = _run(_with_rag(settings, lambda rag: rag.invalidate(tenant=tenant, doc_id=doc)))
+    out.print(f"invalidated {n} cache entries")
 
 
 def main() -> None:

@@ -417,7 +417,7 @@ class AsyncRAG:
         t = timings if timings is not None else {}
 
         async def compute() -> tuple[bytes, CacheInfo]:
-            return await self._answer_miss(key, query, k, tenant, hist, t)
+            return await self._answer_miss(key, query, k, tenant, hist, t, semantic=cache_mode == "default")
 
         async def poll() -> tuple[bytes, CacheInfo] | None:
             b, tier = await cache.get(key)
@@ -429,16 +429,16 @@ class AsyncRAG:
         return result
 
     async def _answer_miss(self, key: str | None, query: str, k: int, tenant: str, hist: list[Message],
-                           timings: dict[str, float]) -> tuple[bytes, CacheInfo]:
+                           timings: dict[str, float], semantic: bool = True) -> tuple[bytes, CacheInfo]:
         cache = self.cache if key is not None else None
         qvec = await self.embed_query(query, tenant, timings)
         r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
                                 cache_mode="default" if cache is not None else "bypass")
         sources, messages = await self._pack(query, r.hits, tenant, hist, timings)
         ctx = [h.chunk_id for h in sources]
-        if cache is not None and key is not None and not hist:
+        if cache is not None and key is not None and not hist and semantic:
             with metrics.stage("semantic", timings):
-                match = await cache.semantic_match(tenant, query, qvec, ctx)
+                match = await cache.semantic_match(tenant, query, qvec, ctx, exclude=key)
             if match is not None:
                 body, sim, matched = match
                 metrics.SEMANTIC_SIMILARITY.observe(sim)
@@ -528,6 +528,29 @@ class AsyncRAG:
             await cache.put(key, answer_body("".join(parts), sources, usage, model), dep, semantic=semantic)
         yield "done", {"usage": usage.to_dict(), "timings": timings, "model": model,
                        "cache": CACHE_MISS.to_dict()}
+
+    async def invalidate(self, *, tenant: str | None = None, doc_id: str | None = None, key: str | None = None,
+                         everything: bool = False) -> int:
+        """Manual invalidation: everything, one key, one tenant, or one document of a tenant."""
+        await self.start()
+        cache = self.cache
+        if cache is None:
+            return 0
+        chosen = sum(x is not None and x is not False for x in (key, everything or None, tenant or doc_id))
+        if chosen != 1:
+            raise InvalidInput("give exactly one of: all, key, tenant (optionally with doc_id)")
+        if everything:
+            return await cache.invalidate_all()
+        if key is not None:
+            await cache.drop([key])
+            return 1
+        t = tenant or DEFAULT_TENANT
+        if doc_id is not None:
+            st = (await asyncio.to_thread(self.store.doc_state, t, [doc_id])).get(doc_id)
+            if st is None:
+                raise NotFound(f"no document with id {doc_id!r} in tenant {t!r}")
+            return await cache.invalidate_chunks(t, list(st.chunk_ids))
+        return await cache.invalidate_tenant(t)
 
     async def _reverify(self, rec: DepRecord) -> DepRecord | None:
         """Re-run retrieval for a cached entry from its stored vector; None if its context changed."""

@@ -3,23 +3,37 @@
 The semantic cache is a candidate generator, never the judge (DESIGN.md §3.2).
 An ANN lookup proposes a cached query whose embedding is close to the new one
 (cosine ≥ τ); sentence embeddings, however, are nearly blind to exactly the
-details that change an answer: a negation ("is X safe" / "is X not safe"), a
-number ("2016" / "2017"), a name ("Union County" / "Morgan County"), the kind
-of question ("how" / "why"), a polarity word ("advantages" / "disadvantages")
-or swapped roles ("benzene into toluene" / "toluene into benzene").  These
-guards compare cheap lexical features of both queries and veto the hit when
-such a detail differs.
+details that change an answer.  These guards compare cheap lexical features of
+both queries and veto the hit when such a detail differs:
 
-``extract_features`` runs once per query (regexes and small word lists, tens
-of microseconds) and its result is stored next to the cached query;
-``guards_pass`` compares two stored feature records (a few microseconds) and
-returns ``(ok, reason)`` so that rejections can be counted by reason.
+========== ==============================================================
+negation   "is X safe" / "is X not safe" (not, n't, never, without, no...)
+numbers    "2016" / "2017", "10%" / "20%", "2nd" / "third" (normalised)
+entities   "Union County" / "Morgan County", "IL-6" / "IL-10", "p53" / "p21"
+qtype      who / when / where / why / how many / yes-no ("what" ≈ "how")
+compound   one question / two questions ("What is X? How is it treated?")
+polarity   advantages / disadvantages, increase / decrease, men / women
+modality   should / could / will ("Should I use X" / "Could I use X")
+person     I-we / you / someone ("if I murdered someone" / "if someone...")
+deixis     "this sentence" / "the sentence" (points outside the query)
+content    any content word one query has and the other lacks
+order      roles swapped: "benzene into toluene" / "toluene into benzene"
+========== ==============================================================
 
-Everything is case- and punctuation-insensitive: "What is COVID-19?" and
-"what is covid 19" give the same decision against a third query.  The checks
-are deliberately conservative: a false rejection only costs an LLM call, a
-false acceptance serves a wrong answer.  Calibration and the measured
-precision/recall on QQP and STS-B are in ``benchmarks/semantic_accuracy.py``.
+``content`` makes the decision close to "same content words, up to case,
+punctuation, inflection, function words, clause order and a few filler words
+(best, way, tips...)".  That is deliberate: on QQP, cosine alone never reaches
+0.95 precision at any τ, and every looser guard set we measured fell below it;
+the price is recall (about 14% of true paraphrases hit; see
+``benchmarks/semantic_accuracy.py`` and ``benchmarks/results/semantic.json``).
+A false rejection costs one LLM call, a false acceptance serves a wrong answer.
+
+``extract_features`` runs once per query (regexes and small word lists, tens of
+microseconds, no model) and its result can be stored next to the cached query;
+``guards_pass`` compares two feature records (a few microseconds) and returns
+``(ok, reason)`` so that rejections can be counted by reason.  Everything is
+case- and punctuation-insensitive: "What is COVID-19?" and "what is covid 19"
+have equal features.
 """
 
 from __future__ import annotations
@@ -501,6 +515,7 @@ ALL_CHECKS = (
     "deixis", "content", "order",
 )  # fmt: skip
 DEFAULT_CHECKS = ALL_CHECKS
+_MAX_SWAP_TERMS = 40
 
 
 def _entity_gap(a: QueryFeatures, b_terms: frozenset[str]) -> list[str]:
@@ -526,7 +541,8 @@ def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> str | None:
     "convert benzene into toluene" / "convert toluene into benzene": benzene
     comes before "into" and toluene after it in one query, the reverse in the
     other.  A moved clause ("if X, can I Y" / "can I Y if X") keeps each term on
-    the same side of every pivot and passes.
+    the same side of every pivot and passes.  Only the first
+    ``_MAX_SWAP_TERMS`` shared terms are examined.
     """
     pos_a: dict[str, int] = {}
     pos_b: dict[str, int] = {}
@@ -543,6 +559,7 @@ def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> str | None:
     if len(shared) < 3:
         return None
     shared.sort(key=pos_a.__getitem__)
+    del shared[_MAX_SWAP_TERMS:]  # the search is cubic; queries rarely have this many words
     content = [t for t in shared if t not in _STOP_STEMS or t in _ROLE_STEMS]
     for i, x in enumerate(content):
         for y in content[i + 1 :]:
@@ -559,11 +576,14 @@ def _swapped(a: tuple[str, ...], b: tuple[str, ...]) -> str | None:
 def guards_pass(a: QueryFeatures, b: QueryFeatures, checks: Iterable[str] = DEFAULT_CHECKS) -> tuple[bool, str]:
     """Decide whether the answer cached for one query may serve the other.
 
-    Symmetric.  Returns ``(True, "")`` or ``(False, reason)`` where the reason
-    names the first failing check ("negation differs", "numbers differ: ...",
-    "entities differ: ...", "question type differs: how/why", "polarity
-    differs: ...", "roles swapped: ...").  ``checks`` selects a subset of
-    ``ALL_CHECKS`` (for ablations and for ``CacheSettings``).
+    Symmetric in its decision.  Returns ``(True, "")`` or ``(False, reason)``
+    where the reason names the first failing check: "negation differs",
+    "numbers differ: {2016, 2017}", "entities differ: {java, python}",
+    "question type differs: how/why", "question count differs: 1/2",
+    "polarity differs: advantag/disadvantag", "modality differs: can/must",
+    "person differs: 1/2", "deixis differs (this/these)", "content differs:
+    {latest}" or "roles swapped: benzen/toluen".  ``checks`` selects a subset
+    of ``ALL_CHECKS`` (ablations; ``CacheSettings.semantic_guard_checks``).
     """
     enabled = checks if isinstance(checks, (frozenset, set, tuple, list)) else tuple(checks)
     if "negation" in enabled and a.negated != b.negated:

@@ -138,8 +138,8 @@ class CacheLayer:
         await self.tiers.set_many(items, self.ttl)
 
     # -- semantic -----------------------------------------------------------------------
-    async def semantic_match(self, tenant: str, query: str, qvec: Vectors,
-                             context_ids: Sequence[str]) -> tuple[bytes, float, str] | None:
+    async def semantic_match(self, tenant: str, query: str, qvec: Vectors, context_ids: Sequence[str],
+                             exclude: str | None = None) -> tuple[bytes, float, str] | None:
         """A cached answer for a *different* query that may serve this one, or None.
 
         Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
@@ -154,6 +154,8 @@ class CacheLayer:
         feats = guards.extract_features(query)
         ctx = list(context_ids)
         for c in cands:
+            if c.answer_key == exclude:
+                continue
             if self.cs.semantic_guards:
                 ok, _ = guards.guards_pass(feats, guards.extract_features(c.query))
                 if not ok:

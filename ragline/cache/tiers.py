@@ -636,7 +636,8 @@ class RedisTier:
             step = self.max_batch
             self.batches += 1
             self.batched_requests += len(queue)
-            parts = await asyncio.gather(*(self._fetch(keys[i : i + step]) for i in range(0, len(keys), step)))
+            chunks = [keys[i : i + step] for i in range(0, len(keys), step)]
+            parts = await asyncio.gather(*(self._fetch(c) for c in chunks))
             for part in parts:
                 found.update(part)
         finally:  # resolve every waiter, even if this task is cancelled (fail open: misses)

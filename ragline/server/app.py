@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Header, Request
@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragline import metrics
+from ragline.codec import response_bytes
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge, ServiceUnavailable
 from ragline.pipeline import AsyncRAG
@@ -47,6 +48,19 @@ class SearchIn(BaseModel):
     doc_level: bool = False
     mmr: bool = False
     timings: bool = False
+    cache: Literal["default", "bypass", "refresh"] = "default"
+
+
+CACHE_MODES = ("default", "bypass", "refresh")
+
+
+class InvalidateIn(BaseModel):
+    """Exactly one of: ``all``, ``key``, ``tenant`` (optionally with ``doc_id``)."""
+
+    tenant: str | None = None
+    doc_id: str | None = None
+    key: str | None = None
+    all: bool = False
 
 
 class QueryIn(BaseModel):
@@ -57,6 +71,7 @@ class QueryIn(BaseModel):
     stream: bool = False
     history: list[dict[str, str]] = Field(default_factory=list)
     timings: bool = True
+    cache: Literal["default", "bypass", "refresh"] = "default"
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -173,7 +188,7 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
         tenant = tenant_of(authorization, x_api_key)
         timings: dict[str, float] = {}
         hits = await pipeline.search(body.query, body.k, tenant, doc_level=body.doc_level, mmr=body.mmr,
-                                     timings=timings)
+                                     timings=timings, cache_mode=body.cache)
         out: dict[str, Any] = {"hits": [h.to_dict() for h in hits]}
         if body.timings:
             out["timings"] = timings
@@ -195,12 +210,34 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
         history = body.get("history") or []
         if not isinstance(history, list):
             raise InvalidInput("'history' must be a list of {role, content} messages")
+        mode = body.get("cache", "default")
+        if mode not in CACHE_MODES:
+            raise InvalidInput("'cache' must be one of 'default', 'bypass', 'refresh'")
         if body.get("stream") is True:
-            events = await pipeline.ask_stream(q, k, tenant, history=history)
+            events = await pipeline.ask_stream(q, k, tenant, history=history, cache_mode=mode)
             return StreamingResponse(_sse(events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        answer = await pipeline.ask(q, k, tenant, history=history)
-        return _json(answer.to_dict(timings=body.get("timings", True) is not False))
+        t0 = time.perf_counter()
+        timings: dict[str, float] | None = {} if body.get("timings", True) is not False else None
+        answer, info = await pipeline.ask_body(q, k, tenant, history=history, cache_mode=mode, timings=timings)
+        if timings is not None:
+            timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
+        metrics.ANSWERS.labels(info.kind, tenant).inc()
+        return Response(response_bytes(answer, info, timings), media_type="application/json")
+
+    # -- cache -----------------------------------------------------------------
+    @app.get("/v1/cache/stats", summary="Cache tiers, hit counts, dependency and semantic entries")
+    async def cache_stats() -> Response:
+        if pipeline.cache is None:
+            return _json({"enabled": False})
+        return _json({"enabled": True, **pipeline.cache.stats()})
+
+    @app.post("/v1/cache/invalidate", summary="Invalidate cache entries (admin key only)")
+    async def cache_invalidate(body: InvalidateIn, authorization: str | None = Header(None),
+                               x_api_key: str | None = Header(None)) -> Response:
+        auth.require_admin(auth.key_from_headers(authorization, x_api_key))
+        n = await pipeline.invalidate(tenant=body.tenant, doc_id=body.doc_id, key=body.key, everything=body.all)
+        return _json({"invalidated": n})
 
     # -- operations ----------------------------------------------------------
     @app.get("/healthz", summary="Liveness")
@@ -211,11 +248,19 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     async def readyz() -> Response:
         if not pipeline.ready:
             raise ServiceUnavailable("starting: the model and store are still loading")
-        return _json({"status": "ready", "components": {"store": "ok", "embedder": pipeline.embedder.id,
-                                                        "llm": pipeline.llm.id}})
+        components: dict[str, Any] = {"store": "ok", "embedder": pipeline.embedder.id, "llm": pipeline.llm.id}
+        status = "ready"
+        if pipeline.cache is not None:
+            health = pipeline.cache.tiers.health()
+            components["cache"] = {tier: "ok" if ok else "degraded" for tier, ok in health.items()}
+            if not all(health.values()):
+                status = "degraded"  # still serving: the cache fails open to the other tiers
+        return _json({"status": status, "components": components})
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:
+        if pipeline.cache is not None:
+            pipeline.cache.tiers.flush_metrics()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_request_bytes)

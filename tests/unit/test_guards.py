@@ -7,6 +7,7 @@ benchmarks/semantic_accuracy.py; these tests pin the behaviour per check.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -251,7 +252,9 @@ def test_deixis_is_rejected() -> None:
 
 
 def test_extra_qualifier_is_rejected() -> None:
-    ok, reason = check("What are the best websites to download movies?", "What are the best websites to download latest movies?")
+    ok, reason = check(
+        "What are the best websites to download movies?", "What are the best websites to download latest movies?"
+    )
     assert not ok
     assert reason == "content differs: {latest}"
 
@@ -283,9 +286,15 @@ def test_guards_are_fast() -> None:
     feats = [extract_features(q) for q in queries]
     extract_us = (time.perf_counter() - t0) / len(queries) * 1e6
     t0 = time.perf_counter()
-    for x, y in zip(feats, feats[1:], strict=False):
+    for x, y in itertools.pairwise(feats):
         guards_pass(x, y)
     pass_us = (time.perf_counter() - t0) / (len(feats) - 1) * 1e6
     # generous bounds (CI machines are slow); typical: ~40 µs and ~3 µs
     assert extract_us < 1000
     assert pass_us < 200
+
+
+def test_config_default_enables_every_check() -> None:
+    from ragline.config import CacheSettings
+
+    assert CacheSettings().semantic_guard_checks == ALL_CHECKS
