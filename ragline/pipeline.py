@@ -489,8 +489,8 @@ class AsyncRAG:
         ctx = [h.chunk_id for h in sources]
         dep = (self._dep_record(key, tenant, query, qvec, r, ctx, k, self.settings.retrieval.mmr)
                if cache is not None and key is not None else None)
-        if cache is not None and key is not None and dep is not None and not hist:
-            match = await cache.semantic_match(tenant, query, qvec, ctx)
+        if cache is not None and key is not None and dep is not None and not hist and cache_mode == "default":
+            match = await cache.semantic_match(tenant, query, qvec, ctx, exclude=key)
             if match is not None:
                 await cache.put(key, match[0], dep, semantic=True)
                 return _replay(match[0], CacheInfo("semantic", None, round(match[1], 4), match[2]), timings, t0)
