@@ -1,1 +1,52 @@
-"""ragline: a fast, cache-first RAG server and library."""
+"""ragline: a fast, cache-first retrieval-augmented generation server and library.
+
+Public API: ``AsyncRAG`` (the async pipeline), ``RAG`` (its sync facade),
+``Settings``, the value types and the ``RaglineError`` tree.
+"""
+
+from ragline.config import Settings
+from ragline.errors import (
+    ConfigError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    RaglineError,
+    RateLimited,
+    ServiceUnavailable,
+    StoreError,
+    Unauthorized,
+    UnsupportedFile,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from ragline.pipeline import RAG, AsyncRAG
+from ragline.types import Answer, CacheInfo, Chunk, Document, Hit, IngestReport, Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RAG",
+    "Answer",
+    "AsyncRAG",
+    "CacheInfo",
+    "Chunk",
+    "ConfigError",
+    "Document",
+    "Forbidden",
+    "Hit",
+    "IngestReport",
+    "InvalidInput",
+    "NotFound",
+    "PayloadTooLarge",
+    "RaglineError",
+    "RateLimited",
+    "ServiceUnavailable",
+    "Settings",
+    "StoreError",
+    "Unauthorized",
+    "UnsupportedFile",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "Usage",
+]

@@ -191,6 +191,17 @@ def bench_quality(data: Annotated[Path, typer.Option(help="BEIR dataset folder")
     run(data, out_dir, limit)
 
 
+@bench_app.command("churn")
+def bench_churn(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
+                out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
+                docs: Annotated[int | None, typer.Option(help="use only N corpus documents")] = None,
+                batch: Annotated[int, typer.Option(help="new documents per ingest round")] = 50) -> None:
+    """Cache hit rate and stale hits under ingestion churn vs a flush-on-ingest baseline."""
+    from ragline.bench.churn import run
+
+    run(data, out_dir, docs, batch)
+
+
 cache_app = typer.Typer(help="Inspect and invalidate the cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 

@@ -154,6 +154,9 @@ class CacheSettings(Section):
     )  # fmt: skip
     semantic_verify_retrieval: bool = True
     singleflight_lock_s: float = Field(30.0, gt=0)
+    invalidation: Literal["precise", "flush"] = "precise"
+    """precise: drop only entries whose context changed (DESIGN §3.1); flush: drop every answer and
+    retrieval entry of the tenant on any change (the simple baseline, for comparison)."""
     # --- added with ragline/cache (storage layer) ---
     l1_max_ttl_s: float = Field(
         900.0, gt=0, description="cap on L1 TTLs: bounds staleness if an invalidation event is lost"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -29,7 +30,7 @@ LLM_TOKENS = Counter("ragline_llm_tokens_total", "LLM tokens used", ["kind"])
 LLM_CALLS = Counter("ragline_llm_calls_total", "LLM calls by outcome", ["outcome"])
 ERRORS = Counter("ragline_errors_total", "Errors returned to clients by code", ["code"])
 
-_STAGE_CHILDREN = {}
+_STAGE_CHILDREN: dict[str, Any] = {}
 
 
 @contextmanager

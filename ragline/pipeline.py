@@ -173,7 +173,7 @@ class AsyncRAG:
             if pending is not None:
                 await pending
         self._update_gauges()
-        return IngestReport(**counts)
+        return IngestReport(**counts)  # type: ignore[arg-type]
 
     async def ingest_paths(self, paths: Sequence[str | Path], tenant: str = DEFAULT_TENANT,
                            progress: Progress | None = None) -> IngestReport:
@@ -259,6 +259,10 @@ class AsyncRAG:
         cache = self.cache
         if cache is None:
             return
+        if self.settings.cache.invalidation == "flush":
+            n = await cache.flush_results(tenant)
+            metrics.INVALIDATIONS.labels("flush").inc(n)
+            return
         with metrics.stage("invalidate"):
             chunk_terms = [set(analyze(c.index_text)) for c in added]
             idf_of = getattr(self.store, "term_idf", None)
@@ -302,7 +306,7 @@ class AsyncRAG:
                 hit = await cache.get_vectors(tenant, [query], self.embedder.dim)
                 if 0 in hit:
                     return hit[0]
-            vec = (await self._batcher.embed([query]))[0]
+            vec: Vectors = (await self._batcher.embed([query]))[0]
             if cache is not None:
                 await cache.put_vectors(tenant, [query], vec.reshape(1, -1))
             return vec
@@ -407,17 +411,18 @@ class AsyncRAG:
             body, _ = await self._answer_miss(None, query, k, tenant, hist, timings if timings is not None else {})
             return body, CACHE_BYPASS if cache is not None else CACHE_MISS
         key = cache.answer_key(tenant, query, k, hist)
+        allow_semantic = cache_mode == "default"
         if cache_mode == "default":
-            body = cache.get_l1(key)
-            if body is not None:
-                return body, CACHE_L1
-            body, tier = await cache.get(key, skip_l1=True)
-            if body is not None:
-                return body, _exact(tier)
+            l1 = cache.get_l1(key)
+            if l1 is not None:
+                return l1, CACHE_L1
+            found, tier = await cache.get(key, skip_l1=True)
+            if found is not None:
+                return found, _exact(tier)
         t = timings if timings is not None else {}
 
         async def compute() -> tuple[bytes, CacheInfo]:
-            return await self._answer_miss(key, query, k, tenant, hist, t, semantic=cache_mode == "default")
+            return await self._answer_miss(key, query, k, tenant, hist, t, semantic=allow_semantic)
 
         async def poll() -> tuple[bytes, CacheInfo] | None:
             b, tier = await cache.get(key)
@@ -536,7 +541,7 @@ class AsyncRAG:
         cache = self.cache
         if cache is None:
             return 0
-        chosen = sum(x is not None and x is not False for x in (key, everything or None, tenant or doc_id))
+        chosen = (key is not None) + bool(everything) + (tenant is not None or doc_id is not None)
         if chosen != 1:
             raise InvalidInput("give exactly one of: all, key, tenant (optionally with doc_id)")
         if everything:

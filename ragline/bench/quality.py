@@ -44,8 +44,8 @@ def load_beir(folder: Path, split: str = "test") -> tuple[dict[str, str], dict[s
         if len(parts) == 3:
             qrels.setdefault(parts[0], {})[parts[1]] = int(parts[2])
     queries = {}
-    for line in (folder / "queries.jsonl").read_bytes().splitlines():
-        q = orjson.loads(line)
+    for raw in (folder / "queries.jsonl").read_bytes().splitlines():
+        q = orjson.loads(raw)
         if str(q["_id"]) in qrels:
             queries[str(q["_id"])] = q["text"]
     return queries, qrels

@@ -30,7 +30,7 @@ import orjson
 
 from ragline.cache import guards
 from ragline.cache.deps import DependencyIndex, DepRecord
-from ragline.cache.keys import canonical_query, make_key_for, tenant_prefix
+from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenant_prefix
 from ragline.cache.semantic import SemanticIndex
 from ragline.cache.singleflight import DistributedSingleFlight
 from ragline.cache.tiers import RedisTier, TieredCache, build_cache
@@ -68,7 +68,8 @@ class CacheLayer:
         self.ttl = self.cs.ttl_s
         self.counters: dict[str, int] = {"semantic_hits": 0, "semantic_rejected_guard": 0,
                                          "semantic_rejected_verify": 0, "llm_calls_saved": 0,
-                                         "llm_tokens_saved": 0}
+                                         "llm_tokens_saved": 0, "invalidation_checked": 0,
+                                         "invalidation_dropped": 0, "invalidation_kept": 0}
 
     async def start(self) -> None:
         await self.tiers.start()
@@ -225,6 +226,9 @@ class CacheLayer:
             await asyncio.to_thread(self.deps.add, rec, time.time() + self.ttl)
         await self.drop(drop)
         report.dropped = len(drop)
+        self.counters["invalidation_checked"] += report.checked
+        self.counters["invalidation_dropped"] += report.dropped
+        self.counters["invalidation_kept"] += report.kept
         return report
 
     async def drop(self, keys: Sequence[str]) -> None:
@@ -233,6 +237,16 @@ class CacheLayer:
         self.semantic.remove(set(keys))
         await asyncio.to_thread(self.deps.remove, list(keys))
         await self.tiers.delete_many(list(keys))
+
+    async def flush_results(self, tenant: str) -> int:
+        """Drop every answer and retrieval entry of a tenant (embeddings and LLM responses stay)."""
+        keys = await asyncio.to_thread(self.deps.tenant_keys, tenant)
+        self.semantic.clear(tenant)
+        await asyncio.to_thread(self.deps.clear, tenant)
+        n = 0
+        for kind in ("answer", "retrieval"):
+            n += await self.tiers.clear(kind_prefix(tenant, kind))
+        return max(n, len(keys))
 
     async def invalidate_tenant(self, tenant: str) -> int:
         keys = await asyncio.to_thread(self.deps.tenant_keys, tenant)

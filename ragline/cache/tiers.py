@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
 
 from ragline.cache.breaker import HALF_OPEN, CircuitBreaker
-from ragline.cache.keys import KEY_ROOT, kind_of
+from ragline.cache.keys import KEY_ROOT, KINDS, kind_of
 
 if TYPE_CHECKING:
     import diskcache
@@ -898,6 +898,23 @@ class DiskTier:
 
 OnInvalidate = Callable[[list[str] | None, str | None], Awaitable[None]]
 
+CountSources = tuple[str, dict[str, int], dict[str, int], dict[tuple[str, str, str], int]]
+
+_KIND_BY_LAST_CHAR: Final[dict[str, str]] = {k[-1]: k for k in KINDS}
+_KIND_LABELS: Final = (*KINDS, "other")
+assert len(_KIND_BY_LAST_CHAR) == len(KINDS), "kinds must end in distinct characters"
+
+
+def merge_counts(sources: CountSources) -> dict[tuple[str, str, str], int]:
+    """Flatten a cache's counters into ``(tier, kind, result) -> count`` (zeros omitted)."""
+    l1_name, hits, misses, others = sources
+    out = dict(others)
+    for result, d in (("hit", hits), ("miss", misses)):
+        for kind, n in d.items():
+            if n:
+                out[(l1_name, kind, result)] = n
+    return out
+
 
 class TieredCache:
     """L1 → L2 → L3 read-through cache with promotion, per-tier/kind counters and
@@ -937,8 +954,14 @@ class TieredCache:
         self.l1: MemoryTier | None = first if isinstance(first, MemoryTier) else None
         self._l1_name = self.l1.name if self.l1 is not None else ""
         self._ttl_aware = tuple(isinstance(t, TTLTier) for t in self.tiers)
-        self.counts: dict[tuple[str, str, str], int] = {}
-        """(tier, kind, "hit"|"miss") -> count; plain ints, read by the metrics collector."""
+        # Request counters: plain ints, turned into prometheus metrics off the hot path.
+        # L1 has one dict per result, pre-filled with every kind label, so get_l1 does a
+        # single ``d[kind] += 1``; other tiers use (tier, kind, result) tuples.
+        self._l1_hits: dict[str, int] = dict.fromkeys(_KIND_LABELS, 0)
+        self._l1_misses: dict[str, int] = dict.fromkeys(_KIND_LABELS, 0)
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self.count_sources: CountSources = (self._l1_name, self._l1_hits, self._l1_misses, self._counts)
+        """What :func:`merge_counts` reads; holds no reference to the cache itself."""
         self._background: set[asyncio.Task[Any]] = set()
         self._metrics_task: asyncio.Task[None] | None = None
         self.metrics = metrics
@@ -957,10 +980,15 @@ class TieredCache:
         if l1 is None:
             return None
         value = l1.get(key)
-        c = self.counts
-        ck = (self._l1_name, kind_of(key), "miss" if value is None else "hit")
-        c[ck] = c.get(ck, 0) + 1
+        # kind label from the kind's last character (just before ":" + 32 hex digits)
+        kind = _KIND_BY_LAST_CHAR.get(key[-34:-33], "other")
+        (self._l1_misses if value is None else self._l1_hits)[kind] += 1
         return value
+
+    @property
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """``(tier, kind, "hit"|"miss") -> count`` over every tier (a fresh dict)."""
+        return merge_counts(self.count_sources)
 
     async def get(self, key: str, *, skip_l1: bool = False) -> bytes | None:
         """The value from the fastest tier that has it, or None."""
@@ -984,7 +1012,7 @@ class TieredCache:
     async def _lookup(self, keys: Sequence[str], skip_l1: bool) -> dict[str, tuple[bytes, str]]:
         found: dict[str, tuple[bytes, str]] = {}
         missing: list[str] = list(dict.fromkeys(keys))
-        counts = self.counts
+        counts = self._counts
         for i, tier in enumerate(self.tiers):
             if not missing:
                 break
@@ -996,9 +1024,15 @@ class TieredCache:
                 hits = {k: (v, None) for k, v in (await tier.get_many(missing)).items()}
             name = tier.name
             still: list[str] = []
+            is_l1 = tier is self.l1
             for k in missing:
-                ck = (name, kind_of(k), "hit" if k in hits else "miss")
-                counts[ck] = counts.get(ck, 0) + 1
+                kind = kind_of(k)
+                if is_l1:
+                    d = self._l1_hits if k in hits else self._l1_misses
+                    d[kind] = d.get(kind, 0) + 1
+                else:
+                    ck = (name, kind, "hit" if k in hits else "miss")
+                    counts[ck] = counts.get(ck, 0) + 1
                 if k not in hits:
                     still.append(k)
             if hits:

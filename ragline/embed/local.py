@@ -55,7 +55,7 @@ class LocalEmbedder:
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # no "Loading weights" bars on the CLI's stderr
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no "Loading weights" bars on the CLI's stderr
 
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -66,7 +66,7 @@ class LocalEmbedder:
         dim = self._model.get_embedding_dimension()
         self.dim: int = int(dim) if dim else 384
         self.id = f"st:{self.model_dir.name if self.model_dir.name != 'model' else settings.model}"
-        self.max_seq_length: int = int(self._model.max_seq_length)
+        self.max_seq_length: int = int(self._model.max_seq_length or 256)
         self._lock = threading.Lock()
         self.calls = 0
         """Number of ``embed`` calls that reached the model (tests count these)."""

@@ -21,7 +21,11 @@ from ragline.types import Usage
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])")
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
-    ["a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "could", "did", "do", "does", "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it", "its", "of", "on", "or", "so", "such", "than", "that", "the", "their", "them", "then", "there", "these", "they", "this", "to", "was", "were", "what", "when", "where", "which", "who", "whom", "why", "will", "with", "would", "you", "your"]
+    """
+    a an and are as at be been but by can could did do does for from had has have how i if in into
+    is it its of on or so such than that the their them then there these they this to was were what
+    when where which who whom why will with would you your
+    """.split()
 )
 NO_ANSWER = "I could not find an answer in the indexed documents."
 

@@ -165,7 +165,7 @@ class EmbeddedStore:
 
     def _rebuild(self, tenant: str, ti: _TenantIndexes) -> None:
         """Recreate both indexes of a tenant from SQLite (after a crash); no embedding."""
-        ti.dense.reset()
+        ti.dense.reset()  # type: ignore[no-untyped-call]
         ti.dense = Index(ndim=self.dim, metric="cos", dtype="f32", connectivity=16,
                          expansion_add=128, expansion_search=64)
         w = ti.keyword_writer()

@@ -144,7 +144,7 @@ async def test_cached_answer_streams_with_the_same_events(make_settings: Callabl
         await rag.ingest(DOCS)
         fresh = [e async for e in await rag.ask_stream(Q)]
         hit = [e async for e in await rag.ask_stream(Q)]
-    assert [e for e, _ in fresh][0] == [e for e, _ in hit][0] == "sources"
+    assert fresh[0][0] == hit[0][0] == "sources"
     assert fresh[-1][0] == hit[-1][0] == "done"
     assert fresh[-1][1]["cache"]["kind"] == "miss" and hit[-1][1]["cache"]["kind"] == "exact"
     text = lambda ev: "".join(d["text"] for e, d in ev if e == "delta")  # noqa: E731

@@ -214,6 +214,15 @@ async def test_pool_saturation_is_a_miss_not_an_outage(redis_url: str) -> None:
     assert hits + l2.saturated == 3000  # every call answered: a hit or a fast miss
     assert l2.healthy and l2.breaker.opens_total == 0  # local saturation is not a Redis failure
     await l2.close()
+    # without coalescing, the semaphore in front of the pool turns overflow into fast misses
+    l2 = tier(redis_url, max_connections=2, pool_wait_s=0.0005, coalesce=False, timeout_s=0.5)
+    await l2.set_many({key(1): b"v"}, ttl=60)
+    results = await asyncio.gather(*(l2.get_many([key(1)]) for _ in range(200)))
+    hits = sum(1 for r in results if r)
+    assert l2.saturated > 0 and hits > 0
+    assert hits + l2.saturated == 200 and l2.errors == 0
+    assert l2.healthy and l2.breaker.opens_total == 0
+    await l2.close()
 
 
 # ------------------------------------------------------------------------------ pub/sub

@@ -121,7 +121,7 @@ async def test_ingest_files_and_sample_corpus(rag: AsyncRAG, tmp_path: Path) -> 
     rep = await rag.ingest_paths([SAMPLE_DOCS])
     assert rep.added >= 5 and not rep.errors
     answer = await rag.ask("What does reciprocal rank fusion do?")
-    assert answer.sources and "[1]" in answer.text or "[2]" in answer.text
+    assert (answer.sources and "[1]" in answer.text) or "[2]" in answer.text
     (tmp_path / "x.docx").write_bytes(b"PK\x03\x04")
     with pytest.raises(UnsupportedFile):
         await rag.ingest_paths([tmp_path / "x.docx"])

@@ -66,6 +66,20 @@ def test_key_format() -> None:
     assert not make_key("acme2", "answer", b"x").startswith(tenant_prefix("acme"))
 
 
+def test_hot_path_kind_label_matches_kind_of() -> None:
+    from ragline.cache.keys import KINDS
+
+    cache = TieredCache([MemoryTier(1 << 20)], metrics=False)
+    for kind in sorted(KINDS):
+        for tenant in ("a", "tenant-with.long_name"):
+            k = make_key(tenant, kind, b"x")
+            cache.get_l1(k)
+            assert cache.hit_counts("l1", kind_of(k))["miss"] >= 1
+    cache.get_l1("short")
+    assert cache.counts[("l1", "other", "miss")] == 1
+    assert sum(cache.hit_counts("l1")[r] for r in ("hit", "miss")) == 2 * len(KINDS) + 1
+
+
 def test_canonical_bytes_order_independent() -> None:
     a = make_key_for("t", "answer", {"q": "x", "params": {"k": 10, "model": "m"}})
     b = make_key_for("t", "answer", {"params": {"model": "m", "k": 10}, "q": "x"})

@@ -37,7 +37,7 @@ def test_yaml_file_and_priority(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_invalid_settings_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="chunk"):
         Settings.load(chunk={"size": 64, "overlap": 64})
-    with pytest.raises(ConfigError, match="retrieval.k"):
+    with pytest.raises(ConfigError, match=r"retrieval\.k"):
         Settings.load(retrieval={"k": 0})
     with pytest.raises(ConfigError, match="not found"):
         Settings.load(tmp_path / "missing.yaml")
