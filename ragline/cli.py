@@ -191,6 +191,18 @@ def bench_quality(data: Annotated[Path, typer.Option(help="BEIR dataset folder")
     run(data, out_dir, limit)
 
 
+@bench_app.command("hotpath")
+def bench_hotpath(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
+                  out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
+                  docs: Annotated[int, typer.Option(help="SciFact documents to ingest")] = 300,
+                  workers: Annotated[int, typer.Option(help="uvicorn workers of the server under test")] = 2,
+                  concurrency: Annotated[int, typer.Option(help="load generator connections")] = 16) -> None:
+    """Exact-hit latency in-process and over HTTP (vs /healthz), and cached vs uncached LLM answers."""
+    from ragline.bench.hotpath import HotpathConfig, run
+
+    run(data, out_dir, HotpathConfig(docs=docs, workers=workers, concurrency=concurrency))
+
+
 @bench_app.command("churn")
 def bench_churn(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
                 out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),

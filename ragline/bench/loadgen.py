@@ -147,19 +147,21 @@ async def run_load(
     validate: Callable[[Req, httpx.Response], bool] | None = None,
     progress: LoadProgress | None = None,
     keep_timeline: bool = False,
+    think_time_s: float = 0.0,
 ) -> LoadResult:
     """Send ``total`` measured requests (after ``warmup`` unmeasured ones) with ``concurrency``
     workers, stopping early at ``time_limit_s``; never raises on request failures.
 
     ``requests`` is a list used round-robin or a function of the request index.
     A request counts as an error if it raises (the exception class names it),
-    returns a status ≥ 400, or fails ``validate``.
+    returns a status ≥ 400, or fails ``validate``.  ``think_time_s`` makes each worker pause
+    between requests (a paced load, for tests that need it to last a few seconds).
     """
     base = check_local_url(base_url)
     if total < 1 or concurrency < 1 or warmup < 0:
         raise ValueError("total and concurrency must be >= 1 and warmup >= 0")
-    if not (time_limit_s > 0 and timeout_s > 0):
-        raise ValueError("time_limit_s and timeout_s must be > 0")
+    if not (time_limit_s > 0 and timeout_s > 0 and think_time_s >= 0):
+        raise ValueError("time_limit_s and timeout_s must be > 0, think_time_s >= 0")
     if callable(requests):
         make: Callable[[int], Req] = requests
     else:
@@ -246,6 +248,8 @@ async def run_load(
                 prog.done += 1
                 if keep_timeline:
                     timeline.append((round(t0 - t_start, 6), round((t1 - t0) * 1000.0, 3), ok))
+                if think_time_s:
+                    await asyncio.sleep(think_time_s)
 
         # hard bound: the time limit plus one request timeout (workers check the deadline between requests)
         try:
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=20.0, help="seconds (upper bound)")
     p.add_argument("--warmup", type=int, default=0, help="unmeasured requests first")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    p.add_argument("--think", type=float, default=0.0, help="pause per worker between requests, seconds")
     p.add_argument("--count", action="append", default=[], help="tally responses containing this substring")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     a = p.parse_args(argv)
@@ -315,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         reqs = [Req(a.method.upper(), a.path)]
     res = run_load_sync(base, reqs, total=a.total, concurrency=a.concurrency, time_limit_s=a.time_limit,
-                        warmup=a.warmup, timeout_s=a.timeout, count_substrings=[s.encode() for s in a.count])
+                        warmup=a.warmup, timeout_s=a.timeout, think_time_s=a.think,
+                        count_substrings=[s.encode() for s in a.count])
     if a.json:
         sys.stdout.write(orjson.dumps(res.to_dict()).decode() + "\n")
     else:

@@ -15,11 +15,20 @@ ingestion changes into exact invalidations:
 
 Dropped keys are deleted from every tier and published on Redis so other
 instances drop them from L1.
+
+With a shared L2 the dependency records live in Redis too
+(:class:`~ragline.cache.deps.RedisDependencyIndex`), so an ingest on any
+instance finds the entries every instance wrote.  If that index cannot be
+reached, the layer errs towards dropping more (see the deps module): entries
+whose record could only be kept locally stay out of the shared tiers and are
+dropped once Redis is back, and an invalidation that could not consult the
+shared records drops every answer and retrieval entry of the tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +38,7 @@ import numpy as np
 import orjson
 
 from ragline.cache import guards
-from ragline.cache.deps import DependencyIndex, DepRecord
+from ragline.cache.deps import DependencyIndex, DepRecord, DepsIndex, RedisDependencyIndex
 from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenant_prefix
 from ragline.cache.semantic import SemanticIndex
 from ragline.cache.singleflight import DistributedSingleFlight
@@ -55,7 +64,18 @@ class CacheLayer:
         self.settings = settings
         self.cs = settings.cache
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
-        self.deps = DependencyIndex(settings.data_dir / "cache" / "deps.sqlite3")
+        deps_path = settings.data_dir / "cache" / "deps.sqlite3"
+        self.deps: DepsIndex
+        if self.cs.enabled and self.cs.l2_enabled and self.cs.redis_url:
+            # shared by every instance; off the hot path, so a longer timeout than L2's
+            self.deps = RedisDependencyIndex(
+                self.cs.redis_url, deps_path, timeout_s=max(1.0, self.cs.redis_timeout_s),
+                connect_timeout_s=self.cs.redis_connect_timeout_s,
+                max_connections=min(16, self.cs.redis_max_connections), reset_s=self.cs.breaker_reset_s,
+                ttl_grace_s=min(300.0, self.cs.ttl_s))
+        else:
+            self.deps = DependencyIndex(deps_path)
+        self._reconcile_task: asyncio.Task[None] | None = None
         self.semantic = SemanticIndex(dim)
         self.embedder_id = embedder_id
         self.llm_id = llm_id
@@ -74,17 +94,38 @@ class CacheLayer:
     async def start(self) -> None:
         await self.tiers.start()
         await asyncio.to_thread(self._load_semantic)
+        if isinstance(self.deps, RedisDependencyIndex) and self._reconcile_task is None:
+            self._reconcile_task = asyncio.create_task(self._reconcile_local_only(),
+                                                       name="ragline-deps-reconcile")
 
     def _load_semantic(self) -> None:
         """Rebuild the in-process semantic index from the persistent dependency records."""
+        by_tenant: dict[str, list[str]] = {}
         for key in self.deps.all_keys():
-            if ":answer:" not in key:
-                continue
-            tenant = key.split(":")[2]
-            for rec in self.deps.records(tenant, [key]):
-                self.semantic.add(tenant, self.fingerprint, key, rec.query, rec.qvec)
+            if ":answer:" in key:
+                by_tenant.setdefault(key.split(":")[2], []).append(key)
+        for tenant, keys in by_tenant.items():  # one batched fetch per tenant (a round trip with Redis)
+            for rec in self.deps.records(tenant, keys):
+                self.semantic.add(tenant, self.fingerprint, rec.entry_key, rec.query, rec.qvec)
+
+    async def _reconcile_local_only(self, interval_s: float = 1.0) -> None:
+        """Entries cached while the shared dependency index was unreachable are known to no other
+        instance, so no other instance's invalidation can name them: once Redis answers again,
+        drop them everywhere (this also covers leftovers of a previous run in the local file)."""
+        while True:
+            if self.deps.has_local_only:
+                with contextlib.suppress(Exception):  # fail open: try again next round
+                    keys = await asyncio.to_thread(self.deps.take_local_only)
+                    if keys:
+                        await self.drop(keys)
+            await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reconcile_task
+            self._reconcile_task = None
         await self.tiers.close()
         await asyncio.to_thread(self.deps.close)
 
@@ -120,10 +161,23 @@ class CacheLayer:
         """Store an entry in every tier; with ``dep``, register it for invalidation first
         (so there is no window in which a cached entry is invisible to invalidation)."""
         if dep is not None:
-            await asyncio.to_thread(self.deps.add, dep, time.time() + self.ttl)
+            shared = await asyncio.to_thread(self.deps.add, dep, time.time() + self.ttl)
             if semantic and self.cs.semantic:
                 self.semantic.add(dep.tenant, self.fingerprint, key, dep.query, dep.qvec)
+            if not shared:
+                await self._put_local_only(key, value)
+                return
         await self.tiers.set_many({key: value}, self.ttl)
+
+    async def _put_local_only(self, key: str, value: bytes) -> None:
+        """The record reached only this instance's index: keep the entry out of shared tiers
+        (no other instance could invalidate it there)."""
+        local = [t for t in self.tiers.tiers if not t.shared]
+        await asyncio.gather(*(t.set_many({key: value}, self.ttl) for t in local), return_exceptions=True)
+        # the reconciler may have taken the record meanwhile (Redis is back): then it may have
+        # dropped the entry before it was written, so drop it here
+        if not await asyncio.to_thread(self.deps.local_only, key):
+            await asyncio.gather(*(t.delete_many([key]) for t in local), return_exceptions=True)
 
     # -- embeddings ----------------------------------------------------------------
     async def get_vectors(self, tenant: str, texts: Sequence[str], dim: int) -> dict[int, Vectors]:
@@ -158,7 +212,7 @@ class CacheLayer:
             if c.answer_key == exclude:
                 continue
             if self.cs.semantic_guards:
-                ok, _ = guards.guards_pass(feats, guards.extract_features(c.query))
+                ok, _ = guards.guards_pass(feats, guards.extract_features(c.query), self.cs.semantic_guard_checks)
                 if not ok:
                     self.counters["semantic_rejected_guard"] += 1
                     continue
@@ -187,6 +241,7 @@ class CacheLayer:
         """
         report = InvalidationReport()
         removed = set(removed_ids)
+        failures = self.deps.lookup_failures
         by_chunk = await asyncio.to_thread(self.deps.by_chunks, tenant, removed) if removed else set()
         dense = (await asyncio.to_thread(self.deps.dense_entered, tenant, new_vectors)
                  if new_vectors is not None and len(new_vectors) else set())
@@ -203,6 +258,7 @@ class CacheLayer:
                     by_term.discard(rec.entry_key)
         affected = by_chunk | dense | by_term
         if not affected:
+            await self._flush_if_incomplete(tenant, failures, report)
             return report
         records = await asyncio.to_thread(self.deps.records, tenant, affected)
         drop: list[str] = []
@@ -223,9 +279,16 @@ class CacheLayer:
             drop.extend(rec.extra_keys)
             report.causes[cause] = report.causes.get(cause, 0) + 1
         for rec in refreshed:
-            await asyncio.to_thread(self.deps.add, rec, time.time() + self.ttl)
+            if not await asyncio.to_thread(self.deps.add, rec, time.time() + self.ttl):
+                # its new dependencies reached only this instance's index: other instances
+                # could not invalidate it in the shared tier, so it goes
+                drop.append(rec.entry_key)
+                drop.extend(rec.extra_keys)
+                report.kept -= 1
+                report.causes["deps_unavailable"] = report.causes.get("deps_unavailable", 0) + 1
         await self.drop(drop)
         report.dropped = len(drop)
+        await self._flush_if_incomplete(tenant, failures, report)
         self.counters["invalidation_checked"] += report.checked
         self.counters["invalidation_dropped"] += report.dropped
         self.counters["invalidation_kept"] += report.kept
@@ -256,9 +319,26 @@ class CacheLayer:
         return max(n, len(keys))
 
     async def invalidate_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> int:
+        failures = self.deps.lookup_failures
         keys = await asyncio.to_thread(self.deps.by_chunks, tenant, chunk_ids)
         await self.drop(sorted(keys))
-        return len(keys)
+        report = InvalidationReport()
+        await self._flush_if_incomplete(tenant, failures, report)
+        return len(keys) + report.dropped
+
+    async def _flush_if_incomplete(self, tenant: str, failures_before: int, report: InvalidationReport) -> None:
+        """If a lookup could not consult the shared dependency records (Redis unreachable), entries
+        other instances wrote may depend on this change unseen: drop every answer and retrieval
+        entry of the tenant instead — in L1/L3 now, in L2 when RedisTier replays the remembered
+        prefix delete on recovery, on other instances through the (retried) bus event."""
+        if self.deps.lookup_failures == failures_before:
+            return
+        self.semantic.clear(tenant)
+        n = 0
+        for kind in ("answer", "retrieval"):
+            n += await self.tiers.clear(kind_prefix(tenant, kind))
+        report.dropped += n
+        report.causes["deps_unavailable"] = report.causes.get("deps_unavailable", 0) + n
 
     async def invalidate_all(self) -> int:
         self.semantic.clear()

@@ -197,8 +197,10 @@ class EmbeddedStore:
             m = ti.dense.search(vector.reshape(-1), min(k, len(ti.dense)))
             keys, dists = m.keys, m.distances
             k2c = ti.key_to_chunk
-            return [Scored(k2c[int(key)], 1.0 - float(d)) for key, d in zip(keys, dists, strict=False)
-                    if int(key) in k2c]
+            out = [Scored(k2c[int(key)], 1.0 - float(d)) for key, d in zip(keys, dists, strict=False)
+                   if int(key) in k2c]
+        out.sort(key=_rank_order)  # equal scores: a stable order that does not depend on index layout
+        return out
 
     def search_keyword(self, tenant: str, query: str, k: int) -> list[Scored]:
         ti = self._tenant(tenant)
@@ -215,6 +217,9 @@ class EmbeddedStore:
             cid = k2c.get(int(key))
             if cid is not None:
                 out.append(Scored(cid, float(score)))
+        # tantivy orders equal scores by segment and doc address, which change when segments
+        # merge in the background: order ties by chunk id so one index state gives one ranking
+        out.sort(key=_rank_order)
         return out
 
     def term_idf(self, tenant: str, terms: Iterable[str]) -> dict[str, float]:
@@ -396,6 +401,10 @@ class EmbeddedStore:
         self.close()
         shutil.rmtree(self.data_dir / "tenants", ignore_errors=True)
         (self.data_dir / "store.sqlite3").unlink(missing_ok=True)
+
+
+def _rank_order(s: Scored) -> tuple[float, str]:
+    return (-s.score, s.chunk_id)
 
 
 def _batched(items: list[str], n: int) -> Iterable[list[str]]:

@@ -223,7 +223,7 @@ async def test_memory_async_api_and_clear() -> None:
 # ------------------------------------------------------------------------------ L3 disk
 
 
-async def test_disk_tier_roundtrip_ttl_and_prefix_clear(tmp_path: os.PathLike[str]) -> None:
+async def test_disk_tier_roundtrip_ttl_and_prefix_clear(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 10 * 1024 * 1024)
     await tier.set_many({key(1): b"one", key(2): b"two", key(3, tenant="t2"): b"three"}, ttl=60)
     got = await tier.get_many_ttl([key(1), key(2), key(9)])
@@ -240,7 +240,7 @@ async def test_disk_tier_roundtrip_ttl_and_prefix_clear(tmp_path: os.PathLike[st
     await tier.close()
 
 
-async def test_disk_tier_byte_bound(tmp_path: os.PathLike[str]) -> None:
+async def test_disk_tier_byte_bound(tmp_path: Path) -> None:
     bound = 1024 * 1024
     tier = DiskTier(tmp_path, bound)
     root = Path(tmp_path)
@@ -265,10 +265,34 @@ async def test_disk_tier_byte_bound(tmp_path: os.PathLike[str]) -> None:
     await tier.close()
 
 
+async def test_disk_failed_delete_is_owed_and_never_served_stale(tmp_path: Path) -> None:
+    import sqlite3
+
+    tier = DiskTier(tmp_path, 1 << 24, timeout_s=0.05)
+    await tier.set_many({key(1): b"stale", key(2): b"fine"}, ttl=60)
+    # another process holds the write lock: the delete times out (a real SQLite failure)
+    locker = sqlite3.connect(str(Path(tmp_path) / "cache.db"), timeout=0.05, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        await tier.delete_many([key(1)])
+        assert tier.pending_deletes == 1 and tier.errors == 1
+        # the value is still on disk, but the tier never returns it
+        assert await tier.get_many([key(1), key(2)]) == {key(2): b"fine"}
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await tier.set_many({key(3): b"x"}, ttl=60)  # a successful call triggers the replay
+    assert tier._replay_task is not None
+    await tier._replay_task
+    assert tier.pending_deletes == 0
+    assert tier._cache.get(key(1)) is None  # really deleted
+    await tier.close()
+
+
 # ------------------------------------------------------------------------------ tiered
 
 
-async def test_tiered_l1_l3_promotion_counters_and_ttl(tmp_path: os.PathLike[str]) -> None:
+async def test_tiered_l1_l3_promotion_counters_and_ttl(tmp_path: Path) -> None:
     l1 = MemoryTier(1 << 20)
     l3 = DiskTier(tmp_path, 1 << 24)
     cache = TieredCache([l1, l3], default_ttl_s=3600, metrics=False)
@@ -302,7 +326,7 @@ async def test_tiered_l1_l3_promotion_counters_and_ttl(tmp_path: os.PathLike[str
     await cache.close()
 
 
-async def test_invalidate_local_leaves_shared_tiers(tmp_path: os.PathLike[str]) -> None:
+async def test_invalidate_local_leaves_shared_tiers(tmp_path: Path) -> None:
     l1 = MemoryTier(1 << 20)
     l3 = DiskTier(tmp_path, 1 << 24)
     cache = TieredCache([l1, l3], metrics=False)
@@ -314,7 +338,7 @@ async def test_invalidate_local_leaves_shared_tiers(tmp_path: os.PathLike[str]) 
     await cache.close()
 
 
-def test_build_cache_from_settings(tmp_path: os.PathLike[str]) -> None:
+def test_build_cache_from_settings(tmp_path: Path) -> None:
     cache = build_cache(CacheSettings(), Path(tmp_path), metrics=False)
     assert [t.name for t in cache.tiers] == ["l1", "l3"]  # no redis_url: no L2, no bus
     assert cache.bus is None
@@ -333,30 +357,34 @@ def test_build_cache_from_settings(tmp_path: os.PathLike[str]) -> None:
 def test_breaker_state_machine() -> None:
     clock = FakeClock()
     br = CircuitBreaker(failure_threshold=3, reset_s=1.0, clock=clock)
-    assert br.state == "closed" and br.allow()
+
+    def state() -> str:  # a call, so the type checker does not narrow across transitions
+        return br.state
+
+    assert state() == "closed" and br.allow()
     br.record_failure()
     br.record_failure()
     br.record_success()  # success resets the consecutive count
     br.record_failure()
     br.record_failure()
-    assert br.state == "closed"
+    assert state() == "closed"
     br.record_failure()  # third consecutive
-    assert br.state == "open" and br.opens_total == 1
+    assert state() == "open" and br.opens_total == 1
     assert not br.allow()
     clock.advance(0.999)
     assert not br.allow()
     clock.advance(0.001)
     assert br.allow()  # the one probe
-    assert br.state == "half_open"
+    assert state() == "half_open"
     assert not br.allow() and not br.allow()  # everyone else waits for the probe
     br.record_failure()  # probe failed: open again, timer restarted
-    assert br.state == "open" and br.opens_total == 2
+    assert state() == "open" and br.opens_total == 2
     clock.advance(0.5)
     assert not br.allow()
     clock.advance(0.5)
-    assert br.allow() and br.state == "half_open"
+    assert br.allow() and state() == "half_open"
     br.record_success()
-    assert br.state == "closed" and br.allow()
+    assert state() == "closed" and br.allow()
 
 
 def test_breaker_lost_probe_does_not_wedge() -> None:
