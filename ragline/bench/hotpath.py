@@ -71,10 +71,10 @@ class HotpathConfig:
     """In-process ASGI: requests per route."""
     workers: int = 2
     concurrency: int = 16
-    rounds: int = 3
-    """HTTP: interleaved healthz/query rounds."""
+    rounds: int = 5
+    """HTTP: interleaved healthz/query rounds (medians are reported: the box may be shared)."""
     requests_per_run: int = 6000
-    run_time_limit_s: float = 6.0
+    run_time_limit_s: float = 4.0
     warmup: int = 300
     upstream_latency_ms: float = 500.0
     upstream_tps: float = 50.0
@@ -540,11 +540,13 @@ def _http(data_dir: Path, queries: list[str], llm_queries: list[str], cfg: Hotpa
                     served = cfg.warmup + res["requests"]
                     res["server_cpu_s"] = round(cpu, 3)
                     res["server_cpu_us_per_req"] = round(cpu / max(served, 1) * 1e6, 1)
+                    res["client_cpu_us_per_req"] = round(res["client_cpu_s"] / max(res["requests"], 1) * 1e6, 1)
                     res["round"] = r
                     res["route"] = name
                     runs.append(res)
                     print(f"  round {r} {name:<9} {res['rps']:>8.0f} req/s  p99 {res['p99_ms']:>7.2f} ms  "
-                          f"errors {res['errors']}  client CPU {res['client_cpu_util']:.0%}  "
+                          f"errors {res['errors']}  client CPU {res['client_cpu_util']:.0%} "
+                          f"({res['client_cpu_us_per_req']:.0f} µs/req)  "
                           f"server {res['server_cpu_us_per_req']:.0f} µs/req", flush=True)
             report["http"] = _summarise_http(runs)
 
@@ -598,6 +600,7 @@ def _summarise_http(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "p99_ms_median": round(float(np.median([r["p99_ms"] for r in rs])), 3),
                 "errors": int(sum(r["errors"] for r in rs)),
                 "client_cpu_util_median": round(float(np.median([r["client_cpu_util"] for r in rs])), 3),
+                "client_cpu_us_per_req_median": round(float(np.median([r["client_cpu_us_per_req"] for r in rs])), 1),
                 "server_cpu_us_per_req_median": round(float(np.median([r["server_cpu_us_per_req"] for r in rs])), 1)}
 
     h, q = agg("healthz"), agg("query_hit")
@@ -617,6 +620,10 @@ def _summarise_http(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                   3),
         "query_hits_from_l1": f"{l1}/{n_q}",
         "target_ratio": TARGET_RATIO,
+        "note": ("The load generator (httpx, one process) shares the cores with the server; when its CPU per "
+                 "request approaches the server's CPU per request divided by the workers, both routes are "
+                 "client-bound and the req/s ratio is pushed towards 1.  ratio_server_cpu (server CPU per "
+                 "healthz request / per query-hit request) does not depend on the client."),
         "runs": runs,
     }
 
@@ -651,6 +658,7 @@ def run(data: Path, out_dir: Path, cfg: HotpathConfig | None = None) -> dict[str
     h = report["http"]
     report["checks"] = {
         "ratio_at_least_0.6": h["ratio_rps"] >= TARGET_RATIO,
+        "server_cpu_ratio_at_least_0.6": h["ratio_server_cpu"] >= TARGET_RATIO,
         "no_http_errors": h["healthz"]["errors"] == 0 and h["query_hit"]["errors"] == 0,
         "uncached_reached_upstream": report["llm"]["upstream_calls"]["uncached_bypass"] == len(llm_queries),
         "cached_made_no_upstream_calls": report["llm"]["upstream_calls"]["default_and_cached"] == 0,
@@ -681,11 +689,13 @@ def _print(report: dict[str, Any]) -> None:
     h = report["http"]
     print(f"\n(b) HTTP, {report['server']['workers']} workers, load generator in a separate process "
           f"(median of {len(h['ratio_rps_per_round'])} rounds)")
-    print(f"    {'route':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'client CPU':>12}{'server µs/req':>15}")
+    print(f"    {'route':<12}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'client CPU':>12}{'client µs/req':>15}"
+          f"{'server µs/req':>15}")
     for name in ("healthz", "query_hit"):
         r = h[name]
-        print(f"    {name:<18}{r['rps_median']:>10.0f}{r['p50_ms_median']:>10.2f}{r['p99_ms_median']:>10.2f}"
-              f"{r['client_cpu_util_median']:>12.0%}{r['server_cpu_us_per_req_median']:>15.0f}")
+        print(f"    {name:<12}{r['rps_median']:>8.0f}{r['p50_ms_median']:>9.2f}{r['p99_ms_median']:>9.2f}"
+              f"{r['client_cpu_util_median']:>12.0%}{r['client_cpu_us_per_req_median']:>15.0f}"
+              f"{r['server_cpu_us_per_req_median']:>15.0f}")
     print(f"    ratio query/healthz: req/s {h['ratio_rps']} (rounds {h['ratio_rps_per_round']}), "
           f"server CPU per request {h['ratio_server_cpu']}; target ≥ {TARGET_RATIO}; "
           f"L1 hits {h['query_hits_from_l1']}")

@@ -46,7 +46,7 @@ def near_miss_pairs(claims: dict[str, str], qrels: dict[str, dict[str, int]], ve
 async def _accepted(settings: Settings, embedder: LocalEmbedder, docs: list[Any],
                     pairs: list[tuple[str, str, float]], claims: dict[str, str]) -> dict[str, Any]:
     accepted = 0
-    examples = []
+    examples: list[dict[str, Any]] = []
     async with AsyncRAG(settings, embedder=embedder) as rag:
         await rag.ingest(docs)
         for a, b, sim in pairs:

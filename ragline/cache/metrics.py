@@ -11,7 +11,7 @@ uvicorn workers works (a custom collector would only ever show one worker).
 
 Metrics (default ``REGISTRY``):
 
-* ``ragline_cache_requests_total{tier,kind,result}``  result = hit | miss
+* ``ragline_cache_requests_total{tier,kind,tenant,result}``  result = hit | miss
 * ``ragline_cache_evictions_total{tier}``  L1 entries evicted to respect the byte bound
 * ``ragline_cache_errors_total{tier}``  backend failures answered as misses (fail open)
 * ``ragline_cache_bytes{tier}``, ``ragline_cache_entries{tier}``  L1 size
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
-from ragline.cache.tiers import CountSources, merge_counts
+from ragline.cache.tiers import CountSources, merge_counts_by_tenant
 
 if TYPE_CHECKING:
     from ragline.cache.tiers import TieredCache
@@ -65,8 +65,8 @@ def _get_or_create(cls: type[M], name: str, doc: str, labels: list[str], **kw: A
 
 
 REQUESTS = _get_or_create(
-    Counter, "ragline_cache_requests_total", "Cache lookups per tier, kind and result (hit|miss).",
-    ["tier", "kind", "result"],
+    Counter, "ragline_cache_requests_total", "Cache lookups per tier, kind, tenant and result (hit|miss).",
+    ["tier", "kind", "tenant", "result"],
 )  # fmt: skip
 EVICTIONS = _get_or_create(
     Counter, "ragline_cache_evictions_total", "Entries evicted to respect a tier's byte bound.", ["tier"]
@@ -93,7 +93,7 @@ _last: weakref.WeakKeyDictionary[TieredCache, dict[Any, float]] = (
 )
 
 
-def _flush_requests(counts: dict[tuple[str, str, str], int], last: dict[Any, float]) -> None:
+def _flush_requests(counts: dict[tuple[str, str, str, str], int], last: dict[Any, float]) -> None:
     for labels, n in list(counts.items()):
         delta = n - last.get(labels, 0)
         if delta > 0:
@@ -105,7 +105,7 @@ def sync(cache: TieredCache) -> None:
     """Add ``cache``'s counter deltas since the last sync to the metrics; set the gauges."""
     with _lock:
         last = _last.setdefault(cache, {})
-        _flush_requests(merge_counts(cache.count_sources), last)
+        _flush_requests(merge_counts_by_tenant(cache.count_sources), last)
         for tier in cache.tiers:
             st = tier.stats()
             name = tier.name
@@ -144,4 +144,4 @@ def register(cache: TieredCache) -> None:
 
 def _final_flush(sources: CountSources, last: dict[Any, float]) -> None:
     with _lock:
-        _flush_requests(merge_counts(sources), last)
+        _flush_requests(merge_counts_by_tenant(sources), last)

@@ -11,6 +11,10 @@ and the cache then drops its local copies (``TieredCache._on_resync``).  A
 publish that fails is queued (bounded) and retried in the background; when the
 queue overflows it collapses into a single "drop everything" event.
 
+Delivery is at-least-once from the publisher's side (a PUBLISH that timed out
+may still have reached Redis before the retry): dropping a key twice is
+harmless, so no de-duplication is attempted.
+
 Everything is bounded: message size, keys per message, every Redis call
 (``asyncio.timeout``), the reconnect back-off, the callback's run time.  The
 subscriber task never lets an exception escape; ``stop()`` ends it.

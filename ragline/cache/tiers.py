@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, runtime_checkable
 
 from ragline.cache.breaker import HALF_OPEN, CircuitBreaker
-from ragline.cache.keys import KEY_ROOT, KINDS, kind_of
+from ragline.cache.keys import KEY_ROOT, KINDS
 
 if TYPE_CHECKING:
     import diskcache
@@ -999,20 +999,44 @@ class DiskTier:
 # --------------------------------------------------------------------------- composition
 
 CountSources = tuple[str, dict[str, int], dict[str, int], dict[tuple[str, str, str], int]]
+"""(L1 name, L1 hits by key prefix, L1 misses by key prefix, (tier, key prefix, result) -> n)."""
 
-_KIND_BY_LAST_CHAR: Final[dict[str, str]] = {k[-1]: k for k in KINDS}
-_KIND_LABELS: Final = (*KINDS, "other")
-assert len(_KIND_BY_LAST_CHAR) == len(KINDS), "kinds must end in distinct characters"
+_DIGEST_SUFFIX: Final = 33  # ":" + 32 hex digits
+
+
+def _prefix(key: str) -> str:
+    """``rl:v1:{tenant}:{kind}`` — one slice, no parsing, on the hot path."""
+    return key[:-_DIGEST_SUFFIX]
+
+
+def _labels(prefix: str) -> tuple[str, str]:
+    """(tenant, kind) of a key prefix; ("other", "other") for keys not made by ``make_key``."""
+    parts = prefix.split(":")
+    if len(parts) == 4 and parts[0] + ":" == KEY_ROOT and parts[3] in KINDS:
+        return parts[2], parts[3]
+    return "other", "other"
+
+
+def merge_counts_by_tenant(sources: CountSources) -> dict[tuple[str, str, str, str], int]:
+    """Flatten a cache's counters into ``(tier, kind, tenant, result) -> count`` (zeros omitted)."""
+    l1_name, hits, misses, others = sources
+    out: dict[tuple[str, str, str, str], int] = {}
+    items: list[tuple[tuple[str, str, str], int]] = list(others.items())
+    items += [((l1_name, p, "hit"), n) for p, n in list(hits.items())]
+    items += [((l1_name, p, "miss"), n) for p, n in list(misses.items())]
+    for (tier, prefix, result), n in items:
+        if n:
+            tenant, kind = _labels(prefix)
+            k = (tier, kind, tenant, result)
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 def merge_counts(sources: CountSources) -> dict[tuple[str, str, str], int]:
-    """Flatten a cache's counters into ``(tier, kind, result) -> count`` (zeros omitted)."""
-    l1_name, hits, misses, others = sources
-    out = dict(others)
-    for result, d in (("hit", hits), ("miss", misses)):
-        for kind, n in d.items():
-            if n:
-                out[(l1_name, kind, result)] = n
+    """Flatten a cache's counters into ``(tier, kind, result) -> count`` over all tenants."""
+    out: dict[tuple[str, str, str], int] = {}
+    for (tier, kind, _tenant, result), n in merge_counts_by_tenant(sources).items():
+        out[(tier, kind, result)] = out.get((tier, kind, result), 0) + n
     return out
 
 
@@ -1054,11 +1078,11 @@ class TieredCache:
         self.l1: MemoryTier | None = first if isinstance(first, MemoryTier) else None
         self._l1_name = self.l1.name if self.l1 is not None else ""
         self._ttl_aware = tuple(isinstance(t, TTLTier) for t in self.tiers)
-        # Request counters: plain ints, turned into prometheus metrics off the hot path.
-        # L1 has one dict per result, pre-filled with every kind label, so get_l1 does a
-        # single ``d[kind] += 1``; other tiers use (tier, kind, result) tuples.
-        self._l1_hits: dict[str, int] = dict.fromkeys(_KIND_LABELS, 0)
-        self._l1_misses: dict[str, int] = dict.fromkeys(_KIND_LABELS, 0)
+        # Request counters: plain ints keyed by the key prefix ``rl:v1:{tenant}:{kind}``,
+        # turned into (tier, kind, tenant, result) metrics off the hot path.  L1 has one
+        # dict per result, so get_l1 does one slice and one dict increment.
+        self._l1_hits: dict[str, int] = {}
+        self._l1_misses: dict[str, int] = {}
         self._counts: dict[tuple[str, str, str], int] = {}
         self.count_sources: CountSources = (self._l1_name, self._l1_hits, self._l1_misses, self._counts)
         """What :func:`merge_counts` reads; holds no reference to the cache itself."""
@@ -1080,9 +1104,9 @@ class TieredCache:
         if l1 is None:
             return None
         value = l1.get(key)
-        # kind label from the kind's last character (just before ":" + 32 hex digits)
-        kind = _KIND_BY_LAST_CHAR.get(key[-34:-33], "other")
-        (self._l1_misses if value is None else self._l1_hits)[kind] += 1
+        d = self._l1_misses if value is None else self._l1_hits
+        p = key[:-_DIGEST_SUFFIX]
+        d[p] = d.get(p, 0) + 1
         return value
 
     @property
@@ -1126,12 +1150,12 @@ class TieredCache:
             still: list[str] = []
             is_l1 = tier is self.l1
             for k in missing:
-                kind = kind_of(k)
+                p = _prefix(k)
                 if is_l1:
                     d = self._l1_hits if k in hits else self._l1_misses
-                    d[kind] = d.get(kind, 0) + 1
+                    d[p] = d.get(p, 0) + 1
                 else:
-                    ck = (name, kind, "hit" if k in hits else "miss")
+                    ck = (name, p, "hit" if k in hits else "miss")
                     counts[ck] = counts.get(ck, 0) + 1
                 if k not in hits:
                     still.append(k)

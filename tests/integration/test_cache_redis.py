@@ -323,8 +323,10 @@ async def test_publish_during_outage_is_retried(redis_server: RedisServer, redis
         redis_server.resume()
     # ... and delivered once it answers again (the subscriber stayed connected)
     await wait_until(lambda: pub.pending == 0, timeout=5.0)
-    await wait_until(lambda: len(received) == 2, timeout=5.0)
-    assert received[-1] == ([key(1)], None)
+    # at-least-once: the timed-out PUBLISH may also have reached Redis (it was already
+    # written to the socket); dropping a key twice is harmless
+    await wait_until(lambda: ([key(1)], None) in received, timeout=5.0)
+    assert all(r in (([key(0)], None), ([key(1)], None)) for r in received)
     assert sub.resyncs == 0
     await pub.stop()
     await sub.stop()
