@@ -69,6 +69,8 @@ class AsyncRAG:
         self._batcher: MicroBatcher | None = None
         self._retriever: HybridRetriever | None = None
         self.cache: CacheLayer | None = None
+        self._generation: dict[str, int] = {}
+        """Per-tenant count of corpus changes, for results computed across a change."""
         self._start_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self.ready = False
@@ -259,6 +261,7 @@ class AsyncRAG:
         cache = self.cache
         if cache is None:
             return
+        self._generation[tenant] = self._generation.get(tenant, 0) + 1
         if self.settings.cache.invalidation == "flush":
             n = await cache.flush_results(tenant)
             metrics.INVALIDATIONS.labels("flush").inc(n)
@@ -325,6 +328,7 @@ class AsyncRAG:
                 body, _ = await cache.get(key)
             if body is not None:
                 return retrieval_from_bytes(body)
+        gen = self._gen(tenant)
         if qvec is None:
             qvec = await self.embed_query(query, tenant, timings)
         assert self._retriever is not None
@@ -334,8 +338,27 @@ class AsyncRAG:
         if cache is not None and key is not None:
             dep = self._dep_record(key, tenant, query, qvec, r, [h.chunk_id for h in r.hits], k, use_mmr,
                                    doc_level, candidates)
-            await cache.put(key, retrieval_to_bytes(r), dep)
+            await self._cache_put(gen, key, retrieval_to_bytes(r), dep)
         return r
+
+    def _gen(self, tenant: str) -> int:
+        return self._generation.get(tenant, 0)
+
+    async def _cache_put(self, gen: int, key: str, value: bytes, dep: DepRecord | None,
+                     semantic: bool = False) -> None:
+        """Cache a result computed at corpus generation ``gen`` — unless the corpus changed since.
+
+        A change that lands while the result is computed (or while it is being
+        stored, before its dependency record is visible to invalidation) would
+        otherwise leave a stale entry: such results are not cached, or dropped.
+        """
+        cache = self.cache
+        tenant = dep.tenant if dep is not None else ""
+        if cache is None or self._gen(tenant) != gen:
+            return
+        await cache.put(key, value, dep, semantic=semantic)
+        if self._gen(tenant) != gen:
+            await cache.drop([key])
 
     def _dep_record(self, key: str, tenant: str, query: str, qvec: Vectors, r: Retrieval,
                     context_ids: list[str], k: int, mmr: bool, doc_level: bool = False,
@@ -436,6 +459,7 @@ class AsyncRAG:
     async def _answer_miss(self, key: str | None, query: str, k: int, tenant: str, hist: list[Message],
                            timings: dict[str, float], semantic: bool = True) -> tuple[bytes, CacheInfo]:
         cache = self.cache if key is not None else None
+        gen = self._gen(tenant)
         qvec = await self.embed_query(query, tenant, timings)
         r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
                                 cache_mode="default" if cache is not None else "bypass")
@@ -447,14 +471,14 @@ class AsyncRAG:
             if match is not None:
                 body, sim, matched = match
                 metrics.SEMANTIC_SIMILARITY.observe(sim)
-                await cache.put(key, body, self._dep_record(key, tenant, query, qvec, r, ctx, k,
-                                                            self.settings.retrieval.mmr), semantic=True)
+                await self._cache_put(gen, key, body, self._dep_record(key, tenant, query, qvec, r, ctx, k,
+                                                                   self.settings.retrieval.mmr), semantic=True)
                 return body, CacheInfo("semantic", None, round(sim, 4), matched)
         done = await self._complete(tenant, messages, timings)
         body = answer_body(done.text, sources, done.usage, done.model)
         if cache is not None and key is not None:
             dep = self._dep_record(key, tenant, query, qvec, r, ctx, k, self.settings.retrieval.mmr)
-            await cache.put(key, body, dep, semantic=not hist)
+            await self._cache_put(gen, key, body, dep, semantic=not hist)
         return body, CACHE_MISS
 
     async def ask(self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, *,
@@ -487,6 +511,7 @@ class AsyncRAG:
             body, tier = await cache.get(key)
             if body is not None:
                 return _replay(body, _exact(tier), timings, t0)
+        gen = self._gen(tenant)
         qvec = await self.embed_query(query, tenant, timings)
         r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
                                 cache_mode="default" if cache is not None else "bypass")
@@ -497,13 +522,13 @@ class AsyncRAG:
         if cache is not None and key is not None and dep is not None and not hist and cache_mode == "default":
             match = await cache.semantic_match(tenant, query, qvec, ctx, exclude=key)
             if match is not None:
-                await cache.put(key, match[0], dep, semantic=True)
+                await self._cache_put(gen, key, match[0], dep, semantic=True)
                 return _replay(match[0], CacheInfo("semantic", None, round(match[1], 4), match[2]), timings, t0)
-        return self._stream_events(sources, messages, timings, t0, key, dep, not hist)
+        return self._stream_events(sources, messages, timings, t0, key, dep, not hist, gen)
 
     async def _stream_events(self, sources: list[Hit], messages: list[Message], timings: dict[str, float],
                              t0: float, key: str | None, dep: DepRecord | None,
-                             semantic: bool) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+                             semantic: bool, gen: int) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         yield "sources", {"sources": [h.to_dict() for h in sources]}
         usage = Usage()
         model = self.llm.id
@@ -530,7 +555,7 @@ class AsyncRAG:
         cache = self.cache
         if cache is not None and key is not None and finish in ("stop", "length"):
             # only a generation that ran to completion is stored (never an aborted stream)
-            await cache.put(key, answer_body("".join(parts), sources, usage, model), dep, semantic=semantic)
+            await self._cache_put(gen, key, answer_body("".join(parts), sources, usage, model), dep, semantic=semantic)
         yield "done", {"usage": usage.to_dict(), "timings": timings, "model": model,
                        "cache": CACHE_MISS.to_dict()}
 
