@@ -28,18 +28,20 @@ synchronous and callers run it in a worker thread (``asyncio.to_thread``):
         rl:v1:{t}:dep:rec:{entry_key}   string  DepRecord bytes, PX = entry TTL + grace
         rl:v1:{t}:dep:chunk:{chunk_id}  set     entry keys with that chunk among their candidates
         rl:v1:{t}:dep:term:{term}       set     entry keys whose query has that term
-        rl:v1:{t}:dep:all               set     every entry key of the tenant (dense check, tenant_keys)
+        rl:v1:{t}:dep:all               hash    entry key → random token of its current record
         rl:v1:{t}:dep:ver               string  random token, replaced on every add/remove
         rl:v1:_dep:tenants              set     tenants with records (``_`` can never start a tenant)
 
     Writes are one ``MULTI`` (plus one ``GET`` of the record being replaced);
-    lookups are pipelined ``SUNION`` s.  Sets get the TTL of their longest-lived
-    member (a Lua max-extend), so they vanish with their records; members whose
-    record expired are skipped and removed lazily when met.  The dense check
-    fetches every record of the tenant (``MGET`` in batches) and caches the
-    query-vector matrix in memory under the tenant's ``ver`` token, so repeated
-    checks cost one ``GET`` until some instance adds or removes a record.  The
-    token is random rather than an ``INCR`` counter so that a counter deleted
+    lookups are pipelined ``SUNION`` s.  Sets and the hash get the TTL of their
+    longest-lived member (a Lua max-extend), so they vanish with their records;
+    members whose record expired are skipped (``EXISTS``, Redis's clock decides)
+    and removed lazily when met.  The dense check keeps the tenant's
+    query-vector matrix in memory under the tenant's ``ver`` token: while it is
+    unchanged a check costs one ``GET``; after some instance added or removed a
+    record, one ``HGETALL`` of ``all`` and an ``MGET`` of just the records whose
+    token changed (a refreshed record keeps its key but may change its cutoff).
+    Tokens are random rather than ``INCR`` counters so that a counter deleted
     by a prefix clear and counted up again can never match a stale matrix.
 
 Failure policy of :class:`RedisDependencyIndex` (FAIL OPEN, but never silently stale)
@@ -424,6 +426,23 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _DenseCache:
+    """One tenant's query vectors as rows ``entry key → (record token, vector, cutoff)`` and the
+    matrix built from the rows of dimension ``dim``; ``ver`` is the tenant's token it matches
+    (None: no token in Redis, so never trusted without a look at the hash)."""
+
+    __slots__ = ("cutoffs", "dim", "keys", "qvecs", "rows", "ver")
+
+    def __init__(self, ver: bytes | None, dim: int, rows: dict[str, tuple[bytes, Vectors, float]]) -> None:
+        self.ver = ver
+        self.dim = dim
+        self.rows = rows
+        self.keys = [k for k, (_, v, _) in rows.items() if v.shape == (dim,)]
+        self.qvecs: Vectors = (np.stack([rows[k][1] for k in self.keys]) if self.keys
+                               else np.zeros((0, dim), np.float32))
+        self.cutoffs = np.asarray([rows[k][2] for k in self.keys], dtype=np.float32)
+
+
 class RedisDependencyIndex:
     """The dependency index shared by every instance through Redis (see the module docstring).
 
@@ -455,12 +474,14 @@ class RedisDependencyIndex:
         writer's clock, so some skew between instances must not leave an entry without its record."""
         self.breaker = CircuitBreaker(failure_threshold, reset_s)
         self._lock = threading.Lock()  # breaker, counters, dense cache, local-only flag
-        self._dense: dict[str, tuple[bytes, list[str], Vectors, np.ndarray]] = {}
+        self._dense: dict[str, _DenseCache] = {}
         self._has_local = self.local.count() > 0
         self._lookup_failures = 0
         self._shared_count = 0
         self.errors = 0
-        self.dense_fetches = 0
+        self.dense_refreshes = 0
+        """Dense checks that found the tenant's records changed (``ver``) and refreshed the matrix."""
+        self.dense_records_fetched = 0
         self.last_error: str | None = None
 
     @staticmethod
@@ -545,7 +566,7 @@ class RedisDependencyIndex:
                 p.srem(s, rec.entry_key)
             for s in sets:
                 p.sadd(s, rec.entry_key)
-            p.sadd(root + "all", rec.entry_key)
+            p.hset(root + "all", rec.entry_key, secrets.token_bytes(8))
             # EVAL, not EVALSHA: a pipeline with a Script object first asks SCRIPT EXISTS (a round trip)
             extend = [*sets, root + "all"]
             p.eval(_EXTEND_LUA, len(extend), *extend, ttl_ms)
@@ -589,7 +610,7 @@ class RedisDependencyIndex:
                     p.unlink(*[root + "rec:" + k for k in batch])
                     for s, members in drops.items():
                         p.srem(s, *members)
-                    p.srem(root + "all", *batch)
+                    p.hdel(root + "all", *batch)
                     p.set(root + "ver", secrets.token_bytes(8))
                     p.execute()
 
@@ -649,9 +670,10 @@ class RedisDependencyIndex:
         return self._alive(c, root, found, set_keys) if found else set()
 
     @staticmethod
-    def _alive(c: Redis, root: str, members: Iterable[str], sets: Iterable[str]) -> set[str]:
-        """The members whose record still exists; the others are removed from ``sets`` (lazily:
-        an expired record takes its memberships with it only when they are met)."""
+    def _alive(c: Redis, root: str, members: Iterable[str], sets: Iterable[str] = (),
+               hashes: Iterable[str] = ()) -> set[str]:
+        """The members whose record still exists; the others are removed from ``sets`` and
+        ``hashes`` (lazily: an expired record's memberships go only when they are met)."""
         ms = list(members)
         with c.pipeline(transaction=False) as p:
             for m in ms:
@@ -662,6 +684,8 @@ class RedisDependencyIndex:
             with c.pipeline(transaction=False) as p:
                 for s in sets:
                     p.srem(s, *stale)
+                for h in hashes:
+                    p.hdel(h, *stale)
                 p.execute()
         return live
 
@@ -699,7 +723,7 @@ class RedisDependencyIndex:
             hits = _dense_hits(*self._dense_of(c, tenant, vectors.shape[1]), vectors)
             # a cached matrix may still hold entries whose record expired since: ask Redis (its
             # clock decides expiry, never this host's) and forget the dead ones
-            return self._alive(c, _root(tenant), hits, (_root(tenant) + "all",)) if hits else hits
+            return self._alive(c, _root(tenant), hits, hashes=(_root(tenant) + "all",)) if hits else hits
 
         try:
             return out | self._run(op)
@@ -708,26 +732,34 @@ class RedisDependencyIndex:
             return out
 
     def _dense_of(self, c: Redis, tenant: str, dim: int) -> tuple[list[str], Vectors, np.ndarray]:
+        """The tenant's query-vector matrix, kept in memory and refreshed incrementally: while the
+        tenant's ``ver`` token is unchanged it costs one GET; otherwise one HGETALL of the
+        entry → record-token hash, and an MGET of only the records whose token changed."""
         root = _root(tenant)
         ver = c.get(root + "ver")
         with self._lock:
             cached = self._dense.get(tenant)
-        if isinstance(ver, bytes) and cached is not None and cached[0] == ver and cached[2].shape[1] == dim:
-            return cached[1], cached[2], cached[3]
+        if cached is not None and isinstance(ver, bytes) and cached.ver == ver and cached.dim == dim:
+            return cached.keys, cached.qvecs, cached.cutoffs
         # read the token *before* the records: a change made meanwhile leaves this matrix
-        # tagged with the old token, so the next check fetches again
-        with self._lock:
-            self.dense_fetches += 1
-        members = [_text(m) for m in c.smembers(root + "all")]
-        found = self._fetch(c, tenant, members)
-        gone = [m for m in members if m not in found]
+        # tagged with the old token, so the next check looks again
+        tokens = {_text(k): v if isinstance(v, bytes) else str(v).encode()
+                  for k, v in c.hgetall(root + "all").items()}
+        old = cached.rows if cached is not None else {}
+        rows = {k: old[k] for k, tok in tokens.items() if k in old and old[k][0] == tok}
+        todo = [k for k in tokens if k not in rows]
+        found = self._fetch(c, tenant, todo)
+        gone = [k for k in todo if k not in found]
         if gone:
-            c.srem(root + "all", *gone)
-        keys, qvecs, cutoffs = _dense_matrix(found.values(), dim)
-        if isinstance(ver, bytes):  # no token (never written, or cleared): never trust a cached matrix
-            with self._lock:
-                self._dense[tenant] = (ver, keys, qvecs, cutoffs)
-        return keys, qvecs, cutoffs
+            c.hdel(root + "all", *gone)
+        for k, r in found.items():
+            rows[k] = (tokens[k], r.qvec, -np.inf if r.dense_cutoff is None else r.dense_cutoff)
+        fresh = _DenseCache(ver if isinstance(ver, bytes) else None, dim, rows)
+        with self._lock:
+            self.dense_refreshes += 1
+            self.dense_records_fetched += len(todo)
+            self._dense[tenant] = fresh
+        return fresh.keys, fresh.qvecs, fresh.cutoffs
 
     def tenant_keys(self, tenant: str) -> list[str]:
         out = dict.fromkeys(self.local.tenant_keys(tenant))
@@ -739,8 +771,8 @@ class RedisDependencyIndex:
 
     def _tenant_keys(self, c: Redis, tenant: str) -> list[str]:
         root = _root(tenant)
-        members = [_text(m) for m in c.smembers(root + "all")]
-        live = self._alive(c, root, members, (root + "all",))
+        members = [_text(m) for m in c.hkeys(root + "all")]
+        live = self._alive(c, root, members, hashes=(root + "all",))
         return [m for m in members if m in live]
 
     def all_keys(self) -> list[str]:
@@ -768,7 +800,7 @@ class RedisDependencyIndex:
             tenants = self._tenants(c)
             with c.pipeline(transaction=False) as p:
                 for t in tenants:
-                    p.scard(_root(t) + "all")
+                    p.hlen(_root(t) + "all")
                 return sum(int(x) for x in p.execute())
 
         with contextlib.suppress(_Unavailable):

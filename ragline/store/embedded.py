@@ -291,6 +291,11 @@ class EmbeddedStore:
                 ti.key_to_chunk[key] = cid
                 w.add_document(tantivy.Document(key=key, body=body))
         w.commit()
+        # Finish background segment merges before anyone searches: merges purge deleted docs,
+        # which changes BM25 statistics.  Left running, they would change rankings at a random
+        # later moment, with no write to invalidate cached results against.
+        w.wait_merging_threads()
+        ti.writer = None
         ti.keyword.reload()
 
     def delete(self, tenant: str, doc_ids: list[str]) -> list[str]:
