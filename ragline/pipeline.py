@@ -392,15 +392,19 @@ class AsyncRAG:
         s = self.settings.llm
         return GenParams(model=s.model, temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p)
 
-    async def _complete(self, tenant: str, messages: list[Message], timings: dict[str, float]) -> Completion:
-        """Generation through the LLM cache (only for deterministic parameters, unless configured)."""
+    async def _complete(self, tenant: str, messages: list[Message], timings: dict[str, float],
+                        cache_mode: CacheMode = "default") -> Completion:
+        """Generation through the LLM cache (only for deterministic parameters, unless configured).
+
+        ``bypass`` neither reads nor writes it; ``refresh`` writes without reading.
+        """
         params = self.gen_params()
-        cache = self.cache
+        cache = self.cache if cache_mode != "bypass" else None
         key = None
         if cache is not None and cache.cacheable_llm(params.temperature):
             key = cache.llm_key(tenant, {"model": params.model, "t": params.temperature, "n": params.max_tokens,
                                          "p": params.top_p, "s": list(params.stop)}, messages)
-            body, _ = await cache.get(key)
+            body, _ = await cache.get(key) if cache_mode == "default" else (None, None)
             if body is not None:
                 d = orjson.loads(body)
                 usage = Usage(**d["usage"])
@@ -474,7 +478,8 @@ class AsyncRAG:
                 await self._cache_put(gen, key, body, self._dep_record(key, tenant, query, qvec, r, ctx, k,
                                                                    self.settings.retrieval.mmr), semantic=True)
                 return body, CacheInfo("semantic", None, round(sim, 4), matched)
-        done = await self._complete(tenant, messages, timings)
+        done = await self._complete(tenant, messages, timings,
+                                    "bypass" if key is None else "default" if semantic else "refresh")
         body = answer_body(done.text, sources, done.usage, done.model)
         if cache is not None and key is not None:
             dep = self._dep_record(key, tenant, query, qvec, r, ctx, k, self.settings.retrieval.mmr)

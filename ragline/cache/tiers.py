@@ -1084,6 +1084,8 @@ class TieredCache:
         self._l1_hits: dict[str, int] = {}
         self._l1_misses: dict[str, int] = {}
         self._counts: dict[tuple[str, str, str], int] = {}
+        self._deletes = 0
+        """Bumped by every delete/clear; a read that overlapped one does not promote."""
         self.count_sources: CountSources = (self._l1_name, self._l1_hits, self._l1_misses, self._counts)
         """What :func:`merge_counts` reads; holds no reference to the cache itself."""
         self._background: set[asyncio.Task[Any]] = set()
@@ -1135,6 +1137,7 @@ class TieredCache:
 
     async def _lookup(self, keys: Sequence[str], skip_l1: bool) -> dict[str, tuple[bytes, str]]:
         found: dict[str, tuple[bytes, str]] = {}
+        deletes_at_start = self._deletes
         missing: list[str] = list(dict.fromkeys(keys))
         counts = self._counts
         for i, tier in enumerate(self.tiers):
@@ -1162,7 +1165,8 @@ class TieredCache:
             if hits:
                 for k, (v, _) in hits.items():
                     found[k] = (v, name)
-                if i > 0:
+                if i > 0 and self._deletes == deletes_at_start:
+                    # never copy a value read before a delete finished back into a faster tier
                     self._promote(i, hits)
             missing = still
         return found
@@ -1218,14 +1222,25 @@ class TieredCache:
         """Delete from every tier; with a bus, other instances drop them from L1/L3."""
         if not keys:
             return
-        await asyncio.gather(*(t.delete_many(keys) for t in self.tiers), return_exceptions=True)
+        self._deletes += 1
+        # slowest tier first, L1 last: a concurrent read can then only find the old value in
+        # a tier not yet cleared, and the promotion guard keeps it from being copied back
+        for tier in reversed(self.tiers):
+            with contextlib.suppress(Exception):
+                await tier.delete_many(keys)
         if broadcast and self.bus is not None:
             await self.bus.publish(keys=list(keys))
 
     async def clear(self, prefix: str | None = None, *, broadcast: bool = True) -> int:
         """Clear ``prefix`` (e.g. ``keys.tenant_prefix(t)``) in every tier; returns the
         number of entries removed across tiers."""
-        results = await asyncio.gather(*(t.clear(prefix) for t in self.tiers), return_exceptions=True)
+        self._deletes += 1
+        results: list[int | BaseException] = []
+        for tier in reversed(self.tiers):
+            try:
+                results.append(await tier.clear(prefix))
+            except Exception as exc:  # fail open
+                results.append(exc)
         if broadcast and self.bus is not None:
             await self.bus.publish(prefix=KEY_ROOT if prefix is None else prefix)
         return sum(r for r in results if isinstance(r, int))
@@ -1234,7 +1249,8 @@ class TieredCache:
 
     async def invalidate_local(self, keys: Sequence[str] | None = None, prefix: str | None = None) -> None:
         """Drop keys / a prefix from the tiers this instance does not share (L1, L3)."""
-        for tier in self.tiers:
+        self._deletes += 1
+        for tier in reversed(self.tiers):
             if tier.shared:
                 continue
             try:

@@ -10,7 +10,7 @@ validation (its schema is still published through ``openapi_extra``).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -109,6 +109,42 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class Timing:
+    """Pure-ASGI request timer: one histogram observation per request, labelled by route.
+
+    A ``BaseHTTPMiddleware`` (``@app.middleware("http")``) costs a task group and memory
+    streams per request — measured at ~75% of the CPU of an exact cache hit — so this
+    wraps ``send`` instead.  Label children are cached: no label lookup per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._children: dict[tuple[str, str, int], Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            key = (getattr(route, "path", "unmatched"), scope["method"], status)
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = metrics.HTTP_DURATION.labels(key[0], key[1], str(status))
+            child.observe(time.perf_counter() - t0)
+
+
 def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) -> FastAPI:
     """Build the app; the pipeline starts (model load) in the lifespan, before traffic."""
     settings = settings or Settings.load()
@@ -129,18 +165,7 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     app.state.settings = settings
     errors.install(app)
 
-    @app.middleware("http")
-    async def _timing(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.HTTP_DURATION.labels(path, request.method, str(status)).observe(time.perf_counter() - t0)
+    answer_counters: dict[tuple[str, str], Any] = {}
 
     def tenant_of(authorization: str | None, x_api_key: str | None) -> str:
         return auth.tenant(auth.key_from_headers(authorization, x_api_key))
@@ -222,7 +247,10 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
         answer, info = await pipeline.ask_body(q, k, tenant, history=history, cache_mode=mode, timings=timings)
         if timings is not None:
             timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
-        metrics.ANSWERS.labels(info.kind, tenant).inc()
+        counter = answer_counters.get((info.kind, tenant))
+        if counter is None:
+            counter = answer_counters[(info.kind, tenant)] = metrics.ANSWERS.labels(info.kind, tenant)
+        counter.inc()
         return Response(response_bytes(answer, info, timings), media_type="application/json")
 
     # -- cache -----------------------------------------------------------------
@@ -264,6 +292,7 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_request_bytes)
+    app.add_middleware(Timing)
     return app
 
 
