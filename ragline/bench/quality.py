@@ -222,7 +222,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     a1.set_xticks(x, modes)
     a1.set_ylim(0, 1)
     a1.set_title(f"SciFact test ({report['queries']} queries)")
-    a1.legend()
+    a1.legend(loc="lower right")
     lat = report["latency"]
     names = list(lat)
     a2.bar(np.arange(len(names)) - 0.2, [lat[n]["p50_ms"] for n in names], 0.4, label="p50")
