@@ -25,18 +25,11 @@ from ragline.embed.local import LocalEmbedder
 from ragline.pipeline import AsyncRAG
 from ragline.types import Document
 from tests.fixtures.redis_server import RedisServer
+from tests.integration.test_cache_pipeline import DOCS
 from tests.unit.test_deps import CONTRACT, E0, E1, keys_of, later, rec
 
 pytestmark = pytest.mark.slow
 
-DOCS = [
-    Document("paris", "Paris is the capital of France. The Eiffel Tower was completed in 1889.", title="Paris"),
-    Document("cats", "Domestic cats sleep for up to sixteen hours a day.", title="Cats"),
-    Document("rome", "Rome is the capital of Italy. The Colosseum was completed in 80 AD.", title="Rome"),
-    Document("tea", "Green tea contains caffeine and antioxidants called catechins.", title="Tea"),
-    Document("moon", "The Moon orbits the Earth every 27.3 days.", title="Moon"),
-    Document("bees", "Honey bees communicate the location of flowers with a waggle dance.", title="Bees"),
-]
 PARIS_V2 = Document("paris", "Paris is the capital of France. The Eiffel Tower was completed in March 1889 "
                              "for the World's Fair.", title="Paris")
 Q = "When was the Eiffel Tower completed?"
