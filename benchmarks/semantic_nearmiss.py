@@ -15,5 +15,6 @@ if __name__ == "__main__":
     ap.add_argument("--data", type=Path, default=here.parent / "../shared/data/scifact")
     ap.add_argument("--out", type=Path, default=here / "results")
     ap.add_argument("--extra-docs", type=int, default=700)
+    ap.add_argument("--tau", type=float, default=None, help="default: the configured semantic_threshold")
     a = ap.parse_args()
-    run(a.data, a.out, a.extra_docs)
+    run(a.data, a.out, a.extra_docs, tau=a.tau)

@@ -6,7 +6,7 @@ embedder's tokenizer, or the LLM's where known), so this module owns no model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -14,6 +14,21 @@ from ragline.embed.base import Vectors
 from ragline.types import Hit
 
 TokenCounter = Callable[[str], int]
+
+
+def same_evidence(a: Iterable[str], b: Iterable[str]) -> bool:
+    """Do two answer contexts (chunk ids) hold the same evidence?
+
+    Equal as *sets*: this is what "a fresh run would retrieve the same context"
+    means for a cached answer (DESIGN.md §3.1, §3.2).  The order of the same
+    chunks is not compared, because RRF reorders near-tied chunks whenever a
+    new chunk shifts ranks deep in either list, which changes no fact an answer
+    rests on; in the SciFact churn benchmark such order-only changes were a
+    third of all answer invalidations.  A chunk whose text changed keeps its id,
+    so callers treat a changed chunk as removed (its entries are dropped) before
+    comparing.  Retrieval results are rankings and are compared in order.
+    """
+    return set(a) == set(b)
 
 
 def drop_near_duplicates(hits: Sequence[Hit], vectors: Vectors | None, threshold: float) -> list[int]:

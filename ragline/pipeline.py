@@ -33,7 +33,7 @@ from ragline.codec import (
 )
 from ragline.codec import exact as _exact
 from ragline.config import EmbedderSettings, Settings
-from ragline.context import pack, trim_history
+from ragline.context import pack, same_evidence, trim_history
 from ragline.embed.base import Embedder, Vectors
 from ragline.embed.batcher import MicroBatcher
 from ragline.embed.local import resolve_model_dir
@@ -168,10 +168,10 @@ class AsyncRAG:
         async with self._write_lock:
             pending: asyncio.Task[None] | None = None
             for batch in _doc_batches(docs, self.chunker, self.settings, _INGEST_BATCH_CHUNKS):
-                prepared, old_ids = await self._prepare(batch, tenant, counts)
+                prepared, old_ids, same = await self._prepare(batch, tenant, counts)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(self._commit(tenant, prepared, old_ids, len(batch), progress))
+                pending = asyncio.create_task(self._commit(tenant, prepared, old_ids, same, len(batch), progress))
             if pending is not None:
                 await pending
         self._update_gauges()
@@ -185,12 +185,15 @@ class AsyncRAG:
 
     async def _prepare(self, batch: list[tuple[Document, str, list[Chunk]]], tenant: str,
                        counts: dict[str, int]
-                       ) -> tuple[list[tuple[Document, str, list[Chunk], Vectors]], list[str]]:
+                       ) -> tuple[list[tuple[Document, str, list[Chunk], Vectors]], list[str], set[str]]:
         """Drop unchanged documents, reuse known vectors, embed the rest once per unique text.
 
         Vectors come, cheapest first, from the replaced chunks of the same
         document, the embedding cache, then the model.  Returns the prepared
-        documents and the chunk ids they replace.
+        documents, the chunk ids they replace, and the ids of replacing chunks
+        identical to the chunk they replace (same id, text, title and metadata).
+        Those are no change to any retrieval, so invalidation skips them: editing
+        the end of a document leaves answers grounded in its start cached.
         """
         store = self.store
         states = await asyncio.to_thread(store.doc_state, tenant, [d.id for d, _, _ in batch])
@@ -213,11 +216,18 @@ class AsyncRAG:
                 metrics.INGESTED.labels("added").inc()
             changed.append((doc, h, chunks))
         known: dict[str, Vectors] = {}
+        same: set[str] = set()
         if old_chunk_ids:
             old = await asyncio.to_thread(store.chunks, tenant, old_chunk_ids)
             ids = list(old)
             vecs = await asyncio.to_thread(store.vectors, tenant, ids)
             known = {old[c].content_hash: vecs[i] for i, c in enumerate(ids)}
+            for _, _, chunks in changed:
+                for ch in chunks:
+                    prev = old.get(ch.id)
+                    if (prev is not None and prev.content_hash == ch.content_hash
+                            and prev.metadata == ch.metadata):
+                        same.add(ch.id)
         todo: dict[str, str] = {}
         for _, _, chunks in changed:
             for ch in chunks:
@@ -243,15 +253,15 @@ class AsyncRAG:
             vec = (np.stack([known[c.content_hash] for c in chunks]) if chunks
                    else np.zeros((0, self.embedder.dim), np.float32))
             out.append((doc, h, chunks, vec))
-        return out, old_chunk_ids
+        return out, old_chunk_ids, same
 
     async def _commit(self, tenant: str, prepared: list[tuple[Document, str, list[Chunk], Vectors]],
-                      old_ids: list[str], n_docs: int, progress: Progress | None) -> None:
+                      old_ids: list[str], same: set[str], n_docs: int, progress: Progress | None) -> None:
         if prepared:
             await asyncio.to_thread(self.store.upsert, tenant, prepared)
-            chunks = [c for _, _, cs, _ in prepared for c in cs]
-            vecs = [v for _, _, _, v in prepared if len(v)]
-            await self._invalidate(tenant, old_ids, chunks, np.concatenate(vecs) if vecs else None)
+            added = [(c, v) for _, _, cs, vs in prepared for c, v in zip(cs, vs, strict=True) if c.id not in same]
+            await self._invalidate(tenant, [c for c in old_ids if c not in same], [c for c, _ in added],
+                                   np.stack([v for _, v in added]) if added else None)
         if progress is not None:
             progress(n_docs)
 
@@ -594,11 +604,13 @@ class AsyncRAG:
                                            doc_level=rec.doc_level, candidates=rec.candidates)
         if ":answer:" in rec.entry_key:
             sources, _ = await self._pack(rec.query, r.hits, rec.tenant, [], None)
-            ctx = tuple(h.chunk_id for h in sources)
+            if not same_evidence((h.chunk_id for h in sources), rec.context_ids):
+                return None
+            ctx = rec.context_ids  # the stored body's sources keep their (cited) order
         else:
             ctx = tuple(h.chunk_id for h in r.hits)
-        if ctx != rec.context_ids:
-            return None
+            if ctx != rec.context_ids:
+                return None
         return DepRecord(rec.entry_key, rec.tenant, rec.query, rec.qvec, rec.terms, r.candidate_ids, ctx,
                          r.dense_cutoff, r.keyword_cutoff, rec.k, rec.mmr, rec.extra_keys, rec.doc_level,
                          rec.candidates)

@@ -44,6 +44,7 @@ from ragline.cache.semantic import SemanticIndex
 from ragline.cache.singleflight import DistributedSingleFlight
 from ragline.cache.tiers import RedisTier, TieredCache, build_cache
 from ragline.config import Settings
+from ragline.context import same_evidence
 from ragline.embed.base import Vectors
 from ragline.llm.prompt import PROMPT_VERSION
 
@@ -198,8 +199,9 @@ class CacheLayer:
         """A cached answer for a *different* query that may serve this one, or None.
 
         Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
-        then retrieval verification: its context chunk ids must equal this
-        query's freshly retrieved ones.  Returns (stored body, similarity, matched query).
+        then retrieval verification: its context must hold the same chunks as this
+        query's freshly retrieved one (:func:`~ragline.context.same_evidence`).
+        Returns (stored body, similarity, matched query).
         """
         if not self.cs.semantic:
             return None
@@ -207,7 +209,6 @@ class CacheLayer:
         if not cands:
             return None
         feats = guards.extract_features(query)
-        ctx = list(context_ids)
         for c in cands:
             if c.answer_key == exclude:
                 continue
@@ -222,7 +223,7 @@ class CacheLayer:
                 continue
             if self.cs.semantic_verify_retrieval:
                 cached_ctx = [s["chunk_id"] for s in orjson.loads(body)["sources"]]
-                if cached_ctx != ctx:
+                if not same_evidence(cached_ctx, context_ids):
                     self.counters["semantic_rejected_verify"] += 1
                     continue
             self.counters["semantic_hits"] += 1

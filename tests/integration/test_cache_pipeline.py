@@ -116,6 +116,28 @@ async def test_update_invalidates_only_dependents(make_settings: Callable[..., S
         assert new.cache.kind == "miss" and any(s.doc_id == "cats2" for s in new.sources)
 
 
+async def test_editing_one_part_of_a_document_keeps_answers_grounded_elsewhere(
+        make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> None:
+    # small chunks: the tower sentence and the cheese sentence land in different chunks
+    settings = cached(make_settings, chunk={"size": 24, "overlap": 0}, retrieval={"k": 1},
+                      context={"max_sources": 1})
+    head = "The Eiffel Tower in Paris was completed in 1889 for the World's Fair in France."
+    tail = "Camembert is a soft cheese first made in Normandy in the late eighteenth century."
+    async with AsyncRAG(settings, embedder=embedder) as rag:
+        await rag.ingest([Document("guide", f"{head}\n\n{tail}", title="Guide"), *DOCS[1:]])
+        assert len(rag.store.doc_state("default", ["guide"])["guide"].chunk_ids) >= 2
+        first = await rag.ask(Q)
+        assert first.cache.kind == "miss" and first.sources[0].chunk_id == "guide#0"
+        # the end changes: the chunk the answer rests on is identical, so the answer stays
+        await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
+                                   title="Guide")])
+        assert (await rag.ask(Q)).cache.kind == "exact"
+        # the start changes: that answer goes
+        await rag.ingest([Document("guide", f"The Eiffel Tower was finished in 1889.\n\n{tail}", title="Guide")])
+        again = await rag.ask(Q)
+        assert again.cache.kind == "miss" and "finished" in again.sources[0].text
+
+
 async def test_manual_invalidation(make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ragline.context import drop_near_duplicates, pack, trim_history
+from ragline.context import drop_near_duplicates, pack, same_evidence, trim_history
 from ragline.types import Hit
 
 
@@ -42,3 +42,10 @@ def test_trim_history_keeps_latest_within_budget() -> None:
     assert [m["content"] for m in out] == [hist[-2]["content"], hist[-1]["content"]]
     assert trim_history(hist, words, budget=1000, max_turns=2) == hist[-4:]
     assert trim_history(hist, words, budget=1000, max_turns=0) == []
+
+
+def test_same_evidence_ignores_order_not_membership() -> None:
+    assert same_evidence(["a#0", "b#1"], ("b#1", "a#0"))
+    assert not same_evidence(["a#0", "b#1"], ["a#0"])
+    assert not same_evidence(["a#0", "b#1"], ["a#0", "c#0"])
+    assert same_evidence([], [])
