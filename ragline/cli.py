@@ -207,11 +207,21 @@ def bench_hotpath(data: Annotated[Path, typer.Option(help="BEIR dataset folder")
 def bench_churn(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
                 out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
                 docs: Annotated[int | None, typer.Option(help="use only N corpus documents")] = None,
-                batch: Annotated[int, typer.Option(help="new documents per ingest round")] = 50) -> None:
+                batch: Annotated[int, typer.Option(help="new documents per ingest round")] = 50,
+                queries_per_round: Annotated[str, typer.Option(help="sweep, comma-separated; first = headline")]
+                = "100,50,200",
+                embeddings: Annotated[Path | None, typer.Option(help="save/load chunk embeddings here")] = None,
+                ) -> None:
     """Cache hit rate and stale hits under ingestion churn vs a flush-on-ingest baseline."""
     from ragline.bench.churn import run
 
-    run(data, out_dir, docs, batch)
+    try:
+        sweep = [int(x) for x in queries_per_round.split(",")]
+    except ValueError:
+        err.print(f"[red]error:[/red] --queries-per-round must be comma-separated integers, "
+                  f"got {queries_per_round!r}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    run(data, out_dir, docs, batch, sweep, embeddings=embeddings)
 
 
 cache_app = typer.Typer(help="Inspect and invalidate the cache.", no_args_is_help=True)
