@@ -398,6 +398,11 @@ class AsyncRAG:
             messages = build_messages(query, sources, hist)
         return sources, messages
 
+    def _answers_cacheable(self) -> bool:
+        """Answers are cached only when generation is deterministic, unless the config allows more
+        (``cache.cache_nonzero_temperature``): a sampled answer is one draw, not *the* answer (DESIGN.md §3.4)."""
+        return self.cache is not None and self.cache.cacheable_llm(self.settings.llm.temperature)
+
     def gen_params(self) -> GenParams:
         s = self.settings.llm
         return GenParams(model=s.model, temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p)
@@ -444,9 +449,10 @@ class AsyncRAG:
         k = self._check_query(query, k)
         hist = _check_history(history, self.settings.limits.max_history_messages) if history else []
         cache = self.cache
-        if cache is None or cache_mode == "bypass":
-            body, _ = await self._answer_miss(None, query, k, tenant, hist, timings if timings is not None else {})
-            return body, CACHE_BYPASS if cache is not None else CACHE_MISS
+        if cache is None or cache_mode == "bypass" or not self._answers_cacheable():
+            body, _ = await self._answer_miss(None, query, k, tenant, hist, timings if timings is not None else {},
+                                              retrieval_cache=cache is not None and cache_mode != "bypass")
+            return body, CACHE_BYPASS if cache is not None and cache_mode == "bypass" else CACHE_MISS
         key = cache.answer_key(tenant, query, k, hist)
         allow_semantic = cache_mode == "default"
         if cache_mode == "default":
@@ -471,12 +477,19 @@ class AsyncRAG:
         return result
 
     async def _answer_miss(self, key: str | None, query: str, k: int, tenant: str, hist: list[Message],
-                           timings: dict[str, float], semantic: bool = True) -> tuple[bytes, CacheInfo]:
+                           timings: dict[str, float], semantic: bool = True,
+                           retrieval_cache: bool | None = None) -> tuple[bytes, CacheInfo]:
+        """Compute an answer; with ``key``, store it (and try the semantic cache first).
+
+        ``retrieval_cache`` defaults to whether there is a key: an answer that is
+        not cached (e.g. sampled at temperature > 0) may still reuse retrieval.
+        """
         cache = self.cache if key is not None else None
         gen = self._gen(tenant)
         qvec = await self.embed_query(query, tenant, timings)
+        use_retrieval_cache = cache is not None if retrieval_cache is None else retrieval_cache
         r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
-                                cache_mode="default" if cache is not None else "bypass")
+                                cache_mode="default" if use_retrieval_cache else "bypass")
         sources, messages = await self._pack(query, r.hits, tenant, hist, timings)
         ctx = [h.chunk_id for h in sources]
         if cache is not None and key is not None and not hist and semantic:
@@ -520,7 +533,8 @@ class AsyncRAG:
         timings: dict[str, float] = {}
         k = self._check_query(query, k)
         hist = _check_history(history, self.settings.limits.max_history_messages) if history else []
-        cache = self.cache if cache_mode != "bypass" else None
+        retrieval_cache = self.cache is not None and cache_mode != "bypass"
+        cache = self.cache if retrieval_cache and self._answers_cacheable() else None
         key = cache.answer_key(tenant, query, k, hist) if cache is not None else None
         if cache is not None and key is not None and cache_mode == "default":
             body, tier = await cache.get(key)
@@ -529,7 +543,7 @@ class AsyncRAG:
         gen = self._gen(tenant)
         qvec = await self.embed_query(query, tenant, timings)
         r = await self.retrieve(query, k, tenant, timings=timings, qvec=qvec,
-                                cache_mode="default" if cache is not None else "bypass")
+                                cache_mode="default" if retrieval_cache else "bypass")
         sources, messages = await self._pack(query, r.hits, tenant, hist, timings)
         ctx = [h.chunk_id for h in sources]
         dep = (self._dep_record(key, tenant, query, qvec, r, ctx, k, self.settings.retrieval.mmr)

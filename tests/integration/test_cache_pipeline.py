@@ -138,6 +138,19 @@ async def test_editing_one_part_of_a_document_keeps_answers_grounded_elsewhere(
         assert again.cache.kind == "miss" and "finished" in again.sources[0].text
 
 
+async def test_sampled_answers_are_cached_only_when_allowed(make_settings: Callable[..., Settings],
+                                                           embedder: LocalEmbedder) -> None:
+    async with AsyncRAG(cached(make_settings, llm={"temperature": 0.7}), embedder=embedder) as rag:
+        await rag.ingest(DOCS)
+        assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "miss"]
+        stream = await rag.ask_stream(Q)
+        assert [e async for e, _ in stream][-1] == "done"
+        assert (await rag.ask(Q)).cache.kind == "miss"
+    allowed = cached(make_settings, llm={"temperature": 0.7}, cache={"cache_nonzero_temperature": True})
+    async with AsyncRAG(allowed, embedder=embedder) as rag:
+        assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "exact"]
+
+
 async def test_manual_invalidation(make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
