@@ -110,9 +110,7 @@ class _TenantIndexes:
 class EmbeddedStore:
     """The default, single-machine Store.  Thread-safe; blocking (run in threads)."""
 
-    def __init__(self, data_dir: Path, dim: int, exact_below: int = 20_000) -> None:
-        """``exact_below``: tenants with fewer vectors are searched exactly (brute force), see search_dense."""
-        self.exact_below = exact_below
+    def __init__(self, data_dir: Path, dim: int) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
@@ -196,10 +194,7 @@ class EmbeddedStore:
         with ti.lock:
             if len(ti.dense) == 0:
                 return []
-            # Below ``exact_below`` vectors a brute-force scan is as fast as HNSW (SciFact, 9.3k x 384:
-            # 0.94 ms vs 0.43 ms) and exact: HNSW M16 recall@100 was 0.968 there (min 0.81), and its
-            # misses move as the graph grows, so re-checks and fresh runs could disagree at depth.
-            m = ti.dense.search(vector.reshape(-1), min(k, len(ti.dense)), exact=len(ti.dense) < self.exact_below)
+            m = ti.dense.search(vector.reshape(-1), min(k, len(ti.dense)))
             keys, dists = m.keys, m.distances
             k2c = ti.key_to_chunk
             out = [Scored(k2c[int(key)], 1.0 - float(d)) for key, d in zip(keys, dists, strict=False)
