@@ -167,11 +167,18 @@ class AsyncRAG:
                   "chunks_added": 0, "chunks_removed": 0, "chunks_embedded": 0}
         async with self._write_lock:
             pending: asyncio.Task[None] | None = None
+            pending_ids: set[str] = set()
             for batch in _doc_batches(docs, self.chunker, self.settings, _INGEST_BATCH_CHUNKS):
+                ids = {d.id for d, _, _ in batch}
+                if pending is not None and not pending_ids.isdisjoint(ids):
+                    # the same document again: compare against what the pending commit writes
+                    await pending
+                    pending = None
                 prepared, old_ids, same = await self._prepare(batch, tenant, counts)
                 if pending is not None:
                     await pending
                 pending = asyncio.create_task(self._commit(tenant, prepared, old_ids, same, len(batch), progress))
+                pending_ids = ids
             if pending is not None:
                 await pending
         self._update_gauges()
@@ -226,7 +233,7 @@ class AsyncRAG:
                 for ch in chunks:
                     prev = old.get(ch.id)
                     if (prev is not None and prev.content_hash == ch.content_hash
-                            and prev.metadata == ch.metadata):
+                            and _json_eq(prev.metadata, ch.metadata)):
                         same.add(ch.id)
         todo: dict[str, str] = {}
         for _, _, chunks in changed:
@@ -620,7 +627,7 @@ class AsyncRAG:
             sources, _ = await self._pack(rec.query, r.hits, rec.tenant, [], None)
             if not same_evidence((h.chunk_id for h in sources), rec.context_ids):
                 return None
-            ctx = rec.context_ids  # the stored body's sources keep their (cited) order
+            ctx = rec.context_ids  # compared as a set from now on; the stored body is unchanged
         else:
             ctx = tuple(h.chunk_id for h in r.hits)
             if ctx != rec.context_ids:
@@ -643,6 +650,11 @@ async def _replay(body: bytes, info: CacheInfo, timings: dict[str, float],
         yield "delta", {"text": w if i == 0 else " " + w}
     timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
     yield "done", {"usage": d["usage"], "timings": timings, "model": d.get("model", ""), "cache": info.to_dict()}
+
+
+def _json_eq(a: Any, b: Any) -> bool:
+    """JSON equality (``1``, ``1.0`` and ``true`` differ, unlike Python's ``==``)."""
+    return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
 
 
 def _check_history(history: Sequence[Message], limit: int) -> list[Message]:

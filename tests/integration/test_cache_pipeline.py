@@ -132,6 +132,13 @@ async def test_editing_one_part_of_a_document_keeps_answers_grounded_elsewhere(
         await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
                                    title="Guide")])
         assert (await rag.ask(Q)).cache.kind == "exact"
+        # only the metadata changes: every chunk carries it into the answer's sources, so it goes
+        await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
+                                   title="Guide", metadata={"v": 1})])
+        assert (await rag.ask(Q)).cache.kind == "miss"
+        await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
+                                   title="Guide", metadata={"v": 1.0})])  # JSON 1 != 1.0: a change
+        assert (await rag.ask(Q)).sources[0].metadata == {"v": 1.0}
         # the start changes: that answer goes
         await rag.ingest([Document("guide", f"The Eiffel Tower was finished in 1889.\n\n{tail}", title="Guide")])
         again = await rag.ask(Q)
@@ -145,7 +152,10 @@ async def test_sampled_answers_are_cached_only_when_allowed(make_settings: Calla
         assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "miss"]
         stream = await rag.ask_stream(Q)
         assert [e async for e, _ in stream][-1] == "done"
+        assert (await rag.ask(Q, cache_mode="refresh")).cache.kind == "miss"
         assert (await rag.ask(Q)).cache.kind == "miss"
+        assert (await rag.ask("when was the eiffel tower completed")).cache.kind == "miss"
+        assert rag.cache is not None and rag.cache.stats()["semantic_entries"] == 0
     allowed = cached(make_settings, llm={"temperature": 0.7}, cache={"cache_nonzero_temperature": True})
     async with AsyncRAG(allowed, embedder=embedder) as rag:
         assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "exact"]
