@@ -174,10 +174,11 @@ class AsyncRAG:
                     # the same document again: compare against what the pending commit writes
                     await pending
                     pending = None
-                prepared, old_ids, same = await self._prepare(batch, tenant, counts)
+                prepared, old_ids, same, old_terms = await self._prepare(batch, tenant, counts)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(self._commit(tenant, prepared, old_ids, same, len(batch), progress))
+                pending = asyncio.create_task(
+                    self._commit(tenant, prepared, old_ids, same, old_terms, len(batch), progress))
                 pending_ids = ids
             if pending is not None:
                 await pending
@@ -192,7 +193,7 @@ class AsyncRAG:
 
     async def _prepare(self, batch: list[tuple[Document, str, list[Chunk]]], tenant: str,
                        counts: dict[str, int]
-                       ) -> tuple[list[tuple[Document, str, list[Chunk], Vectors]], list[str], set[str]]:
+                       ) -> tuple[list[tuple[Document, str, list[Chunk], Vectors]], list[str], set[str], set[str]]:
         """Drop unchanged documents, reuse known vectors, embed the rest once per unique text.
 
         Vectors come, cheapest first, from the replaced chunks of the same
@@ -200,7 +201,8 @@ class AsyncRAG:
         documents, the chunk ids they replace, and the ids of replacing chunks
         identical to the chunk they replace (same id, text, title and metadata).
         Those are no change to any retrieval, so invalidation skips them: editing
-        the end of a document leaves answers grounded in its start cached.
+        the end of a document leaves answers grounded in its start cached.  Last,
+        the keyword terms of the replaced chunks that did change.
         """
         store = self.store
         states = await asyncio.to_thread(store.doc_state, tenant, [d.id for d, _, _ in batch])
@@ -224,6 +226,7 @@ class AsyncRAG:
             changed.append((doc, h, chunks))
         known: dict[str, Vectors] = {}
         same: set[str] = set()
+        removed_terms: set[str] = set()
         if old_chunk_ids:
             old = await asyncio.to_thread(store.chunks, tenant, old_chunk_ids)
             ids = list(old)
@@ -235,6 +238,7 @@ class AsyncRAG:
                     if (prev is not None and prev.content_hash == ch.content_hash
                             and _json_eq(prev.metadata, ch.metadata)):
                         same.add(ch.id)
+            removed_terms = _terms(c for cid, c in old.items() if cid not in same)
         todo: dict[str, str] = {}
         for _, _, chunks in changed:
             for ch in chunks:
@@ -260,20 +264,21 @@ class AsyncRAG:
             vec = (np.stack([known[c.content_hash] for c in chunks]) if chunks
                    else np.zeros((0, self.embedder.dim), np.float32))
             out.append((doc, h, chunks, vec))
-        return out, old_chunk_ids, same
+        return out, old_chunk_ids, same, removed_terms
 
     async def _commit(self, tenant: str, prepared: list[tuple[Document, str, list[Chunk], Vectors]],
-                      old_ids: list[str], same: set[str], n_docs: int, progress: Progress | None) -> None:
+                      old_ids: list[str], same: set[str], old_terms: set[str], n_docs: int,
+                      progress: Progress | None) -> None:
         if prepared:
             await asyncio.to_thread(self.store.upsert, tenant, prepared)
             added = [(c, v) for _, _, cs, vs in prepared for c, v in zip(cs, vs, strict=True) if c.id not in same]
             await self._invalidate(tenant, [c for c in old_ids if c not in same], [c for c, _ in added],
-                                   np.stack([v for _, v in added]) if added else None)
+                                   np.stack([v for _, v in added]) if added else None, old_terms)
         if progress is not None:
             progress(n_docs)
 
     async def _invalidate(self, tenant: str, removed: list[str], added: list[Chunk],
-                          vectors: Vectors | None) -> None:
+                          vectors: Vectors | None, removed_terms: set[str]) -> None:
         """Drop exactly the cached entries this change could alter (DESIGN.md §3.1)."""
         cache = self.cache
         if cache is None:
@@ -284,11 +289,10 @@ class AsyncRAG:
             metrics.INVALIDATIONS.labels("flush").inc(n)
             return
         with metrics.stage("invalidate"):
-            chunk_terms = [set(analyze(c.index_text)) for c in added]
-            idf_of = getattr(self.store, "term_idf", None)
-            idf = (await asyncio.to_thread(idf_of, tenant, set().union(*chunk_terms))
-                   if idf_of is not None and chunk_terms else None)
-            report = await cache.on_change(tenant, removed, vectors, chunk_terms, idf, self._reverify)
+            terms = set(removed_terms)
+            for c in added:
+                terms.update(analyze(c.index_text))
+            report = await cache.on_change(tenant, removed, vectors, terms, self._reverify)
         for cause, n in report.causes.items():
             metrics.INVALIDATIONS.labels(cause).inc(n)
 
@@ -303,8 +307,10 @@ class AsyncRAG:
             if len(missing) == len(doc_ids):
                 raise NotFound(f"no document with id {missing[0]!r}" if len(missing) == 1
                                else f"none of the {len(missing)} document ids exist")
+            ids = [c for st in states.values() for c in st.chunk_ids]
+            gone = await asyncio.to_thread(self.store.chunks, tenant, ids) if self.cache is not None else {}
             removed = await asyncio.to_thread(self.store.delete, tenant, list(states))
-            await self._invalidate(tenant, removed, [], None)
+            await self._invalidate(tenant, removed, [], None, _terms(gone.values()))
         self._update_gauges()
         return removed
 
@@ -650,6 +656,14 @@ async def _replay(body: bytes, info: CacheInfo, timings: dict[str, float],
         yield "delta", {"text": w if i == 0 else " " + w}
     timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
     yield "done", {"usage": d["usage"], "timings": timings, "model": d.get("model", ""), "cache": info.to_dict()}
+
+
+def _terms(chunks: Iterable[Chunk]) -> set[str]:
+    """Keyword index terms of ``chunks``."""
+    out: set[str] = set()
+    for c in chunks:
+        out.update(analyze(c.index_text))
+    return out
 
 
 def _json_eq(a: Any, b: Any) -> bool:

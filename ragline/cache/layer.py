@@ -6,8 +6,13 @@ ingestion changes into exact invalidations:
 
 * removed or replaced chunks → every entry that had one of them among its
   candidates is re-checked (dropped outright if the chunk was in its context);
-* new chunks → entries whose dense list they would enter (cosine ≥ cutoff) or
-  whose query shares a keyword term with them are re-checked;
+* new chunks → entries whose dense list they would enter (cosine ≥ cutoff) are
+  re-checked;
+* added or removed chunks → entries whose query shares a keyword term with them
+  are re-checked: such a change moves that term's document frequency, hence its
+  BM25 idf, and can reorder the entry's keyword candidates even when no new
+  chunk enters them (the churn benchmark caught one such stale hit when only
+  chunks able to enter were re-checked);
 * "re-checked" means retrieval is re-run from the stored query vector (no
   embedding, a few ms) and the entry is kept only if its context chunk ids
   are unchanged — so invalidation is exact for what is served, and everything
@@ -232,13 +237,10 @@ class CacheLayer:
 
     # -- invalidation ------------------------------------------------------------------
     async def on_change(self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None,
-                        chunk_terms: Sequence[set[str]], idf: dict[str, float] | None,
-                        reverify: Reverify) -> InvalidationReport:
+                        changed_terms: set[str], reverify: Reverify) -> InvalidationReport:
         """Apply one ingest/delete to the cache: drop exactly the entries whose context changed.
 
-        Keyword side: an entry sharing terms with a new chunk is re-checked only
-        if the chunk's BM25 upper bound for that query, Σ idf(t)·(k1+1) over the
-        shared terms, reaches the entry's keyword cutoff (k1 = 1.2 as in tantivy).
+        ``changed_terms``: the keyword terms of every added and removed chunk.
         """
         report = InvalidationReport()
         removed = set(removed_ids)
@@ -246,17 +248,8 @@ class CacheLayer:
         by_chunk = await asyncio.to_thread(self.deps.by_chunks, tenant, removed) if removed else set()
         dense = (await asyncio.to_thread(self.deps.dense_entered, tenant, new_vectors)
                  if new_vectors is not None and len(new_vectors) else set())
-        all_terms: set[str] = set().union(*chunk_terms) if chunk_terms else set()
-        by_term = await asyncio.to_thread(self.deps.by_terms, tenant, all_terms) if all_terms else set()
+        by_term = await asyncio.to_thread(self.deps.by_terms, tenant, changed_terms) if changed_terms else set()
         by_term -= by_chunk | dense
-        if by_term:
-            for rec in await asyncio.to_thread(self.deps.records, tenant, by_term):
-                if rec.keyword_cutoff is None or idf is None:
-                    continue
-                q = set(rec.terms)
-                bound = max((sum(idf.get(t, 0.0) for t in q & ct) * 2.2 for ct in chunk_terms), default=0.0)
-                if bound < rec.keyword_cutoff:
-                    by_term.discard(rec.entry_key)
         affected = by_chunk | dense | by_term
         if not affected:
             await self._flush_if_incomplete(tenant, failures, report)

@@ -1,8 +1,8 @@
 """Extractive answerer: the default LLM when no model server is configured.
 
 It implements the LLM protocol but generates nothing: it picks the sentences
-of the packed sources that best match the question (BM25-style term overlap
-with a light stemmer, plus a prior for higher-ranked sources) and cites each
+of the packed sources that best match the question (BM25 over sentences with
+a light stemmer, plus a mild prior for higher-ranked sources) and cites each
 one.  Deterministic, offline, milliseconds — so ragline answers with citations
 out of the box, and every cache path can be exercised without a model.
 """
@@ -41,32 +41,52 @@ def terms(text: str) -> list[str]:
     return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP]
 
 
+_HEADING = re.compile(r"^\s{0,3}#{1,6}\s")
+
+
 def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT.split(" ".join(text.split())) if len(s.strip()) > 2]
+    """Sentences of ``text``: a blank line ends one (wrapped lines do not), Markdown headings are dropped."""
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        body = " ".join(line for line in para.splitlines() if not _HEADING.match(line))
+        out.extend(s.strip() for s in _SENT.split(" ".join(body.split())) if len(s.strip()) > 2)
+    return out
 
 
 def extract(question: str, sources: list[str], n: int) -> str:
-    """The answer text: up to ``n`` best sentences, each followed by its citation."""
+    """The answer text: up to ``n`` best sentences, each followed by its citation.
+
+    Sentences are scored with BM25 over the sentences of the sources (k1 1.2,
+    b 0.75: a long run-on list does not win by containing every term once),
+    times a mild prior for better-ranked sources.  Fragments under five words
+    (titles, captions) are not answers.
+    """
     q = set(terms(question))
     if not sources or not q:
         return NO_ANSWER
-    cands: list[tuple[float, int, int, str]] = []
     df: dict[str, int] = {}
-    sent_terms: list[tuple[int, int, str, set[str]]] = []
+    sents: list[tuple[int, int, str, list[str]]] = []
     for si, src in enumerate(sources):
         for pos, sent in enumerate(split_sentences(src)):
-            ts = set(terms(sent))
-            sent_terms.append((si, pos, sent, ts))
-            for t in ts & q:
+            if len(sent.split()) < 5:
+                continue
+            ts = terms(sent)
+            sents.append((si, pos, sent, ts))
+            for t in set(ts) & q:
                 df[t] = df.get(t, 0) + 1
-    total = max(len(sent_terms), 1)
-    for si, pos, sent, ts in sent_terms:
-        overlap = ts & q
-        if not overlap:
-            continue
-        score = sum(math.log(1 + total / df[t]) for t in overlap)
-        score *= 1.0 / (1.0 + 0.15 * si)  # prior: better-ranked sources first
-        cands.append((score, si, pos, sent))
+    if not sents:
+        return NO_ANSWER
+    avg = sum(len(ts) for *_, ts in sents) / len(sents) or 1.0
+    cands: list[tuple[float, int, int, str]] = []
+    for si, pos, sent, ts in sents:
+        score = 0.0
+        for t in q:
+            tf = ts.count(t)
+            if tf:
+                idf = math.log(1 + (len(sents) - df[t] + 0.5) / (df[t] + 0.5))
+                score += idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(ts) / avg))
+        if score > 0:
+            cands.append((score / (1.0 + 0.05 * si), si, pos, sent))  # mild prior; MMR order is not relevance
     if not cands:
         return NO_ANSWER
     best = sorted(cands, key=lambda c: -c[0])[:n]

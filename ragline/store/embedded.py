@@ -20,7 +20,6 @@ The integer key shared by all three is the chunk's SQLite ``rowid``.
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import sqlite3
@@ -220,19 +219,6 @@ class EmbeddedStore:
         # tantivy orders equal scores by segment and doc address, which change when segments
         # merge in the background: order ties by chunk id so one index state gives one ranking
         out.sort(key=_rank_order)
-        return out
-
-    def term_idf(self, tenant: str, terms: Iterable[str]) -> dict[str, float]:
-        """BM25 idf of each term in this tenant's keyword index (Lucene/tantivy formula)."""
-        ti = self._tenant(tenant)
-        if ti is None:
-            return {}
-        searcher = ti.keyword.searcher()
-        n_docs = searcher.num_docs
-        out = {}
-        for t in terms:
-            df = searcher.doc_freq("body", t)
-            out[t] = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
         return out
 
     def upsert(self, tenant: str, docs: list[tuple[Document, str, list[Chunk], Vectors]]) -> None:
