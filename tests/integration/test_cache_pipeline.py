@@ -161,6 +161,25 @@ async def test_sampled_answers_are_cached_only_when_allowed(make_settings: Calla
         assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "exact"]
 
 
+async def test_a_change_sharing_a_query_term_is_rechecked(make_settings: Callable[..., Settings],
+                                                          embedder: LocalEmbedder) -> None:
+    # one candidate per retriever: a far-off document that mentions "sleep" cannot enter the
+    # context, but it moves the idf of "sleep" and so could reorder the keyword candidates
+    settings = cached(make_settings, retrieval={"k": 1, "candidates": 1}, context={"max_sources": 1})
+    async with AsyncRAG(settings, embedder=embedder) as rag:
+        await rag.ingest(DOCS)
+        assert (await rag.ask("How long do cats sleep?")).cache.kind == "miss"
+        assert rag.cache is not None
+        before = rag.cache.counters["invalidation_checked"]
+        await rag.ingest([Document("ships", "Sailors on long voyages sleep in hammocks below deck.")])
+        assert rag.cache.counters["invalidation_checked"] > before  # re-checked ...
+        assert (await rag.ask("How long do cats sleep?")).cache.kind == "exact"  # ... and kept
+        before = rag.cache.counters["invalidation_checked"]
+        await rag.delete(["ships"])  # a removed chunk's terms count too
+        assert rag.cache.counters["invalidation_checked"] > before
+        assert (await rag.ask("How long do cats sleep?")).cache.kind == "exact"
+
+
 async def test_manual_invalidation(make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
