@@ -563,11 +563,13 @@ def _http(data_dir: Path, queries: list[str], llm_queries: list[str], cfg: Hotpa
                 c.post("/v1/query", json={"query": q, "cache": "bypass"}).raise_for_status()
             stats2 = httpx.get(f"{up_url}/_stats", trust_env=False).json()["total"]
             kinds: dict[str, int] = {}
-            for q in llm_queries:
+            for q in llm_queries:  # bypass stored nothing: the first default request generates and stores
                 t = time.perf_counter()
                 r2 = c.post("/v1/query", json={"query": q})
                 first_default.append(time.perf_counter() - t)
                 r2.raise_for_status()
+            stats_mid = httpx.get(f"{up_url}/_stats", trust_env=False).json()["total"]
+            for q in llm_queries:
                 for _ in range(cfg.cached_repeats):
                     t = time.perf_counter()
                     r3 = c.post("/v1/query", json={"query": q})
@@ -588,7 +590,7 @@ def _http(data_dir: Path, queries: list[str], llm_queries: list[str], cfg: Hotpa
                 "median_uncached_ms": round(med_u, 2), "median_cached_ms": round(med_c, 3),
                 "speedup_median": round(med_u / max(med_c, 1e-9), 1),
                 "upstream_calls": {"uncached_bypass": stats1 - stats0, "second_bypass": stats2 - stats1,
-                                   "default_and_cached": stats3 - stats2},
+                                   "first_default": stats_mid - stats2, "cached_repeats": stats3 - stats_mid},
             }
 
 
@@ -664,7 +666,8 @@ def run(data: Path, out_dir: Path, cfg: HotpathConfig | None = None) -> dict[str
         "server_cpu_ratio_at_least_0.6": h["ratio_server_cpu"] >= TARGET_RATIO,
         "no_http_errors": h["healthz"]["errors"] == 0 and h["query_hit"]["errors"] == 0,
         "uncached_reached_upstream": report["llm"]["upstream_calls"]["uncached_bypass"] == len(llm_queries),
-        "cached_made_no_upstream_calls": report["llm"]["upstream_calls"]["default_and_cached"] == 0,
+        "bypass_skipped_every_cache": report["llm"]["upstream_calls"]["second_bypass"] == len(llm_queries),
+        "cached_made_no_upstream_calls": report["llm"]["upstream_calls"]["cached_repeats"] == 0,
     }
     (out_dir / "hotpath.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     _plot(report, out_dir / "hotpath.png")
