@@ -5,9 +5,13 @@ Every cached answer or retrieval result is stored with what it depends on:
 * the chunk ids of *every candidate* either retriever returned (a change to
   any of them can reorder the fused list, so all of them are dependencies),
 * each retriever's cutoff score (the score of its last candidate; ``None``
-  when it returned fewer than its depth, i.e. any new match would enter),
+  when it returned fewer than its depth, i.e. any new match would enter);
+  the dense one decides which entries a new vector may enter, the keyword one
+  is kept for a tighter BM25-drift bound (docs/NOTES.md) and is not read today,
+  because every entry sharing a term with a change is re-checked,
 * the query vector and the query's analysed keyword terms,
-* the context chunk ids actually used, in order (what "stale" is judged on).
+* the context chunk ids actually used (answers are judged on them as a set,
+  retrieval results in order).
 
 Reverse indexes map chunk id → entries and term → entries, so an ingest finds
 exactly the entries it may affect instead of flushing everything.  Two
