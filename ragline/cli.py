@@ -217,9 +217,11 @@ def bench_churn(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] 
 
     try:
         sweep = [int(x) for x in queries_per_round.split(",")]
+        if min(sweep) < 1 or batch < 1:
+            raise ValueError
     except ValueError:
-        err.print(f"[red]error:[/red] --queries-per-round must be comma-separated integers, "
-                  f"got {queries_per_round!r}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] --queries-per-round must be comma-separated integers ≥ 1 and --batch ≥ 1, "
+                  f"got {queries_per_round!r} and {batch}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     run(data, out_dir, docs, batch, sweep, embeddings=embeddings)
 

@@ -69,6 +69,9 @@ class AsyncRAG:
         self._batcher: MicroBatcher | None = None
         self._retriever: HybridRetriever | None = None
         self.cache: CacheLayer | None = None
+        self._cache_answers = False
+        """Answers are cached only when generation is deterministic, unless the config allows more
+        (``cache.cache_nonzero_temperature``): a sampled answer is one draw, not *the* answer (DESIGN.md §3.4)."""
         self._generation: dict[str, int] = {}
         """Per-tenant count of corpus changes, for results computed across a change."""
         self._start_lock = asyncio.Lock()
@@ -108,6 +111,8 @@ class AsyncRAG:
         self._retriever = HybridRetriever(self._store, s.retrieval)
         if s.cache.enabled:
             self.cache = CacheLayer(s, emb.dim, emb.id, self._llm.id)
+            # decided once, not per request (the exact-hit path reads a bool)
+            self._cache_answers = self.cache.cacheable_llm(s.llm.temperature)
 
     async def aclose(self) -> None:
         if self._batcher is not None:
@@ -238,7 +243,8 @@ class AsyncRAG:
                     if (prev is not None and prev.content_hash == ch.content_hash
                             and _json_eq(prev.metadata, ch.metadata)):
                         same.add(ch.id)
-            removed_terms = _terms(c for cid, c in old.items() if cid not in same)
+            if self.cache is not None:
+                removed_terms = _terms(c for cid, c in old.items() if cid not in same)
         todo: dict[str, str] = {}
         for _, _, chunks in changed:
             for ch in chunks:
@@ -289,10 +295,7 @@ class AsyncRAG:
             metrics.INVALIDATIONS.labels("flush").inc(n)
             return
         with metrics.stage("invalidate"):
-            terms = set(removed_terms)
-            for c in added:
-                terms.update(analyze(c.index_text))
-            report = await cache.on_change(tenant, removed, vectors, terms, self._reverify)
+            report = await cache.on_change(tenant, removed, vectors, removed_terms | _terms(added), self._reverify)
         for cause, n in report.causes.items():
             metrics.INVALIDATIONS.labels(cause).inc(n)
 
@@ -411,11 +414,6 @@ class AsyncRAG:
             messages = build_messages(query, sources, hist)
         return sources, messages
 
-    def _answers_cacheable(self) -> bool:
-        """Answers are cached only when generation is deterministic, unless the config allows more
-        (``cache.cache_nonzero_temperature``): a sampled answer is one draw, not *the* answer (DESIGN.md §3.4)."""
-        return self.cache is not None and self.cache.cacheable_llm(self.settings.llm.temperature)
-
     def gen_params(self) -> GenParams:
         s = self.settings.llm
         return GenParams(model=s.model, temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p)
@@ -462,7 +460,7 @@ class AsyncRAG:
         k = self._check_query(query, k)
         hist = _check_history(history, self.settings.limits.max_history_messages) if history else []
         cache = self.cache
-        if cache is None or cache_mode == "bypass" or not self._answers_cacheable():
+        if cache is None or cache_mode == "bypass" or not self._cache_answers:
             body, _ = await self._answer_miss(None, query, k, tenant, hist, timings if timings is not None else {},
                                               retrieval_cache=cache is not None and cache_mode != "bypass")
             return body, CACHE_BYPASS if cache is not None and cache_mode == "bypass" else CACHE_MISS
@@ -547,7 +545,7 @@ class AsyncRAG:
         k = self._check_query(query, k)
         hist = _check_history(history, self.settings.limits.max_history_messages) if history else []
         retrieval_cache = self.cache is not None and cache_mode != "bypass"
-        cache = self.cache if retrieval_cache and self._answers_cacheable() else None
+        cache = self.cache if retrieval_cache and self._cache_answers else None
         key = cache.answer_key(tenant, query, k, hist) if cache is not None else None
         if cache is not None and key is not None and cache_mode == "default":
             body, tier = await cache.get(key)

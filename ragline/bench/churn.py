@@ -147,6 +147,8 @@ def run(data: Path, out_dir: Path, docs_limit: int | None = None, batch: int = 5
     data = data.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep = [queries_per_round] if isinstance(queries_per_round, int) else list(queries_per_round)
+    if not sweep or min(sweep) < 1 or batch < 1:
+        raise ValueError(f"queries per round must be ≥ 1 (got {sweep}) and batch ≥ 1 (got {batch})")
     rng = random.Random(seed)
     docs = list(iter_documents([data / "corpus.jsonl"], Settings().limits))
     rng.shuffle(docs)
