@@ -8,6 +8,9 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 .venv/bin/pip install -q torch==2.13.0
+# The llama extra is built portable first (see install_llama.sh), so the editable install below
+# finds it satisfied and never builds a CPU-native wheel.
+case ",$extras," in *,llama,*) bash scripts/install_llama.sh ;; esac
 if [ -n "$extras" ]; then
   .venv/bin/pip install -q -e ".[${extras}]"
 else

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from ragline.config import LLMSettings
-from ragline.llm.base import GenParams, Message
+from ragline.llm.base import GenParams
+from ragline.types import Message
 from ragline.llm.openai import OpenAILLM
 from tests.fixtures.upstream import LlamaServer
 
@@ -44,3 +45,19 @@ async def test_stream_yields_deltas_and_final_usage(llama_server: LlamaServer) -
     assert len(deltas) >= 1 and "".join(c.delta for c in deltas).strip()
     assert last.delta == "" and last.finish_reason in ("stop", "length")
     assert last.usage is not None and 0 < last.usage.completion_tokens <= 16
+
+
+def test_llama_build_is_portable(llama_server: LlamaServer) -> None:
+    """The installed llama.cpp CPU backend uses no instruction set beyond AVX2/FMA/F16C.
+
+    A natively built wheel (GGML_NATIVE=ON) on an AVX-512/AMX host crashes on other CPUs, and
+    pip's wheel cache carries it there; scripts/install_llama.sh builds it portable.
+    """
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    flags = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in info.replace("CPU :", "|").split("|"))
+             if k.strip()}
+    assert flags.get("AVX2") == "1", info
+    enabled_beyond = [k for k, v in flags.items() if v == "1" and (k.startswith("AVX512") or k.startswith("AMX"))]
+    assert enabled_beyond == [], f"llama.cpp built with {enabled_beyond}: {info}"
