@@ -24,9 +24,9 @@ whose response says the answer came from the cache are reported under the name
 ``/v1/query [hit]``, others under ``/v1/query [miss]``, so the two latency
 distributions stay apart in locust's statistics.
 
-For a bounded, scriptable measurement on 127.0.0.1 use ``ragline bench hotpath``
-(``ragline/bench/loadgen.py``) instead; this file is for exploring by hand and
-for remote servers.
+For a bounded, scriptable measurement use ``ragline bench --url URL --queries FILE``
+(or ``python benchmarks/hotpath.py`` for the hot-path benchmark); this file is for
+exploring by hand.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _load_queries() -> list[str]:
 
 QUERIES = _load_queries()
 HOT = QUERIES[: max(1, int(os.environ.get("RAGLINE_LOCUST_HOT", "50")))]
-COLD = QUERIES[len(HOT):] or QUERIES
+COLD = QUERIES[len(HOT) :] or QUERIES
 UNCACHED_SHARE = float(os.environ.get("RAGLINE_LOCUST_UNCACHED", "0.05"))
 _API_KEY = os.environ.get("RAGLINE_LOCUST_API_KEY")
 HEADERS = {"content-type": "application/json", **({"authorization": f"Bearer {_API_KEY}"} if _API_KEY else {})}
@@ -76,8 +76,9 @@ class RaglineUser(HttpUser):
     wait_time = between(0.0, 0.01)
 
     def _post(self, path: str, payload: dict[str, Any], name: str | None = None) -> None:
-        with self.client.post(path, data=orjson.dumps(payload), headers=HEADERS, name=name or path,
-                              catch_response=True) as resp:
+        with self.client.post(
+            path, data=orjson.dumps(payload), headers=HEADERS, name=name or path, catch_response=True
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
             else:
@@ -90,8 +91,9 @@ class RaglineUser(HttpUser):
             self._post("/v1/query", payload, "/v1/query [bypass]")
             return
         payload = {"query": random.choice(HOT), "timings": False}
-        with self.client.post("/v1/query", data=orjson.dumps(payload), headers=HEADERS,
-                              name="/v1/query", catch_response=True) as resp:
+        with self.client.post(
+            "/v1/query", data=orjson.dumps(payload), headers=HEADERS, name="/v1/query", catch_response=True
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 return

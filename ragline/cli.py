@@ -24,8 +24,12 @@ from ragline.errors import RaglineError
 from ragline.types import DEFAULT_TENANT
 
 T = TypeVar("T")
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="ragline: fast, cache-first retrieval-augmented generation.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="ragline: fast, cache-first retrieval-augmented generation.",
+)
 err = Console(stderr=True)
 out = Console()
 
@@ -62,9 +66,13 @@ async def _with_rag(settings: Settings, fn: Any) -> Any:
 
 
 @app.command()
-def ingest(paths: Annotated[list[Path], typer.Argument(help="files or folders (.txt .md .html .pdf .jsonl)")],
-           config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT,
-           json: JsonOpt = False) -> None:
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="files or folders (.txt .md .html .pdf .jsonl)")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+    json: JsonOpt = False,
+) -> None:
     """Add or update documents; unchanged files cost no embedding work."""
     for p in paths:
         if not p.exists():
@@ -73,9 +81,15 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files or folders (.
     settings = _settings(config, data_dir)
 
     async def go(rag: Any) -> Any:
-        with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]} docs/s"), TimeElapsedColumn(),
-                      console=err, disable=json or not err.is_terminal) as bar:
+        with Progress(
+            TextColumn("[bold]ingest"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} docs/s"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=json or not err.is_terminal,
+        ) as bar:
             task = bar.add_task("ingest", total=None, rate="-")
             import time
 
@@ -98,14 +112,20 @@ def ingest(paths: Annotated[list[Path], typer.Argument(help="files or folders (.
     if json:
         out.print_json(orjson.dumps(report.to_dict()).decode())
     else:
-        out.print(f"{report.documents} documents: {report.added} added, {report.updated} updated, "
-                  f"{report.unchanged} unchanged; {report.chunks_added} chunks written, "
-                  f"{report.chunks_embedded} embedded, {report.chunks_removed} removed")
+        out.print(
+            f"{report.documents} documents: {report.added} added, {report.updated} updated, "
+            f"{report.unchanged} unchanged; {report.chunks_added} chunks written, "
+            f"{report.chunks_embedded} embedded, {report.chunks_removed} removed"
+        )
 
 
 @app.command()
-def delete(doc_ids: Annotated[list[str], typer.Argument(help="document ids")],
-           config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT) -> None:
+def delete(
+    doc_ids: Annotated[list[str], typer.Argument(help="document ids")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+) -> None:
     """Delete documents and their chunks."""
     settings = _settings(config, data_dir)
     removed = _run(_with_rag(settings, lambda rag: rag.delete(doc_ids, tenant)))
@@ -113,23 +133,30 @@ def delete(doc_ids: Annotated[list[str], typer.Argument(help="document ids")],
 
 
 @app.command()
-def search(query: str, k: Annotated[int, typer.Option("-k", help="number of results")] = 10,
-           docs: Annotated[bool, typer.Option("--docs", help="best chunk per document")] = False,
-           config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT,
-           json: JsonOpt = False) -> None:
+def search(
+    query: str,
+    k: Annotated[int, typer.Option("-k", help="number of results")] = 10,
+    docs: Annotated[bool, typer.Option("--docs", help="best chunk per document")] = False,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+    json: JsonOpt = False,
+) -> None:
     """Hybrid search: dense and BM25 in parallel, fused with RRF."""
     settings = _settings(config, data_dir)
     hits = _run(_with_rag(settings, lambda rag: rag.search(query, k, tenant, doc_level=docs)))
     if json:
-        sys.stdout.write(orjson.dumps({"hits": [h.to_dict() for h in hits]}, option=orjson.OPT_INDENT_2)
-                         .decode() + "\n")
+        sys.stdout.write(
+            orjson.dumps({"hits": [h.to_dict() for h in hits]}, option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
         return
     if not hits:
         out.print("no results")
     for i, h in enumerate(hits, 1):
         ranks = f"dense #{h.dense_rank or '-'}  bm25 #{h.keyword_rank or '-'}"
-        out.print(f"[bold]{i:>2}. {h.doc_id}[/bold] [dim]({h.chunk_id}, rrf {h.score:.4f}, {ranks})[/dim]",
-                  highlight=False)
+        out.print(
+            f"[bold]{i:>2}. {h.doc_id}[/bold] [dim]({h.chunk_id}, rrf {h.score:.4f}, {ranks})[/dim]", highlight=False
+        )
         if h.title:
             out.print(f"    {h.title}", highlight=False)
         snippet = " ".join(h.text.split())
@@ -137,9 +164,14 @@ def search(query: str, k: Annotated[int, typer.Option("-k", help="number of resu
 
 
 @app.command()
-def ask(question: str, k: Annotated[int | None, typer.Option("-k", help="chunks to retrieve")] = None,
-        config: ConfigOpt = None, data_dir: DataDirOpt = None, tenant: TenantOpt = DEFAULT_TENANT,
-        json: JsonOpt = False) -> None:
+def ask(
+    question: str,
+    k: Annotated[int | None, typer.Option("-k", help="chunks to retrieve")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+    json: JsonOpt = False,
+) -> None:
     """Answer a question from the indexed documents, with numbered citations."""
     settings = _settings(config, data_dir)
     answer = _run(_with_rag(settings, lambda rag: rag.ask(question, k, tenant)))
@@ -154,11 +186,14 @@ def ask(question: str, k: Annotated[int | None, typer.Option("-k", help="chunks 
 
 
 @app.command()
-def serve(host: Annotated[str | None, typer.Option(help="bind address")] = None,
-          port: Annotated[int | None, typer.Option(help="port")] = None,
-          workers: Annotated[int | None, typer.Option(help="uvicorn worker processes")] = None,
-          ingest_path: Annotated[list[Path] | None, typer.Option("--ingest", help="ingest before serving")] = None,
-          config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes")] = None,
+    ingest_path: Annotated[list[Path] | None, typer.Option("--ingest", help="ingest before serving")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
@@ -173,57 +208,100 @@ def serve(host: Annotated[str | None, typer.Option(help="bind address")] = None,
     port = settings.server.port if port is None else port
     workers = workers or settings.server.workers
     err.print(f"ragline serving {settings.data_dir} on http://{host}:{port}  (docs: /docs)")
-    uvicorn.run("ragline.server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=settings.log_level.lower(), access_log=False)
+    uvicorn.run(
+        "ragline.server.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
 
 
-bench_app = typer.Typer(help="Benchmarks on ../shared/data (JSON + PNG reports).", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
+def _usage_error(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
 
 
-@bench_app.command("quality")
-def bench_quality(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
-                  out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
-                  limit: Annotated[int | None, typer.Option(help="use only N corpus documents")] = None) -> None:
-    """nDCG@10 / Recall@100 for BM25, dense and hybrid, plus ingest and search speed."""
-    from ragline.bench.quality import run
+@app.command()
+def bench(
+    queries: Annotated[
+        Path, typer.Option("--queries", help='queries file: one per line, or JSON lines with a "query" or "text" field')
+    ],
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="a running ragline server, e.g. http://127.0.0.1:8080 (only this URL is loaded)"),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    concurrency: Annotated[int, typer.Option(help="concurrent requests (closed loop)")] = 4,
+    duration: Annotated[float, typer.Option(help="stop after this many seconds")] = 10.0,
+    requests: Annotated[int, typer.Option("--requests", help="stop after this many requests")] = 1000,
+    warmup: Annotated[int, typer.Option(help="unmeasured requests first")] = 0,
+    timeout: Annotated[float, typer.Option(help="per-request timeout, seconds")] = 30.0,
+    k: Annotated[int | None, typer.Option("-k", help="chunks to retrieve")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="RAGLINE_BENCH_API_KEY", help="sent as Authorization: Bearer (--url only)"),
+    ] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant", help="tenant (--data-dir only)")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the JSON report here (default: stdout)")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="also plot the report (needs matplotlib)")] = None,
+) -> None:
+    """Bounded load on your deployment: req/s, p50/p99, cache hit rate and status mix (JSON, optional PNG).
 
-    run(data, out_dir, limit)
+    Against a running server (--url, POST /v1/query) or in-process against a data dir (--data-dir).
+    """
+    from ragline import loadtest
 
-
-@bench_app.command("hotpath")
-def bench_hotpath(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
-                  out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
-                  docs: Annotated[int, typer.Option(help="SciFact documents to ingest")] = 300,
-                  workers: Annotated[int, typer.Option(help="uvicorn workers of the server under test")] = 2,
-                  concurrency: Annotated[int, typer.Option(help="load generator connections")] = 16) -> None:
-    """Exact-hit latency in-process and over HTTP (vs /healthz), and cached vs uncached LLM answers."""
-    from ragline.bench.hotpath import HotpathConfig, run
-
-    run(data, out_dir, HotpathConfig(docs=docs, workers=workers, concurrency=concurrency))
-
-
-@bench_app.command("churn")
-def bench_churn(data: Annotated[Path, typer.Option(help="BEIR dataset folder")] = Path("../shared/data/scifact"),
-                out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("benchmarks/results"),
-                docs: Annotated[int | None, typer.Option(help="use only N corpus documents")] = None,
-                batch: Annotated[int, typer.Option(help="new documents per ingest round")] = 50,
-                queries_per_round: Annotated[str, typer.Option(help="sweep, comma-separated; first = headline")]
-                = "100,50,200",
-                embeddings: Annotated[Path | None, typer.Option(help="save/load chunk embeddings here")] = None,
-                ) -> None:
-    """Cache hit rate and stale hits under ingestion churn vs a flush-on-ingest baseline."""
-    from ragline.bench.churn import run
-
+    if (url is None) == (data_dir is None):
+        raise _usage_error("give exactly one of --url (a running server) or --data-dir (in-process)")
+    if png is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise _usage_error("--png needs matplotlib: pip install matplotlib (or ragline[bench])") from None
+    cfg = loadtest.BenchConfig(
+        concurrency=concurrency,
+        duration_s=duration,
+        max_requests=requests,
+        timeout_s=timeout,
+        warmup=warmup,
+        k=k,
+        tenant=tenant,
+        api_key=api_key,
+    )
     try:
-        sweep = [int(x) for x in queries_per_round.split(",")]
-        if min(sweep) < 1 or batch < 1:
-            raise ValueError
-    except ValueError:
-        err.print(f"[red]error:[/red] --queries-per-round must be comma-separated integers ≥ 1 and --batch ≥ 1, "
-                  f"got {queries_per_round!r} and {batch}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    run(data, out_dir, docs, batch, sweep, embeddings=embeddings)
+        cfg.check()
+        qs = loadtest.read_queries(queries)
+        if url is not None:
+            base = loadtest.check_url(url)
+            report = _run(loadtest.bench_url(base, qs, cfg))
+        else:
+            settings = _settings(config, data_dir)
+            report = _run(loadtest.bench_data_dir(settings, qs, cfg))
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from None
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n"
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(text)
+    else:
+        sys.stdout.write(text)
+    if png is not None:
+        loadtest.write_png(report, png)
+    lat = report["latency_ms"]
+    err.print(
+        f"{report['requests']} requests in {report['duration_s']:.1f} s ({report['stopped_by']}): "
+        f"{report['rps']:.1f} req/s, p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, cache hit rate "
+        f"{report['cache']['hit_rate']:.2f}, status {report['status']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if report["ok"] == 0:
+        err.print(f"[red]error:[/red] no request succeeded: {report['error_kinds']}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 cache_app = typer.Typer(help="Inspect and invalidate the cache.", no_args_is_help=True)
@@ -250,10 +328,13 @@ def cache_clear(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
 
 
 @cache_app.command("invalidate")
-def cache_invalidate(tenant: TenantOpt = DEFAULT_TENANT,
-                     doc: Annotated[str | None, typer.Option("--doc", help="only entries using this document")] = None,
-                     key: Annotated[str | None, typer.Option("--key", help="one cache key")] = None,
-                     config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
+def cache_invalidate(
+    tenant: TenantOpt = DEFAULT_TENANT,
+    doc: Annotated[str | None, typer.Option("--doc", help="only entries using this document")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="one cache key")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Invalidate one key, one document's dependents, or a whole tenant."""
     settings = _settings(config, data_dir)
     if key is not None:

@@ -7,12 +7,13 @@ in front of the stored bytes — no parse, no model, no re-serialisation.
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 
-from ragline.retrieve import Retrieval
-from ragline.types import Answer, CacheInfo, Hit, Usage
+from ragline.types import Answer, CacheInfo, Hit, Retrieval, Usage
 
 CACHE_MISS = CacheInfo("miss")
 CACHE_BYPASS = CacheInfo("bypass")
@@ -26,14 +27,21 @@ def exact(tier: str | None) -> CacheInfo:
 
 
 def answer_body(text: str, sources: list[Hit], usage: Usage, model: str) -> bytes:
-    return orjson.dumps({"answer": text, "sources": [h.to_dict() for h in sources],
-                         "usage": usage.to_dict(), "model": model})
+    return orjson.dumps(
+        {"answer": text, "sources": [h.to_dict() for h in sources], "usage": usage.to_dict(), "model": model}
+    )
 
 
 def answer_from_body(d: dict[str, Any], info: CacheInfo, timings: dict[str, float]) -> Answer:
     u = d["usage"]
-    return Answer(d["answer"], tuple(Hit(**h) for h in d["sources"]),
-                  Usage(u["prompt_tokens"], u["completion_tokens"]), timings, info, d.get("model", ""))
+    return Answer(
+        d["answer"],
+        tuple(Hit(**h) for h in d["sources"]),
+        Usage(u["prompt_tokens"], u["completion_tokens"]),
+        timings,
+        info,
+        d.get("model", ""),
+    )
 
 
 def response_bytes(body: bytes, info: CacheInfo, timings: dict[str, float] | None) -> bytes:
@@ -49,10 +57,24 @@ def response_bytes(body: bytes, info: CacheInfo, timings: dict[str, float] | Non
 
 
 def retrieval_to_bytes(r: Retrieval) -> bytes:
-    return orjson.dumps({"h": [h.to_dict() for h in r.hits], "dc": r.dense_cutoff, "kc": r.keyword_cutoff,
-                         "c": r.candidate_ids})
+    return orjson.dumps(
+        {"h": [h.to_dict() for h in r.hits], "dc": r.dense_cutoff, "kc": r.keyword_cutoff, "c": r.candidate_ids}
+    )
 
 
 def retrieval_from_bytes(data: bytes) -> Retrieval:
     d = orjson.loads(data)
     return Retrieval([Hit(**h) for h in d["h"]], d["dc"], d["kc"], tuple(d["c"]))
+
+
+async def replay_events(
+    body: bytes, info: CacheInfo, timings: dict[str, float], t0: float
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """A stored answer as the event sequence a fresh streamed generation produces."""
+    d = orjson.loads(body)
+    yield "sources", {"sources": d["sources"]}
+    words = d["answer"].split(" ")
+    for i, w in enumerate(words):
+        yield "delta", {"text": w if i == 0 else " " + w}
+    timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
+    yield "done", {"usage": d["usage"], "timings": timings, "model": d.get("model", ""), "cache": info.to_dict()}

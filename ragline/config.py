@@ -195,7 +195,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
-    store: Literal["embedded", "postgres"] = "embedded"
+    store: Literal["embedded"] = "embedded"
     postgres_dsn: SecretStr | None = None
 
     @classmethod
@@ -254,8 +254,15 @@ class Settings(BaseSettings):
             "chunk": self.chunk.model_dump(),
             "retrieval": self.retrieval.model_dump(),
             "context": self.context.model_dump(),
-            "llm": [llm.provider, llm.base_url, llm.model, llm.temperature, llm.max_tokens,
-                    llm.top_p, llm.prompt_version, llm.extractive_sentences],
+            "llm": [
+                llm.provider,
+                llm.base_url,
+                llm.model,
+                llm.temperature,
+                llm.max_tokens,
+                llm.top_p,
+                llm.prompt_version,
+                llm.extractive_sentences,
+            ],
         }
-        return hashlib.blake2b(orjson.dumps(material, option=orjson.OPT_SORT_KEYS),
-                               digest_size=8).hexdigest()
+        return hashlib.blake2b(orjson.dumps(material, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()

@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ragline.embed.base import Vectors
-from ragline.types import Hit
+from ragline.types import Hit, Vectors
 
 TokenCounter = Callable[[str], int]
 
@@ -51,9 +50,15 @@ def drop_near_duplicates(hits: Sequence[Hit], vectors: Vectors | None, threshold
     return keep
 
 
-def pack(hits: Sequence[Hit], count_tokens: TokenCounter, budget: int, max_sources: int,
-         vectors: Vectors | None = None, near_duplicate: float = 0.95,
-         per_source_overhead: int = 8) -> list[Hit]:
+def pack(
+    hits: Sequence[Hit],
+    count_tokens: TokenCounter,
+    budget: int,
+    max_sources: int,
+    vectors: Vectors | None = None,
+    near_duplicate: float = 0.95,
+    per_source_overhead: int = 8,
+) -> list[Hit]:
     """Best-first packing: take hits in rank order while they fit the budget.
 
     A hit that does not fit is skipped (a shorter, lower-ranked one may still
@@ -74,10 +79,11 @@ def pack(hits: Sequence[Hit], count_tokens: TokenCounter, budget: int, max_sourc
     return out
 
 
-def trim_history(history: Sequence[dict[str, str]], count_tokens: TokenCounter, budget: int,
-                 max_turns: int) -> list[dict[str, str]]:
+def trim_history(
+    history: Sequence[dict[str, str]], count_tokens: TokenCounter, budget: int, max_turns: int
+) -> list[dict[str, str]]:
     """Keep the most recent messages (at most ``max_turns`` user/assistant pairs) within budget."""
-    recent = list(history)[-2 * max_turns:] if max_turns else []
+    recent = list(history)[-2 * max_turns :] if max_turns else []
     out: list[dict[str, str]] = []
     used = 0
     for msg in reversed(recent):

@@ -18,10 +18,14 @@ from prometheus_client import Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 HTTP_DURATION = Histogram(
-    "ragline_http_request_duration_seconds", "HTTP request duration by route",
-    ["route", "method", "status"], buckets=_LATENCY_BUCKETS)
+    "ragline_http_request_duration_seconds",
+    "HTTP request duration by route",
+    ["route", "method", "status"],
+    buckets=_LATENCY_BUCKETS,
+)
 STAGE_DURATION = Histogram(
-    "ragline_stage_duration_seconds", "Pipeline stage duration", ["stage"], buckets=_LATENCY_BUCKETS)
+    "ragline_stage_duration_seconds", "Pipeline stage duration", ["stage"], buckets=_LATENCY_BUCKETS
+)
 DOCUMENTS = Gauge("ragline_documents_indexed", "Documents in the store (all tenants)")
 CHUNKS = Gauge("ragline_chunks_indexed", "Chunks in the store (all tenants)")
 INGESTED = Counter("ragline_ingest_documents_total", "Documents ingested by outcome", ["outcome"])
@@ -47,8 +51,13 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
         child.observe(dt)
         if timings is not None:
             timings[name] = round(timings.get(name, 0.0) + dt * 1000.0, 3)
+
+
 INVALIDATIONS = Counter("ragline_cache_invalidations_total", "Cache entries dropped by cause", ["cause"])
 LLM_SAVED = Counter("ragline_llm_calls_saved_total", "LLM calls answered from the LLM cache")
-SEMANTIC_SIMILARITY = Histogram("ragline_semantic_hit_similarity", "Cosine similarity of served semantic hits",
-                                buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0))
+SEMANTIC_SIMILARITY = Histogram(
+    "ragline_semantic_hit_similarity",
+    "Cosine similarity of served semantic hits",
+    buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0),
+)
 ANSWERS = Counter("ragline_answers_total", "Answers served by cache outcome", ["outcome", "tenant"])

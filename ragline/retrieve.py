@@ -11,14 +11,24 @@ against (DESIGN.md §3.1).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from ragline.config import RetrievalSettings
-from ragline.embed.base import Vectors
-from ragline.store.base import Scored, Store
-from ragline.types import Hit
+from ragline.types import Chunk, Hit, Retrieval, Scored, Vectors
+
+
+class Index(Protocol):
+    """What retrieval reads of a store (every :class:`~ragline.store.base.Store` is one)."""
+
+    def search_dense(self, tenant: str, vector: Vectors, k: int) -> list[Scored]: ...
+
+    def search_keyword(self, tenant: str, query: str, k: int) -> list[Scored]: ...
+
+    def chunks(self, tenant: str, chunk_ids: list[str]) -> dict[str, Chunk]: ...
+
+    def vectors(self, tenant: str, chunk_ids: list[str]) -> Vectors: ...
 
 
 def rrf(rankings: list[list[Scored]], k: int = 60) -> list[tuple[str, float]]:
@@ -35,8 +45,7 @@ def rrf(rankings: list[list[Scored]], k: int = 60) -> list[tuple[str, float]]:
     return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
 
 
-def mmr(query: Vectors, candidates: Vectors, relevance: list[float], top_n: int,
-        lambda_: float) -> list[int]:
+def mmr(query: Vectors, candidates: Vectors, relevance: list[float], top_n: int, lambda_: float) -> list[int]:
     """Maximal marginal relevance over candidate indices.
 
     ``relevance`` is the fused score scaled to [0, 1]; redundancy is the max
@@ -72,34 +81,27 @@ def best_per_document(hits: list[Hit]) -> list[Hit]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Retrieval:
-    """Fused hits plus what a cache entry needs to know to be invalidated correctly."""
-
-    hits: list[Hit]
-    dense_cutoff: float | None = None
-    """Cosine of the dense retriever's last candidate (None: fewer than asked)."""
-    keyword_cutoff: float | None = None
-    """BM25 score of the keyword retriever's last candidate (None: fewer than asked)."""
-    candidate_ids: tuple[str, ...] = field(default_factory=tuple)
-
-
 class HybridRetriever:
     """Composes a Store's two retrievers; every call is scoped to one tenant."""
 
-    def __init__(self, store: Store, settings: RetrievalSettings) -> None:
+    def __init__(self, store: Index, settings: RetrievalSettings) -> None:
         self.store = store
         self.settings = settings
 
-    async def retrieve(self, tenant: str, query: str, qvec: Vectors, k: int,
-                       use_mmr: bool | None = None, doc_level: bool = False,
-                       candidates: int | None = None) -> Retrieval:
+    async def retrieve(
+        self,
+        tenant: str,
+        query: str,
+        qvec: Vectors,
+        k: int,
+        use_mmr: bool | None = None,
+        doc_level: bool = False,
+        candidates: int | None = None,
+    ) -> Retrieval:
         s = self.settings
         depth = max(candidates or s.candidates, k)
-        dense_task = (asyncio.to_thread(self.store.search_dense, tenant, qvec, depth)
-                      if s.dense else _empty())
-        kw_task = (asyncio.to_thread(self.store.search_keyword, tenant, query, depth)
-                   if s.keyword else _empty())
+        dense_task = asyncio.to_thread(self.store.search_dense, tenant, qvec, depth) if s.dense else _empty()
+        kw_task = asyncio.to_thread(self.store.search_keyword, tenant, query, depth) if s.keyword else _empty()
         dense, keyword = await asyncio.gather(dense_task, kw_task)
         fused = rrf([dense, keyword], s.rrf_k)
         dense_info = {x.chunk_id: (r, x.score) for r, x in enumerate(dense, start=1)}
@@ -123,10 +125,20 @@ class HybridRetriever:
                 continue
             dr = dense_info.get(cid)
             kr = kw_info.get(cid)
-            hits.append(Hit(chunk_id=cid, doc_id=ch.doc_id, text=ch.text, score=score, title=ch.title,
-                            dense_rank=dr[0] if dr else None, dense_score=dr[1] if dr else None,
-                            keyword_rank=kr[0] if kr else None, keyword_score=kr[1] if kr else None,
-                            metadata=ch.metadata))
+            hits.append(
+                Hit(
+                    chunk_id=cid,
+                    doc_id=ch.doc_id,
+                    text=ch.text,
+                    score=score,
+                    title=ch.title,
+                    dense_rank=dr[0] if dr else None,
+                    dense_score=dr[1] if dr else None,
+                    keyword_rank=kr[0] if kr else None,
+                    keyword_score=kr[1] if kr else None,
+                    metadata=ch.metadata,
+                )
+            )
         if doc_level:
             hits = best_per_document(hits)
         return Retrieval(

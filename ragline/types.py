@@ -11,9 +11,26 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
+
 DEFAULT_TENANT = "default"
 
 Json = dict[str, Any]
+
+Vectors = npt.NDArray[np.float32]
+"""L2-normalised float32 vectors, shape (n, dim)."""
+
+Message = dict[str, str]
+"""An OpenAI chat message: {"role": "system"|"user"|"assistant", "content": str}."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """A chunk id and a retriever's raw score (cosine for dense, BM25 for keyword)."""
+
+    chunk_id: str
+    score: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,3 +163,47 @@ class IngestReport:
 
     def to_dict(self) -> Json:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """Fused hits plus what a cache entry needs to know to be invalidated correctly."""
+
+    hits: list[Hit]
+    dense_cutoff: float | None = None
+    """Cosine of the dense retriever's last candidate (None: fewer than asked)."""
+    keyword_cutoff: float | None = None
+    """BM25 score of the keyword retriever's last candidate (None: fewer than asked)."""
+    candidate_ids: tuple[str, ...] = field(default_factory=tuple)
+
+
+CacheMode = Literal["default", "bypass", "refresh"]
+"""``default`` reads and writes every cache; ``refresh`` recomputes and overwrites the answer and
+LLM response (retrieval and embeddings still come from their caches); ``bypass`` neither reads nor
+writes the answer, retrieval and LLM caches."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One request to the pipeline: what to answer (or search) and how.
+
+    Built once per request by the public methods (their keyword arguments are
+    thin adapters over it) and passed unchanged through every step; the
+    pipeline validates it (``k`` resolved, ``history`` checked) before use.
+    """
+
+    text: str
+    k: int | None = None
+    """Chunks to retrieve; ``None``: the configured ``retrieval.k``."""
+    tenant: str = DEFAULT_TENANT
+    history: tuple[Message, ...] = ()
+    """Earlier turns of the conversation, oldest first (user/assistant messages)."""
+    cache_mode: CacheMode = "default"
+    timings: bool = True
+    """Record per-stage timings for the response (the stage histograms are always recorded)."""
+    doc_level: bool = False
+    """Search only: the best chunk per document."""
+    mmr: bool | None = None
+    """Diversify with MMR; ``None``: the configured ``retrieval.mmr``."""
+    candidates: int | None = None
+    """Candidates per retriever; ``None``: the configured ``retrieval.candidates``."""

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One command: install everything the tests need (Python extras, Debian redis-server,
-# llama.cpp server + SmolLM2 GGUF) and run the whole suite (unit + integration).
+# llama.cpp server + SmolLM2 GGUF), run the static gates (layers, dependencies, format, lint,
+# types; any failure fails the run) and then the whole suite (unit + integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "dev,bench,postgres,llama"
+bash scripts/setup.sh "dev,bench,llama"
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null
@@ -12,4 +13,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+gate() { echo "== $*" >&2; "$@" || { echo "gate failed: $*" >&2; exit 1; }; }
+gate .venv/bin/lint-imports                       # layers point one way (pyproject [tool.importlinter])
+gate .venv/bin/deptry .                           # declared dependencies = imported ones ([tool.deptry])
+gate .venv/bin/ruff format --check .
+gate .venv/bin/ruff check .
+gate .venv/bin/python -m mypy                     # strict, packages = ["ragline"]
 .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

@@ -107,9 +107,7 @@ class CircuitBreaker:
         (a failed half-open probe re-opens it at once)."""
         self.failures_total += 1
         self._consecutive += 1
-        if self._state == HALF_OPEN or (
-            self._state == CLOSED and self._consecutive >= self.failure_threshold
-        ):
+        if self._state == HALF_OPEN or (self._state == CLOSED and self._consecutive >= self.failure_threshold):
             self._state = OPEN
             self._opened_at = self._clock()
             self.opens_total += 1

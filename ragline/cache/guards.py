@@ -43,6 +43,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ragline.cache.guards_words import (
+    ALIASES,
+    ANTONYM_PAIRS,
+    AUX_ONE,
+    AUX_START,
+    DEICTIC,
+    FILLER,
+    HOW_QUANTITY,
+    MODALS,
+    NEGATION_WORDS,
+    NUMBER_SUFFIX,
+    ORDINAL_WORDS,
+    PERSONS,
+    QTYPE_CLASS,
+    ROLE_WORDS,
+    SCALES,
+    STOPWORDS,
+    SUBJECT_FORM,
+    UNITS,
+    WH_TYPES,
+    WHAT_TIME,
+)
+
 __all__ = [
     "ALL_CHECKS",
     "DEFAULT_CHECKS",
@@ -50,137 +73,6 @@ __all__ = [
     "extract_features",
     "guards_pass",
 ]
-
-# --------------------------------------------------------------------------- word lists
-
-_NEGATION_WORDS = frozenset(
-    {
-        "not", "no", "never", "without", "none", "neither", "nor", "cannot", "nobody",
-        "nothing", "nowhere", "noone", "nope",
-        # apostrophe-less contractions, common in typed queries
-        "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "cant", "couldnt",
-        "wouldnt", "shouldnt", "wont", "havent", "hasnt", "hadnt", "mustnt", "aint", "neednt",
-    }
-)  # fmt: skip
-
-_UNITS = {
-    "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
-    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13,
-    "fourteen": 14, "fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18,
-    "nineteen": 19, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60,
-    "seventy": 70, "eighty": 80, "ninety": 90,
-}  # fmt: skip
-_SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000, "billion": 1_000_000_000}
-_ORDINAL_WORDS = {
-    "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
-    "eighth": 8, "ninth": 9, "tenth": 10, "eleventh": 11, "twelfth": 12, "thirteenth": 13,
-    "fourteenth": 14, "fifteenth": 15, "sixteenth": 16, "seventeenth": 17,
-    "eighteenth": 18, "nineteenth": 19, "twentieth": 20,
-}  # fmt: skip
-_NUMBER_SUFFIX = {"k": 1_000, "m": 1_000_000, "mn": 1_000_000, "bn": 1_000_000_000, "b": 1_000_000_000}
-
-# Function words: never entities, never content terms.
-_STOPWORDS = frozenset(
-    [
-        "a", "an", "the", "and", "or", "but", "if", "then", "else", "of", "to", "in", "on", "at", "by", "for",
-        "with", "from", "into", "onto", "over", "under", "about", "as", "is", "are", "was", "were", "be", "been",
-        "being", "am", "do", "does", "did", "doing", "done", "have", "has", "had", "having", "i", "me", "my",
-        "mine", "myself", "we", "us", "our", "ours", "you", "your", "yours", "he", "him", "his", "she", "her",
-        "hers", "it", "its", "they", "them", "their", "theirs", "this", "that", "these", "those", "there", "here",
-        "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "can", "could", "will", "would",
-        "shall", "should", "may", "might", "must", "ought", "any", "some", "such", "so", "than", "too", "very",
-        "just", "also", "only", "even", "still", "yet", "much", "many", "more", "same", "each", "every", "all",
-        "both", "few", "lot", "lots", "get", "got", "gets", "getting", "one", "ones", "someone", "something",
-        "anyone", "anything", "everyone", "everything", "really", "actually", "please", "thanks", "thank", "quora",
-        "let", "way", "ways", "best", "good", "better", "possible", "kind", "sort", "type", "etc", "vs", "via",
-        "per",
-    ]
-)  # fmt: skip
-
-# Words that ask for the same thing in other words ("tips for", "ways to", "the best...").
-_FILLER = frozenset(
-    [
-        "tip", "tips", "way", "ways", "method", "methods", "idea", "ideas", "advice", "suggestion", "suggestions",
-        "option", "options", "thing", "things", "good", "best", "great", "top", "really", "exactly", "actually",
-        "possible", "someone", "anyone", "people", "ever", "use", "using", "know", "okay", "ok",
-    ]
-)  # fmt: skip
-
-_AUX_START = frozenset(
-    [
-        "is", "are", "was", "were", "am", "be", "do", "does", "did", "have", "has", "had", "can", "could", "will",
-        "would", "shall", "should", "may", "might", "must", "isnt", "arent", "wasnt", "werent", "dont", "doesnt",
-        "didnt", "cant", "couldnt", "wont", "wouldnt", "shouldnt", "havent", "hasnt", "hadnt",
-    ]
-)  # fmt: skip
-
-# Words whose sense is reversed by an antonym; pairs are compared after stemming.
-_ANTONYM_PAIRS = (
-    ("increase", "decrease"), ("increase", "reduce"), ("rise", "fall"), ("more", "less"),
-    ("more", "fewer"), ("most", "least"), ("higher", "lower"), ("high", "low"), ("before", "after"),
-    ("positive", "negative"), ("advantage", "disadvantage"), ("pro", "con"),
-    ("benefit", "drawback"), ("best", "worst"), ("good", "bad"), ("better", "worse"),
-    ("male", "female"), ("man", "woman"), ("men", "women"), ("boy", "girl"), ("guy", "girl"),
-    ("husband", "wife"), ("boyfriend", "girlfriend"), ("father", "mother"),
-    ("dad", "mom"), ("son", "daughter"), ("brother", "sister"), ("he", "she"),
-    ("his", "her"), ("him", "her"), ("king", "queen"), ("north", "south"), ("east", "west"),
-    ("buy", "sell"), ("buyer", "seller"), ("import", "export"), ("win", "lose"),
-    ("win", "loss"), ("profit", "loss"), ("gain", "loss"), ("gain", "lose"), ("rich", "poor"),
-    ("right", "wrong"), ("true", "false"), ("legal", "illegal"), ("maximum", "minimum"),
-    ("max", "min"), ("largest", "smallest"), ("biggest", "smallest"), ("big", "small"),
-    ("large", "small"), ("long", "short"), ("fast", "slow"), ("hot", "cold"),
-    ("easy", "hard"), ("easy", "difficult"), ("cheap", "expensive"), ("young", "old"),
-    ("new", "old"), ("first", "last"), ("start", "end"), ("begin", "end"),
-    ("input", "output"), ("upper", "lower"), ("inner", "outer"), ("inside", "outside"),
-    ("urban", "rural"), ("private", "public"), ("push", "pull"), ("open", "close"),
-    ("up", "down"), ("over", "under"), ("above", "below"), ("love", "hate"),
-    ("like", "dislike"), ("agree", "disagree"), ("possible", "impossible"),
-    ("happy", "sad"), ("success", "failure"), ("successful", "failed"), ("strong", "weak"),
-    ("early", "late"), ("past", "future"), ("top", "bottom"), ("left", "right"),
-    ("day", "night"), ("light", "dark"), ("maternal", "paternal"),
-    ("internal", "external"), ("domestic", "international"), ("ancient", "modern"),
-    ("accept", "reject"), ("pass", "fail"), ("add", "remove"), ("include", "exclude"),
-    ("always", "never"), ("majority", "minority"), ("plus", "minus"), ("entry", "exit"),
-    ("arrival", "departure"), ("teacher", "student"), ("employer", "employee"),
-    ("parent", "child"), ("safe", "dangerous"), ("healthy", "unhealthy"),
-    ("legal", "illegal"), ("useful", "useless"), ("important", "unimportant"),
-    ("optimistic", "pessimistic"), ("introvert", "extrovert"), ("liberal", "conservative"),
-    ("democrat", "republican"), ("capitalism", "socialism"), ("theist", "atheist"),
-    ("online", "offline"), ("wireless", "wired"), ("heaven", "hell"), ("life", "death"),
-    ("alive", "dead"), ("war", "peace"), ("friend", "enemy"), ("similarity", "difference"),
-)  # fmt: skip
-
-# The first word of a question decides its type; "how many"/"how much" ask for a quantity.
-_WH_TYPES = {
-    "who": "who", "whom": "who", "whose": "who", "what": "what", "which": "what",
-    "when": "when", "where": "where", "why": "why", "how": "how", "whats": "what",
-    "whos": "who", "wheres": "where", "hows": "how",
-}  # fmt: skip
-# "What is the best way to X?" asks what "How do I X?" asks; other wh-types are distinct.
-_QTYPE_CLASS = {"what": "open", "how": "open", "other": "open"}
-_MODALS = {
-    "should": "must", "must": "must", "ought": "must", "shall": "must",
-    "can": "can", "could": "can", "may": "can", "might": "can", "cannot": "can",
-    "will": "will", "would": "will",
-}  # fmt: skip
-_PERSONS = {
-    "i": "1", "me": "1", "my": "1", "mine": "1", "myself": "1",
-    "we": "1", "us": "1", "our": "1", "ours": "1", "ourselves": "1",
-    "you": "2", "your": "2", "yours": "2", "yourself": "2", "yourselves": "2", "u": "2", "ur": "2",
-    "someone": "indef", "somebody": "indef", "anyone": "indef", "anybody": "indef",
-    "everyone": "indef", "everybody": "indef",
-}  # fmt: skip
-# The country, however written ("US", "U.S.", "USA"); lower-case "us" is the pronoun.
-_ALIASES = {"us": "usa", "usa": "usa"}
-# Object pronouns take their subject form in ``terms`` so that "I murdered
-# someone" / "someone murdered me" is seen as a role swap.
-_SUBJECT_FORM = {"me": "i", "us": "we", "him": "he", "them": "they"}
-# Pronouns that fill a role (subject/object); role swaps among them matter.
-_ROLE_WORDS = frozenset({"i", "we", "you", "he", "she", "they", "someone", "somebody", "anyone", "anybody"})
-_AUX_ONE = frozenset({"does", "can", "could", "should", "would", "will", "may", "might", "must", "do"})
-_DEICTIC = frozenset({"this", "these", "those"})
-_HOW_QUANTITY = frozenset({"many", "much"})
-_WHAT_TIME = frozenset({"time", "year", "date", "day", "month", "century", "age"})
 
 # --------------------------------------------------------------------------- regexes
 
@@ -286,13 +178,13 @@ def stem(word: str) -> str:
 
 
 _ANTONYMS: dict[str, frozenset[str]] = {}
-for _x, _y in _ANTONYM_PAIRS:
+for _x, _y in ANTONYM_PAIRS:
     _sx, _sy = stem(_x), stem(_y)
     _ANTONYMS[_sx] = _ANTONYMS.get(_sx, frozenset()) | {_sy}
     _ANTONYMS[_sy] = _ANTONYMS.get(_sy, frozenset()) | {_sx}
-_STOP_STEMS = frozenset(stem(w) for w in _STOPWORDS) | _STOPWORDS
-_FILLER_STEMS = frozenset(stem(w) for w in _FILLER) | _FILLER
-_ROLE_STEMS = frozenset(stem(w) for w in _ROLE_WORDS) | _ROLE_WORDS
+_STOP_STEMS = frozenset(stem(w) for w in STOPWORDS) | STOPWORDS
+_FILLER_STEMS = frozenset(stem(w) for w in FILLER) | FILLER
+_ROLE_STEMS = frozenset(stem(w) for w in ROLE_WORDS) | ROLE_WORDS
 
 
 def _format_number(value: float) -> str:
@@ -318,7 +210,7 @@ def _parse_number(token: str) -> str | None:
         return f"#{_format_number(value)}"
     if suf == "%":
         return f"{_format_number(value)}%"
-    value *= _NUMBER_SUFFIX.get(suf, 1)
+    value *= NUMBER_SUFFIX.get(suf, 1)
     return _format_number(value)
 
 
@@ -329,16 +221,16 @@ def _number_words(words: list[str], start: int) -> tuple[str | None, int]:
     seen = False
     while i < len(words):
         w = words[i]
-        if w in _UNITS:
-            current += _UNITS[w]
-        elif w in _SCALES and (seen or w != "hundred"):
-            current = max(current, 1) * _SCALES[w]
-            if _SCALES[w] > 100:
+        if w in UNITS:
+            current += UNITS[w]
+        elif w in SCALES and (seen or w != "hundred"):
+            current = max(current, 1) * SCALES[w]
+            if SCALES[w] > 100:
                 total += current
                 current = 0
-        elif w in _SCALES:
-            current = _SCALES[w]
-        elif w == "and" and seen and i + 1 < len(words) and words[i + 1] in _UNITS:
+        elif w in SCALES:
+            current = SCALES[w]
+        elif w == "and" and seen and i + 1 < len(words) and words[i + 1] in UNITS:
             i += 1
             continue
         else:
@@ -394,25 +286,25 @@ def extract_features(text: str) -> QueryFeatures:
                     tok = tok[: cm.start()]
             if not low:
                 continue
-        elif low in _NEGATION_WORDS and not _negation_idiom(words, idx, text, m.start()):
+        elif low in NEGATION_WORDS and not _negation_idiom(words, idx, text, m.start()):
             negations += 1
-        if low in _PERSONS and tok != "US":
-            person.add(_PERSONS[low])
-        elif low == "one" and idx > 0 and words[idx - 1] in _AUX_ONE:
+        if low in PERSONS and tok != "US":
+            person.add(PERSONS[low])
+        elif low == "one" and idx > 0 and words[idx - 1] in AUX_ONE:
             person.add("indef")
 
         # -- question type: the first wh-word, or an auxiliary opening a sentence
         if not qtype:
-            if low in _WH_TYPES:
-                qtype = _WH_TYPES[low]
+            if low in WH_TYPES:
+                qtype = WH_TYPES[low]
                 nxt = words[idx + 1] if idx + 1 < len(words) else ""
-                if qtype == "how" and nxt in _HOW_QUANTITY:
+                if qtype == "how" and nxt in HOW_QUANTITY:
                     qtype = "quantity"
                 elif qtype == "how" and nxt == "come":
                     qtype = "why"
-                elif qtype == "what" and nxt in _WHAT_TIME:
+                elif qtype == "what" and nxt in WHAT_TIME:
                     qtype = "when"
-            elif low in _AUX_START and _is_clause_start(text, m.start()):
+            elif low in AUX_START and _is_clause_start(text, m.start()):
                 qtype = "yesno"
 
         # -- numbers (digits, number words, ordinals)
@@ -430,22 +322,22 @@ def extract_features(text: str) -> QueryFeatures:
             continue
         if idx < skip_until:
             continue  # inside a run of number words already parsed
-        if (low in _UNITS or low in _SCALES) and low != "one":
+        if (low in UNITS or low in SCALES) and low != "one":
             value, skip_until = _number_words(words, idx)
             if value is not None:
                 numbers.add(value)
                 terms.append(value)
                 continue
-        if low in _ORDINAL_WORDS:  # "second" too: "a second chance" and "2nd chance" must agree
-            numbers.add(f"#{_ORDINAL_WORDS[low]}")
-            terms.append(f"#{_ORDINAL_WORDS[low]}")
+        if low in ORDINAL_WORDS:  # "second" too: "a second chance" and "2nd chance" must agree
+            numbers.add(f"#{ORDINAL_WORDS[low]}")
+            terms.append(f"#{ORDINAL_WORDS[low]}")
             continue
 
         # -- alphanumeric codes and dotted acronyms are entities as a whole; a
         #    hyphenated name-number ("COVID-19", "IL-6") is split like "Covid 19"
         if (_CODE_RE.search(tok) and not _NAME_NUMBER_RE.match(tok)) or _DOTTED_RE.match(tok):
             code = _NON_CODE_RE.sub("", low)
-            code = _ALIASES.get(code, code) if "." in tok else code
+            code = ALIASES.get(code, code) if "." in tok else code
             if code:
                 entities.add(code)
                 terms.append(code)
@@ -459,7 +351,7 @@ def extract_features(text: str) -> QueryFeatures:
                 terms.append(num)
                 continue
             plow = part.lower()
-            s = _ALIASES[plow] if part.isupper() and plow in _ALIASES else _SUBJECT_FORM.get(plow) or stem(plow)
+            s = ALIASES[plow] if part.isupper() and plow in ALIASES else SUBJECT_FORM.get(plow) or stem(plow)
             terms.append(s)
             if shouting or len(part) < 2 or part.islower():
                 continue
@@ -467,7 +359,7 @@ def extract_features(text: str) -> QueryFeatures:
             if upper == 0:
                 continue
             acronym = upper >= 2 and part.isupper()
-            if not acronym and (plow in _STOPWORDS or s in _STOP_STEMS):
+            if not acronym and (plow in STOPWORDS or s in _STOP_STEMS):
                 continue
             camel = not part[0].isupper() or (upper >= 2 and not acronym)
             if acronym or camel or not _is_sentence_start(text, m.start()):
@@ -479,16 +371,16 @@ def extract_features(text: str) -> QueryFeatures:
         entities=frozenset(entities),
         polarity=frozenset(t for t in terms if t in _ANTONYMS),
         qtype=qtype or "other",
-        modality=frozenset(_MODALS[t] for t in terms if t in _MODALS),
+        modality=frozenset(MODALS[t] for t in terms if t in MODALS),
         questions=len(_QUESTION_RE.findall(text)),
         person=frozenset(person),
-        deixis=any(t in _DEICTIC for t in terms),
+        deixis=any(t in DEICTIC for t in terms),
         content=frozenset(
             t
             for t in terms
             if t not in _STOP_STEMS
             and t not in _FILLER_STEMS
-            and t not in _NEGATION_WORDS
+            and t not in NEGATION_WORDS
             and not t[0].isdigit()
             and t[0] != "#"
         ),
@@ -595,7 +487,7 @@ def guards_pass(a: QueryFeatures, b: QueryFeatures, checks: Iterable[str] = DEFA
         missing = _entity_gap(a, frozenset(b.terms)) + _entity_gap(b, frozenset(a.terms))
         if missing:
             return False, f"entities differ: {{{', '.join(missing)}}}"
-    if "qtype" in enabled and _QTYPE_CLASS.get(a.qtype, a.qtype) != _QTYPE_CLASS.get(b.qtype, b.qtype):
+    if "qtype" in enabled and QTYPE_CLASS.get(a.qtype, a.qtype) != QTYPE_CLASS.get(b.qtype, b.qtype):
         return False, f"question type differs: {a.qtype}/{b.qtype}"
     if "compound" in enabled and (a.questions > 1) != (b.questions > 1):
         return False, f"question count differs: {a.questions}/{b.questions}"

@@ -61,8 +61,7 @@ def validate_tenant(tenant: str) -> str:
     """
     if not isinstance(tenant, str) or _TENANT_RE.fullmatch(tenant) is None:
         raise InvalidInput(
-            f"invalid tenant {tenant!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
-            "(starting with a letter or digit)"
+            f"invalid tenant {tenant!r}: use 1-64 characters from A-Z a-z 0-9 _ . - (starting with a letter or digit)"
         )
     return tenant
 

@@ -22,7 +22,7 @@ Dropped keys are deleted from every tier and published on Redis so other
 instances drop them from L1.
 
 With a shared L2 the dependency records live in Redis too
-(:class:`~ragline.cache.deps.RedisDependencyIndex`), so an ingest on any
+(:class:`~ragline.cache.deps_redis.RedisDependencyIndex`), so an ingest on any
 instance finds the entries every instance wrote.  If that index cannot be
 reached, the layer errs towards dropping more (see the deps module): entries
 whose record could only be kept locally stay out of the shared tiers and are
@@ -35,26 +35,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 
 from ragline.cache import guards
-from ragline.cache.deps import DependencyIndex, DepRecord, DepsIndex, RedisDependencyIndex
+from ragline.cache.deps import DepRecord, DepsIndex
+from ragline.cache.deps_redis import RedisDependencyIndex
+from ragline.cache.deps_sqlite import DependencyIndex
 from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenant_prefix
+from ragline.cache.redis import RedisTier
 from ragline.cache.semantic import SemanticIndex
 from ragline.cache.singleflight import DistributedSingleFlight
-from ragline.cache.tiers import RedisTier, TieredCache, build_cache
+from ragline.cache.tiered import TieredCache, build_cache
 from ragline.config import Settings
 from ragline.context import same_evidence
-from ragline.embed.base import Vectors
-from ragline.llm.prompt import PROMPT_VERSION
+from ragline.types import Vectors
 
-Reverify = Callable[[DepRecord], Awaitable[DepRecord | None]]
-"""Re-run retrieval for a cached entry; the refreshed record, or None if its context changed."""
+T = TypeVar("T")
+
+_MEMO_KEYS = 4096
+_MEMO_QUERY_CHARS = 256
 
 
 @dataclass(slots=True)
@@ -66,7 +70,8 @@ class InvalidationReport:
 
 
 class CacheLayer:
-    def __init__(self, settings: Settings, dim: int, embedder_id: str, llm_id: str) -> None:
+    def __init__(self, settings: Settings, dim: int, embedder_id: str, llm_id: str, *, prompt_version: str) -> None:
+        """``prompt_version`` names the prompt template: part of every answer key (bump it, old answers go)."""
         self.settings = settings
         self.cs = settings.cache
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
@@ -75,10 +80,14 @@ class CacheLayer:
         if self.cs.enabled and self.cs.l2_enabled and self.cs.redis_url:
             # shared by every instance; off the hot path, so a longer timeout than L2's
             self.deps = RedisDependencyIndex(
-                self.cs.redis_url, deps_path, timeout_s=max(1.0, self.cs.redis_timeout_s),
+                self.cs.redis_url,
+                deps_path,
+                timeout_s=max(1.0, self.cs.redis_timeout_s),
                 connect_timeout_s=self.cs.redis_connect_timeout_s,
-                max_connections=min(16, self.cs.redis_max_connections), reset_s=self.cs.breaker_reset_s,
-                ttl_grace_s=min(300.0, self.cs.ttl_s))
+                max_connections=min(16, self.cs.redis_max_connections),
+                reset_s=self.cs.breaker_reset_s,
+                ttl_grace_s=min(300.0, self.cs.ttl_s),
+            )
         else:
             self.deps = DependencyIndex(deps_path)
         self._reconcile_task: asyncio.Task[None] | None = None
@@ -86,33 +95,49 @@ class CacheLayer:
         self.embedder_id = embedder_id
         self.llm_id = llm_id
         # Everything that changes an answer, hashed once: per-request keys hash only the query part.
-        self.fingerprint = f"{settings.fingerprint()}:{embedder_id}:{llm_id}:{PROMPT_VERSION}"
+        self.fingerprint = f"{settings.fingerprint()}:{embedder_id}:{llm_id}:{prompt_version}"
         redis = next((t for t in self.tiers.tiers if isinstance(t, RedisTier)), None)
         self.flight: DistributedSingleFlight[Any] = DistributedSingleFlight(
-            redis, lock_s=self.cs.singleflight_lock_s, wait_s=self.cs.singleflight_wait_s,
-            poll_s=self.cs.singleflight_poll_s)
+            redis,
+            lock_s=self.cs.singleflight_lock_s,
+            wait_s=self.cs.singleflight_wait_s,
+            poll_s=self.cs.singleflight_poll_s,
+        )
         self.ttl = self.cs.ttl_s
-        self.counters: dict[str, int] = {"semantic_hits": 0, "semantic_rejected_guard": 0,
-                                         "semantic_rejected_verify": 0, "llm_calls_saved": 0,
-                                         "llm_tokens_saved": 0, "invalidation_checked": 0,
-                                         "invalidation_dropped": 0, "invalidation_kept": 0}
+        self._answer_keys: dict[tuple[str, str, int], str] = {}
+        """(tenant, raw query, k) → answer key of history-less requests (keys are pure functions of these)."""
+        self.counters: dict[str, int] = {
+            "semantic_hits": 0,
+            "semantic_rejected_guard": 0,
+            "semantic_rejected_verify": 0,
+            "llm_calls_saved": 0,
+            "llm_tokens_saved": 0,
+            "invalidation_checked": 0,
+            "invalidation_dropped": 0,
+            "invalidation_kept": 0,
+        }
 
     async def start(self) -> None:
         await self.tiers.start()
-        await asyncio.to_thread(self._load_semantic)
+        await self._load_semantic()
         if isinstance(self.deps, RedisDependencyIndex) and self._reconcile_task is None:
-            self._reconcile_task = asyncio.create_task(self._reconcile_local_only(),
-                                                       name="ragline-deps-reconcile")
+            self._reconcile_task = asyncio.create_task(self._reconcile_local_only(), name="ragline-deps-reconcile")
 
-    def _load_semantic(self) -> None:
+    async def _load_semantic(self) -> None:
         """Rebuild the in-process semantic index from the persistent dependency records."""
         by_tenant: dict[str, list[str]] = {}
-        for key in self.deps.all_keys():
+        for key in await self.deps.all_keys():
             if ":answer:" in key:
                 by_tenant.setdefault(key.split(":")[2], []).append(key)
+        recs: list[DepRecord] = []
         for tenant, keys in by_tenant.items():  # one batched fetch per tenant (a round trip with Redis)
-            for rec in self.deps.records(tenant, keys):
-                self.semantic.add(tenant, self.fingerprint, rec.entry_key, rec.query, rec.qvec)
+            recs.extend(await self.deps.records(tenant, keys))
+
+        def add_all() -> None:  # ANN inserts are CPU work: off the event loop
+            for rec in recs:
+                self.semantic.add(rec.tenant, self.fingerprint, rec.entry_key, rec.query, rec.qvec)
+
+        await asyncio.to_thread(add_all)
 
     async def _reconcile_local_only(self, interval_s: float = 1.0) -> None:
         """Entries cached while the shared dependency index was unreachable are known to no other
@@ -121,7 +146,7 @@ class CacheLayer:
         while True:
             if self.deps.has_local_only:
                 with contextlib.suppress(Exception):  # fail open: try again next round
-                    keys = await asyncio.to_thread(self.deps.take_local_only)
+                    keys = await self.deps.take_local_only()
                     if keys:
                         await self.drop(keys)
             await asyncio.sleep(interval_s)
@@ -133,19 +158,34 @@ class CacheLayer:
                 await self._reconcile_task
             self._reconcile_task = None
         await self.tiers.close()
-        await asyncio.to_thread(self.deps.close)
+        await self.deps.close()
 
     # -- keys -----------------------------------------------------------------
     def answer_key(self, tenant: str, query: str, k: int, history: Sequence[dict[str, str]]) -> str:
-        material: dict[str, Any] = {"q": canonical_query(query), "k": k, "fp": self.fingerprint}
-        if history:
-            material["h"] = [[m["role"], m["content"]] for m in history]
+        if not history:  # the hot path: a query asked again costs a dict lookup, not a hash
+            memo = (tenant, query, k)
+            key = self._answer_keys.get(memo)
+            if key is None:
+                key = make_key_for(tenant, "answer", {"q": canonical_query(query), "k": k, "fp": self.fingerprint})
+                if len(query) <= _MEMO_QUERY_CHARS:
+                    if len(self._answer_keys) >= _MEMO_KEYS:
+                        self._answer_keys.clear()
+                    self._answer_keys[memo] = key
+            return key
+        material: dict[str, Any] = {
+            "q": canonical_query(query),
+            "k": k,
+            "fp": self.fingerprint,
+            "h": [[m["role"], m["content"]] for m in history],
+        }
         return make_key_for(tenant, "answer", material)
 
-    def retrieval_key(self, tenant: str, query: str, k: int, mmr: bool, doc_level: bool,
-                      candidates: int | None) -> str:
-        return make_key_for(tenant, "retrieval", {"q": canonical_query(query), "k": k, "m": mmr,
-                                                  "d": doc_level, "c": candidates, "fp": self.fingerprint})
+    def retrieval_key(self, tenant: str, query: str, k: int, mmr: bool, doc_level: bool, candidates: int | None) -> str:
+        return make_key_for(
+            tenant,
+            "retrieval",
+            {"q": canonical_query(query), "k": k, "m": mmr, "d": doc_level, "c": candidates, "fp": self.fingerprint},
+        )
 
     def embedding_key(self, tenant: str, text: str) -> str:
         return make_key_for(tenant, "embedding", {"e": self.embedder_id, "t": text})
@@ -167,7 +207,7 @@ class CacheLayer:
         """Store an entry in every tier; with ``dep``, register it for invalidation first
         (so there is no window in which a cached entry is invisible to invalidation)."""
         if dep is not None:
-            shared = await asyncio.to_thread(self.deps.add, dep, time.time() + self.ttl)
+            shared = await self.deps.add(dep, time.time() + self.ttl)
             if semantic and self.cs.semantic:
                 self.semantic.add(dep.tenant, self.fingerprint, key, dep.query, dep.qvec)
             if not shared:
@@ -182,7 +222,7 @@ class CacheLayer:
         await asyncio.gather(*(t.set_many({key: value}, self.ttl) for t in local), return_exceptions=True)
         # the reconciler may have taken the record meanwhile (Redis is back): then it may have
         # dropped the entry before it was written, so drop it here
-        if not await asyncio.to_thread(self.deps.local_only, key):
+        if not await self.deps.local_only(key):
             await asyncio.gather(*(t.delete_many([key]) for t in local), return_exceptions=True)
 
     # -- embeddings ----------------------------------------------------------------
@@ -190,17 +230,23 @@ class CacheLayer:
         """Cached vectors by position in ``texts`` (misses are absent)."""
         keys = [self.embedding_key(tenant, t) for t in texts]
         found = await self.tiers.get_many(keys)
-        return {i: np.frombuffer(found[k], dtype=np.float32) for i, k in enumerate(keys)
-                if k in found and len(found[k]) == 4 * dim}
+        return {
+            i: np.frombuffer(found[k], dtype=np.float32)
+            for i, k in enumerate(keys)
+            if k in found and len(found[k]) == 4 * dim
+        }
 
     async def put_vectors(self, tenant: str, texts: Sequence[str], vectors: Vectors) -> None:
-        items = {self.embedding_key(tenant, t): np.ascontiguousarray(v, dtype=np.float32).tobytes()
-                 for t, v in zip(texts, vectors, strict=True)}
+        items = {
+            self.embedding_key(tenant, t): np.ascontiguousarray(v, dtype=np.float32).tobytes()
+            for t, v in zip(texts, vectors, strict=True)
+        }
         await self.tiers.set_many(items, self.ttl)
 
     # -- semantic -----------------------------------------------------------------------
-    async def semantic_match(self, tenant: str, query: str, qvec: Vectors, context_ids: Sequence[str],
-                             exclude: str | None = None) -> tuple[bytes, float, str] | None:
+    async def semantic_match(
+        self, tenant: str, query: str, qvec: Vectors, context_ids: Sequence[str], exclude: str | None = None
+    ) -> tuple[bytes, float, str] | None:
         """A cached answer for a *different* query that may serve this one, or None.
 
         Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
@@ -236,91 +282,39 @@ class CacheLayer:
         return None
 
     # -- invalidation ------------------------------------------------------------------
-    async def on_change(self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None,
-                        changed_terms: set[str], reverify: Reverify) -> InvalidationReport:
-        """Apply one ingest/delete to the cache: drop exactly the entries whose context changed.
-
-        ``changed_terms``: the keyword terms of every added and removed chunk.
-        """
-        report = InvalidationReport()
-        removed = set(removed_ids)
-        failures = self.deps.lookup_failures
-        by_chunk = await asyncio.to_thread(self.deps.by_chunks, tenant, removed) if removed else set()
-        dense = (await asyncio.to_thread(self.deps.dense_entered, tenant, new_vectors)
-                 if new_vectors is not None and len(new_vectors) else set())
-        by_term = await asyncio.to_thread(self.deps.by_terms, tenant, changed_terms) if changed_terms else set()
-        by_term -= by_chunk | dense
-        affected = by_chunk | dense | by_term
-        if not affected:
-            await self._flush_if_incomplete(tenant, failures, report)
-            return report
-        records = await asyncio.to_thread(self.deps.records, tenant, affected)
-        drop: list[str] = []
-        refreshed: list[DepRecord] = []
-        for rec in records:
-            report.checked += 1
-            if removed.intersection(rec.context_ids):
-                cause = "deleted_context"
-            else:
-                new = await reverify(rec)
-                if new is not None:
-                    refreshed.append(new)
-                    report.kept += 1
-                    continue
-                cause = "removed_candidate" if rec.entry_key in by_chunk else (
-                    "dense_entry" if rec.entry_key in dense else "keyword_entry")
-            drop.append(rec.entry_key)
-            drop.extend(rec.extra_keys)
-            report.causes[cause] = report.causes.get(cause, 0) + 1
-        for rec in refreshed:
-            if not await asyncio.to_thread(self.deps.add, rec, time.time() + self.ttl):
-                # its new dependencies reached only this instance's index: other instances
-                # could not invalidate it in the shared tier, so it goes
-                drop.append(rec.entry_key)
-                drop.extend(rec.extra_keys)
-                report.kept -= 1
-                report.causes["deps_unavailable"] = report.causes.get("deps_unavailable", 0) + 1
-        await self.drop(drop)
-        report.dropped = len(drop)
-        await self._flush_if_incomplete(tenant, failures, report)
-        self.counters["invalidation_checked"] += report.checked
-        self.counters["invalidation_dropped"] += report.dropped
-        self.counters["invalidation_kept"] += report.kept
-        return report
-
     async def drop(self, keys: Sequence[str]) -> None:
         if not keys:
             return
         self.semantic.remove(set(keys))
-        await asyncio.to_thread(self.deps.remove, list(keys))
+        await self.deps.remove(list(keys))
         await self.tiers.delete_many(list(keys))
 
     async def flush_results(self, tenant: str) -> int:
         """Drop every answer and retrieval entry of a tenant (embeddings and LLM responses stay)."""
-        keys = await asyncio.to_thread(self.deps.tenant_keys, tenant)
+        keys = await self.deps.tenant_keys(tenant)
         self.semantic.clear(tenant)
-        await asyncio.to_thread(self.deps.clear, tenant)
+        await self.deps.clear(tenant)
         n = 0
         for kind in ("answer", "retrieval"):
             n += await self.tiers.clear(kind_prefix(tenant, kind))
         return max(n, len(keys))
 
     async def invalidate_tenant(self, tenant: str) -> int:
-        keys = await asyncio.to_thread(self.deps.tenant_keys, tenant)
+        keys = await self.deps.tenant_keys(tenant)
         self.semantic.clear(tenant)
-        await asyncio.to_thread(self.deps.clear, tenant)
+        await self.deps.clear(tenant)
         n = await self.tiers.clear(tenant_prefix(tenant))
         return max(n, len(keys))
 
     async def invalidate_chunks(self, tenant: str, chunk_ids: Sequence[str]) -> int:
         failures = self.deps.lookup_failures
-        keys = await asyncio.to_thread(self.deps.by_chunks, tenant, chunk_ids)
+        keys = await self.deps.by_chunks(tenant, chunk_ids)
         await self.drop(sorted(keys))
         report = InvalidationReport()
-        await self._flush_if_incomplete(tenant, failures, report)
+        await self.flush_if_incomplete(tenant, failures, report)
         return len(keys) + report.dropped
 
-    async def _flush_if_incomplete(self, tenant: str, failures_before: int, report: InvalidationReport) -> None:
+    async def flush_if_incomplete(self, tenant: str, failures_before: int, report: InvalidationReport) -> None:
         """If a lookup could not consult the shared dependency records (Redis unreachable), entries
         other instances wrote may depend on this change unseen: drop every answer and retrieval
         entry of the tenant instead — in L1/L3 now, in L2 when RedisTier replays the remembered
@@ -336,12 +330,63 @@ class CacheLayer:
 
     async def invalidate_all(self) -> int:
         self.semantic.clear()
-        n = await asyncio.to_thread(self.deps.count)
-        await asyncio.to_thread(self.deps.clear)
+        n = await self.deps.count()
+        await self.deps.clear()
         return max(n, await self.tiers.clear(None))
 
+    async def invalidate(
+        self,
+        *,
+        tenant: str | None = None,
+        chunk_ids: Sequence[str] | None = None,
+        key: str | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Manual invalidation: everything, one key, one tenant, or the entries using some chunks
+        of a tenant.  Returns how many entries went."""
+        if everything:
+            return await self.invalidate_all()
+        if key is not None:
+            await self.drop([key])
+            return 1
+        assert tenant is not None
+        if chunk_ids is not None:
+            return await self.invalidate_chunks(tenant, chunk_ids)
+        return await self.invalidate_tenant(tenant)
+
+    # -- single-flight, counters, operations ------------------------------------------
+    async def single_flight(
+        self, key: str, compute: Callable[[], Awaitable[T]], poll: Callable[[], Awaitable[T | None]]
+    ) -> T:
+        """``compute()`` once for every concurrent caller of ``key``, here and on other instances
+        (which wait for the value through ``poll``); see :mod:`ragline.cache.singleflight`."""
+        result: T = await self.flight.do(key, compute, poll)
+        return result
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to one of the counters ``stats()`` reports."""
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def counter(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
+    def health(self) -> dict[str, bool]:
+        """Per tier: is it serving (False: degraded, the layer fails open to the other tiers)."""
+        return self.tiers.health()
+
+    def flush_metrics(self) -> None:
+        """Publish the tiers' hit/miss counts to Prometheus (called before a scrape)."""
+        self.tiers.flush_metrics()
+
     def stats(self) -> dict[str, Any]:
-        return {"tiers": self.tiers.stats(), "dependency_records": self.deps.count(),
-                "semantic_entries": len(self.semantic), "counters": dict(self.counters),
-                "singleflight": {"computed": self.flight.computed, "waited": self.flight.waited,
-                                 "lockless": self.flight.lockless}}
+        return {
+            "tiers": self.tiers.stats(),
+            "dependency_records": self.deps.known_count(),
+            "semantic_entries": len(self.semantic),
+            "counters": dict(self.counters),
+            "singleflight": {
+                "computed": self.flight.computed,
+                "waited": self.flight.waited,
+                "lockless": self.flight.lockless,
+            },
+        }

@@ -26,15 +26,26 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.metrics import MetricWrapperBase
 
-from ragline.cache.tiers import CountSources, merge_counts_by_tenant
+from ragline.cache.counts import CountSources, merge_counts_by_tenant
+from ragline.cache.tier import CacheTier
 
-if TYPE_CHECKING:
-    from ragline.cache.tiers import TieredCache
+
+class MetricsSource(Protocol):
+    """What :func:`sync` reads of a cache (a :class:`~ragline.cache.tiered.TieredCache`):
+    its plain-int counters and its tiers' ``stats()``.  Must be hashable and weak-referenceable."""
+
+    @property
+    def count_sources(self) -> CountSources: ...
+
+    @property
+    def tiers(self) -> Sequence[CacheTier]: ...
+
 
 __all__ = [
     "BYTES",
@@ -43,6 +54,7 @@ __all__ = [
     "EVICTIONS",
     "HEALTHY",
     "REQUESTS",
+    "MetricsSource",
     "register",
     "sync",
     "sync_all",
@@ -87,8 +99,8 @@ HEALTHY = _get_or_create(
 
 # Module state survives importlib.reload (tests): losing ``_last`` would re-add every count.
 _lock: threading.RLock = globals().get("_lock") or threading.RLock()  # re-entrant: GC finalizers
-_caches: weakref.WeakSet[TieredCache] = globals().get("_caches") or weakref.WeakSet()
-_last: weakref.WeakKeyDictionary[TieredCache, dict[Any, float]] = (
+_caches: weakref.WeakSet[MetricsSource] = globals().get("_caches") or weakref.WeakSet()
+_last: weakref.WeakKeyDictionary[MetricsSource, dict[Any, float]] = (
     globals().get("_last") or weakref.WeakKeyDictionary()
 )
 
@@ -101,7 +113,7 @@ def _flush_requests(counts: dict[tuple[str, str, str, str], int], last: dict[Any
             last[labels] = n
 
 
-def sync(cache: TieredCache) -> None:
+def sync(cache: MetricsSource) -> None:
     """Add ``cache``'s counter deltas since the last sync to the metrics; set the gauges."""
     with _lock:
         last = _last.setdefault(cache, {})
@@ -131,7 +143,7 @@ def sync_all() -> None:
         sync(cache)
 
 
-def register(cache: TieredCache) -> None:
+def register(cache: MetricsSource) -> None:
     """Track ``cache`` for :func:`sync_all`; when it is garbage-collected, its last
     request counts are flushed so no increment is lost."""
     with _lock:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from usearch.index import Index
 
-from ragline.embed.base import Vectors
+from ragline.types import Vectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +55,7 @@ class SemanticIndex:
             self._entries[label] = (part, answer_key, query)
             self._by_key[answer_key] = label
 
-    def candidates(self, tenant: str, fingerprint: str, qvec: Vectors, threshold: float,
-                   n: int = 3) -> list[Candidate]:
+    def candidates(self, tenant: str, fingerprint: str, qvec: Vectors, threshold: float, n: int = 3) -> list[Candidate]:
         with self._lock:
             idx = self._indexes.get((tenant, fingerprint))
             if idx is None or len(idx) == 0:

@@ -8,7 +8,9 @@
   The key's entry is removed as soon as the task finishes, however it
   finishes, so nothing leaks.
 * :class:`DistributedSingleFlight` (across instances): in front of the local
-  one, a short Redis lock (``SET NX PX``) elects one instance to compute.
+  one, a short Redis lock (redis-py's ``Lock``: ``SET NX PX`` to acquire, a
+  compare-and-delete script to release, taken through the L2 tier's fail-open
+  guard) elects one instance to compute.
   The others poll the cache through a callback until the value appears, the
   lock disappears (then they try to take it), or ``wait_s`` passes (then they
   compute themselves: a bounded wait, never a deadlock).  Redis being down
@@ -27,7 +29,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from ragline.cache.tiers import RedisTier
+    from redis.asyncio.lock import Lock
+
+    from ragline.cache.redis import RedisTier
 
 T = TypeVar("T")
 
@@ -145,14 +149,14 @@ class DistributedSingleFlight(Generic[T]):
         redis = self.redis
         if redis is None:
             return await self._compute(compute)
-        name = self.lock_name(key)
+        lock = redis.lock(self.lock_name(key), self.lock_s)
         token = secrets.token_hex(8)
-        got = await redis.try_lock(name, token, self.lock_s)
+        got = await redis.try_lock(lock, token)
         if got is None:
             self.lockless += 1
             return await self._compute(compute)
         if got:
-            return await self._compute_locked(compute, name, token)
+            return await self._compute_locked(compute, lock)
         # another instance is computing: poll for its result, bounded
         deadline = time.monotonic() + self.wait_s
         delay = self.first_poll_s
@@ -167,15 +171,15 @@ class DistributedSingleFlight(Generic[T]):
             if value is not None:
                 self.waited += 1
                 return value
-            got = await redis.try_lock(name, token, self.lock_s)
+            got = await redis.try_lock(lock, token)
             if got:  # the holder finished without a value, or died: our turn
                 # it may have stored the value between our poll and our lock
                 value = await poll()
                 if value is not None:
-                    await redis.unlock(name, token)
+                    await redis.unlock(lock)
                     self.waited += 1
                     return value
-                return await self._compute_locked(compute, name, token)
+                return await self._compute_locked(compute, lock)
             if got is None:  # Redis went away while we waited
                 self.lockless += 1
                 return await self._compute(compute)
@@ -184,11 +188,11 @@ class DistributedSingleFlight(Generic[T]):
         self.computed += 1
         return await compute()
 
-    async def _compute_locked(self, compute: Callable[[], Awaitable[T]], name: str, token: str) -> T:
+    async def _compute_locked(self, compute: Callable[[], Awaitable[T]], lock: Lock) -> T:
         assert self.redis is not None
         try:
             return await self._compute(compute)
         finally:
             # release even on error/cancel so waiters stop polling and retry at once
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.redis.unlock(name, token))
+                await asyncio.shield(self.redis.unlock(lock))

@@ -15,8 +15,9 @@ import contextlib
 
 import numpy as np
 
-from ragline.embed.base import Embedder, Vectors
+from ragline.embed.base import Embedder
 from ragline.errors import ServiceUnavailable
+from ragline.types import Vectors
 
 
 class MicroBatcher:
@@ -55,8 +56,9 @@ class MicroBatcher:
             except BaseException as exc:  # deliver the failure to every waiter
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc if isinstance(exc, Exception) else
-                                          ServiceUnavailable("embedding cancelled"))
+                        fut.set_exception(
+                            exc if isinstance(exc, Exception) else ServiceUnavailable("embedding cancelled")
+                        )
                 if not isinstance(exc, Exception):
                     raise
                 continue
@@ -64,7 +66,7 @@ class MicroBatcher:
             start = 0
             for ts, fut in batch:
                 if not fut.done():
-                    fut.set_result(vecs[start:start + len(ts)])
+                    fut.set_result(vecs[start : start + len(ts)])
                 start += len(ts)
 
     async def aclose(self) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ragline.config import EmbedderSettings
-from ragline.embed.base import Vectors
 from ragline.errors import ConfigError
+from ragline.types import Vectors
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -29,9 +29,7 @@ def resolve_model_dir(model: str) -> Path:
     try:
         mod = importlib.import_module(module)
     except ImportError:
-        raise ConfigError(
-            f"embedder.model {model!r} is neither a directory nor an installed model package"
-        ) from None
+        raise ConfigError(f"embedder.model {model!r} is neither a directory nor an installed model package") from None
     getter = getattr(mod, "get_model_path", None)
     path = Path(getter()) if callable(getter) else Path(str(mod.__file__)).parent / "model"
     if not (path / "config.json").is_file():
@@ -60,8 +58,7 @@ class LocalEmbedder:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.model_dir = resolve_model_dir(settings.model)
-        self._model: Any = SentenceTransformer(str(self.model_dir), device=settings.device,
-                                               local_files_only=True)
+        self._model: Any = SentenceTransformer(str(self.model_dir), device=settings.device, local_files_only=True)
         self.batch_size = settings.batch_size
         dim = self._model.get_embedding_dimension()
         self.dim: int = int(dim) if dim else 384

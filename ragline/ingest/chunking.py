@@ -240,8 +240,9 @@ class Chunker:
         model_dir = resolve_model_dir(str(path))
         tj = model_dir / "tokenizer.json"
         if not tj.is_file():
-            raise ConfigError(f"model dir {model_dir} has no tokenizer.json; chunking needs the "
-                              "embedder's fast tokenizer")
+            raise ConfigError(
+                f"model dir {model_dir} has no tokenizer.json; chunking needs the embedder's fast tokenizer"
+            )
         return cls(tj, settings)
 
     @property
@@ -268,8 +269,7 @@ class Chunker:
         fast_idx = [i for i, f in enumerate(is_fast) if f]
         out: list[Encoding | None] = [None] * len(texts)
         for idx, tok in ((fast_idx, fast), (slow_idx, self._tok)):
-            for i, enc in zip(idx, tok.encode_batch([texts[i] for i in idx], add_special_tokens=False),
-                              strict=True):
+            for i, enc in zip(idx, tok.encode_batch([texts[i] for i in idx], add_special_tokens=False), strict=True):
                 out[i] = enc
         return [e for e in out if e is not None]
 
@@ -330,15 +330,17 @@ class Chunker:
         title = doc.title
         for ordinal, (a, b) in enumerate(spans):
             piece = text[a:b]
-            chunks.append(Chunk(
-                id=f"{doc.id}#{ordinal}",
-                doc_id=doc.id,
-                ordinal=ordinal,
-                text=piece,
-                title=title,
-                content_hash=content_hash(title, piece),
-                metadata=doc.metadata,
-            ))
+            chunks.append(
+                Chunk(
+                    id=f"{doc.id}#{ordinal}",
+                    doc_id=doc.id,
+                    ordinal=ordinal,
+                    text=piece,
+                    title=title,
+                    content_hash=content_hash(title, piece),
+                    metadata=doc.metadata,
+                )
+            )
         return chunks
 
     def _spans(self, text: str, enc: Encoding) -> list[tuple[int, int]]:

@@ -125,7 +125,7 @@ def _markdown(text: str, stem: str) -> tuple[str, str]:
         t = _FM_TITLE.search(fm.group(1))
         if t:
             title = t.group(1).strip().strip("\"'")
-        text = text[fm.end():]
+        text = text[fm.end() :]
     if not title:
         atx = _ATX_HEADING.search(text)
         setext = _SETEXT_HEADING.search(text)
@@ -136,14 +136,51 @@ def _markdown(text: str, stem: str) -> tuple[str, str]:
     return title or stem, text
 
 
-_DROP_TAGS = frozenset({"script", "style", "nav", "noscript", "template", "svg", "iframe", "head",
-                        "object", "canvas"})
-_BLOCK_TAGS = frozenset({
-    "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "dialog", "div",
-    "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5",
-    "h6", "header", "hr", "li", "main", "ol", "p", "pre", "section", "summary", "table", "tbody",
-    "td", "tfoot", "th", "thead", "tr", "ul",
-})
+_DROP_TAGS = frozenset({"script", "style", "nav", "noscript", "template", "svg", "iframe", "head", "object", "canvas"})
+_BLOCK_TAGS = frozenset(
+    {
+        "address",
+        "article",
+        "aside",
+        "blockquote",
+        "body",
+        "caption",
+        "dd",
+        "details",
+        "dialog",
+        "div",
+        "dl",
+        "dt",
+        "fieldset",
+        "figcaption",
+        "figure",
+        "footer",
+        "form",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "header",
+        "hr",
+        "li",
+        "main",
+        "ol",
+        "p",
+        "pre",
+        "section",
+        "summary",
+        "table",
+        "tbody",
+        "td",
+        "tfoot",
+        "th",
+        "thead",
+        "tr",
+        "ul",
+    }
+)
 _WS = re.compile(r"\s+")
 _PARA_BREAKS = re.compile(r"[ \t]*\n[ \t\n]*")
 
@@ -216,8 +253,9 @@ def _pdf(data: bytes, name: str) -> tuple[str, str]:
             except Exception:
                 ok = False
             if not ok:
-                raise UnsupportedFile(f"PDF {_show(name)} is encrypted with a password; "
-                                      "save a decrypted copy and ingest that")
+                raise UnsupportedFile(
+                    f"PDF {_show(name)} is encrypted with a password; save a decrypted copy and ingest that"
+                )
         title = ""
         try:
             meta = reader.metadata
@@ -229,8 +267,9 @@ def _pdf(data: bytes, name: str) -> tuple[str, str]:
     except RaglineError:
         raise
     except Exception as exc:
-        raise UnsupportedFile(f"cannot read PDF {_show(name)}: {type(exc).__name__}: {exc}; "
-                              "the file is corrupt or not a PDF") from None
+        raise UnsupportedFile(
+            f"cannot read PDF {_show(name)}: {type(exc).__name__}: {exc}; the file is corrupt or not a PDF"
+        ) from None
     return title, "\n\n".join(p for p in pages if p)
 
 
@@ -244,8 +283,7 @@ def _jsonl_doc(line: bytes, lineno: int, name: str, source: str) -> Document | N
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"{where}: invalid JSON ({exc}); each line must be one JSON object") from None
     if not isinstance(obj, dict):
-        raise InvalidInput(f"{where}: expected a JSON object with '_id' and 'text', "
-                           f"got {type(obj).__name__}")
+        raise InvalidInput(f"{where}: expected a JSON object with '_id' and 'text', got {type(obj).__name__}")
     raw_id = obj.get("_id", obj.get("id"))
     if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
         raise InvalidInput(f"{where}: missing or non-string '_id'; every line needs a unique '_id'")
@@ -267,9 +305,11 @@ def _jsonl_doc(line: bytes, lineno: int, name: str, source: str) -> Document | N
 
 
 def _file_too_large(name: str, size: int, limits: LimitSettings) -> PayloadTooLarge:
-    return PayloadTooLarge(f"file {_show(name)} is {_mb(size)}, over the limit of "
-                           f"{_mb(limits.max_file_bytes)} (limits.max_file_bytes); "
-                           "split it or raise the limit")
+    return PayloadTooLarge(
+        f"file {_show(name)} is {_mb(size)}, over the limit of "
+        f"{_mb(limits.max_file_bytes)} (limits.max_file_bytes); "
+        "split it or raise the limit"
+    )
 
 
 def _suffix(name: str) -> str:
@@ -280,8 +320,9 @@ def _check_supported(name: str) -> str:
     suffix = _suffix(name)
     if suffix not in SUPPORTED_SUFFIXES:
         kind = f"type {suffix!r}" if suffix else "type (no file extension)"
-        raise UnsupportedFile(f"cannot ingest {_show(name)}: unsupported file {kind}; "
-                              f"supported types: {_SUPPORTED_LIST}")
+        raise UnsupportedFile(
+            f"cannot ingest {_show(name)}: unsupported file {kind}; supported types: {_SUPPORTED_LIST}"
+        )
     return suffix
 
 
@@ -299,8 +340,9 @@ def _single(data: bytes, name: str, suffix: str, doc_id: str, source: str) -> Do
     return Document(id=doc_id, text=text, title=title or stem, source=source)
 
 
-def parse_bytes(data: bytes, filename: str, limits: LimitSettings, *, doc_id: str | None = None,
-                source: str | None = None) -> list[Document]:
+def parse_bytes(
+    data: bytes, filename: str, limits: LimitSettings, *, doc_id: str | None = None, source: str | None = None
+) -> list[Document]:
     """Documents in an uploaded file's bytes (the HTTP upload path).
 
     ``filename`` selects the format by its suffix; ``doc_id`` defaults to the
@@ -323,8 +365,10 @@ def parse_bytes(data: bytes, filename: str, limits: LimitSettings, *, doc_id: st
         return docs
     doc = _single(data, filename, suffix, doc_id or Path(filename).name, src)
     if not doc.text.strip():
-        raise InvalidInput(f"file {_show(filename)} has no extractable text"
-                           + (" (a scanned PDF needs OCR first)" if suffix == ".pdf" else ""))
+        raise InvalidInput(
+            f"file {_show(filename)} has no extractable text"
+            + (" (a scanned PDF needs OCR first)" if suffix == ".pdf" else "")
+        )
     validate_document(doc, limits)
     return [doc]
 
@@ -337,8 +381,9 @@ def _validate_in(doc: Document, limits: LimitSettings, where: str) -> None:
         raise type(exc)(f"{where}: {exc.message}") from None
 
 
-def iter_file(path: str | Path, limits: LimitSettings, *, doc_id: str | None = None,
-              on_skip: SkipHandler | None = None) -> Iterator[Document]:
+def iter_file(
+    path: str | Path, limits: LimitSettings, *, doc_id: str | None = None, on_skip: SkipHandler | None = None
+) -> Iterator[Document]:
     """Documents of one file; ``doc_id`` defaults to the file name.
 
     JSONL is streamed line by line (a big corpus never sits in memory twice);
@@ -402,9 +447,13 @@ def _walk(folder: Path) -> list[Path]:
     return [fp for _, fp in found]
 
 
-def iter_documents(paths: Sequence[str | Path] | str | Path, limits: LimitSettings, *,
-                   on_skip: SkipHandler | None = None,
-                   on_error: ErrorHandler | None = None) -> Iterator[Document]:
+def iter_documents(
+    paths: Sequence[str | Path] | str | Path,
+    limits: LimitSettings,
+    *,
+    on_skip: SkipHandler | None = None,
+    on_error: ErrorHandler | None = None,
+) -> Iterator[Document]:
     """Documents of files and folders, in a stable order.
 
     Folders are walked recursively in sorted order, skipping hidden files and
@@ -443,7 +492,8 @@ def iter_documents(paths: Sequence[str | Path] | str | Path, limits: LimitSettin
                         dup = InvalidInput(
                             f"duplicate document id {_show(doc.id)} in {_show(str(fp))} (first read "
                             f"from {_show(str(first))}); ids must be unique: fix the repeated JSONL "
-                            "'_id', or ingest the common parent of two folders instead of both")
+                            "'_id', or ingest the common parent of two folders instead of both"
+                        )
                         if on_error is None:
                             raise dup
                         on_error(fp, dup)
@@ -472,11 +522,12 @@ def validate_document(doc: Document, limits: LimitSettings) -> None:
     if not isinstance(did, str) or not did.strip():
         raise InvalidInput("document id must be a non-empty string")
     if len(did) > MAX_ID_CHARS:
-        raise InvalidInput(f"document id {_show(did)} is {len(did)} characters; the maximum is "
-                           f"{MAX_ID_CHARS}: use a shorter id (e.g. a hash of the long one)")
+        raise InvalidInput(
+            f"document id {_show(did)} is {len(did)} characters; the maximum is "
+            f"{MAX_ID_CHARS}: use a shorter id (e.g. a hash of the long one)"
+        )
     if _CONTROL.search(did):
-        raise InvalidInput(f"document id {_show(did)} contains control characters (newline, tab, ...); "
-                           "remove them")
+        raise InvalidInput(f"document id {_show(did)} contains control characters (newline, tab, ...); remove them")
     if not isinstance(doc.text, str):
         raise InvalidInput(f"document {_show(did)}: text must be a string")
     if not isinstance(doc.title, str):
@@ -490,18 +541,24 @@ def validate_document(doc: Document, limits: LimitSettings) -> None:
         n_bytes = len(doc.text.encode()) + len(doc.title.encode()) if n_chars <= limit else n_chars
         if n_bytes > limit:
             exact = "" if n_chars <= limit else "at least "
-            raise PayloadTooLarge(f"document {_show(did)} is {exact}{_mb(n_bytes)} of text, over the limit "
-                                  f"of {_mb(limit)} (limits.max_document_bytes); split it into smaller "
-                                  "documents or raise the limit")
+            raise PayloadTooLarge(
+                f"document {_show(did)} is {exact}{_mb(n_bytes)} of text, over the limit "
+                f"of {_mb(limit)} (limits.max_document_bytes); split it into smaller "
+                "documents or raise the limit"
+            )
     if not isinstance(doc.metadata, dict):
         raise InvalidInput(f"document {_show(did)}: metadata must be a JSON object")
     if doc.metadata:
         try:
             n_meta = len(orjson.dumps(doc.metadata))
         except (TypeError, orjson.JSONEncodeError) as exc:
-            raise InvalidInput(f"document {_show(did)}: metadata is not JSON-serialisable ({exc}); "
-                               "use strings, numbers, booleans, lists and objects with string keys") from None
+            raise InvalidInput(
+                f"document {_show(did)}: metadata is not JSON-serialisable ({exc}); "
+                "use strings, numbers, booleans, lists and objects with string keys"
+            ) from None
         if n_meta > limits.max_metadata_bytes:
-            raise PayloadTooLarge(f"document {_show(did)}: metadata is {n_meta:,} bytes as JSON, over the "
-                                  f"limit of {limits.max_metadata_bytes:,} (limits.max_metadata_bytes); "
-                                  "keep large data out of metadata")
+            raise PayloadTooLarge(
+                f"document {_show(did)}: metadata is {n_meta:,} bytes as JSON, over the "
+                f"limit of {limits.max_metadata_bytes:,} (limits.max_metadata_bytes); "
+                "keep large data out of metadata"
+            )

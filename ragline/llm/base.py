@@ -6,10 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ragline.types import Usage
-
-Message = dict[str, str]
-"""An OpenAI chat message: {"role": "system"|"user"|"assistant", "content": str}."""
+from ragline.types import Message, Usage
 
 
 @dataclass(frozen=True, slots=True)

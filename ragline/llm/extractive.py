@@ -14,9 +14,9 @@ import re
 from collections.abc import AsyncIterator
 
 from ragline.config import LLMSettings
-from ragline.llm.base import Completion, GenParams, Message, StreamChunk
+from ragline.llm.base import Completion, GenParams, StreamChunk
 from ragline.llm.prompt import parse_prompt
-from ragline.types import Usage
+from ragline.types import Message, Usage
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\"'])")
 _WORD = re.compile(r"[a-z0-9]+")

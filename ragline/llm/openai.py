@@ -37,8 +37,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from ragline.config import LLMSettings
 from ragline.errors import ConfigError, RaglineError, RateLimited, UpstreamError, UpstreamTimeout
-from ragline.llm.base import Completion, GenParams, Message, StreamChunk
-from ragline.types import Usage
+from ragline.llm.base import Completion, GenParams, StreamChunk
+from ragline.types import Message, Usage
 
 __all__ = ["OpenAILLM", "parse_retry_after"]
 
@@ -116,9 +116,15 @@ class OpenAILLM:
     metrics and tests.
     """
 
-    def __init__(self, settings: LLMSettings, *, transport: httpx.AsyncBaseTransport | None = None,
-                 max_retry_after_s: float = 30.0, backoff_initial_s: float = 0.25,
-                 backoff_max_s: float = 8.0) -> None:
+    def __init__(
+        self,
+        settings: LLMSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_retry_after_s: float = 30.0,
+        backoff_initial_s: float = 0.25,
+        backoff_max_s: float = 8.0,
+    ) -> None:
         if not settings.base_url:
             raise ConfigError("llm.base_url is required for the openai provider")
         self.settings = settings
@@ -136,8 +142,9 @@ class OpenAILLM:
         self._client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(max_connections=settings.max_connections,
-                                max_keepalive_connections=settings.max_connections),
+            limits=httpx.Limits(
+                max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
+            ),
             transport=transport,
         )
         self._stream_options = True
@@ -229,8 +236,9 @@ class OpenAILLM:
     async def __aenter__(self) -> OpenAILLM:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     # ------------------------------------------------------------ internals
@@ -252,23 +260,23 @@ class OpenAILLM:
                 body["stream_options"] = {"include_usage": True}
         return body
 
-    async def _open_stream(self, messages: list[Message], params: GenParams
-                           ) -> tuple[httpx.Response, AsyncGenerator[dict[str, Any], None],
-                                      list[dict[str, Any]]]:
+    async def _open_stream(
+        self, messages: list[Message], params: GenParams
+    ) -> tuple[httpx.Response, AsyncGenerator[dict[str, Any], None], list[dict[str, Any]]]:
         """One attempt: send, check the status, read events up to the first content delta.
 
         Everything up to that delta is inside the retry loop (nothing has
         reached the caller yet); the caller continues with the returned iterator.
         """
         self.requests += 1
-        req = self._client.build_request("POST", self._url,
-                                         content=orjson.dumps(self._body(messages, params, stream=True)))
+        req = self._client.build_request(
+            "POST", self._url, content=orjson.dumps(self._body(messages, params, stream=True))
+        )
         resp = await self._client.send(req, stream=True)
         try:
             if resp.status_code >= 300:
                 body = await resp.aread()
-                if (resp.status_code in (400, 422) and self._stream_options
-                        and b"stream_options" in body):
+                if resp.status_code in (400, 422) and self._stream_options and b"stream_options" in body:
                     # An older server that rejects the field: drop it, retry at once, remember.
                     self._stream_options = False
                     await resp.aclose()
@@ -356,15 +364,17 @@ class OpenAILLM:
         if isinstance(exc, _StatusError):
             if exc.status == 429:
                 wait = "" if exc.retry_after is None else f"; retry after {exc.retry_after:g}s"
-                return RateLimited(f"{where} rate-limited the request (HTTP 429{wait}): {exc.excerpt}",
-                                   retry_after=exc.retry_after)
+                return RateLimited(
+                    f"{where} rate-limited the request (HTTP 429{wait}): {exc.excerpt}", retry_after=exc.retry_after
+                )
             return UpstreamError(f"{where} returned HTTP {exc.status}: {exc.excerpt}")
         if isinstance(exc, _Malformed):
             return UpstreamError(f"{where} sent a malformed response: {exc}")
         if isinstance(exc, httpx.TimeoutException):
             kind = type(exc).__name__
-            limit = (self.settings.connect_timeout_s if isinstance(exc, httpx.ConnectTimeout)
-                     else self.settings.timeout_s)
+            limit = (
+                self.settings.connect_timeout_s if isinstance(exc, httpx.ConnectTimeout) else self.settings.timeout_s
+            )
             return UpstreamTimeout(f"{where} did not answer in time ({kind} after {limit:g}s)")
         if isinstance(exc, httpx.HTTPError):
             detail = str(exc).replace(self._secret, "***") if self._secret else str(exc)
@@ -377,8 +387,7 @@ def _cause(exc: Exception) -> BaseException | None:
     return None if isinstance(exc, _StatusError | _Malformed) else exc
 
 
-async def _chain(first: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]
-                 ) -> AsyncIterator[dict[str, Any]]:
+async def _chain(first: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     for ev in first:
         yield ev
     async for ev in rest:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ragline.llm.base import Message
-from ragline.types import Hit
+from ragline.types import Hit, Message
 
 PROMPT_VERSION = "v1"
 
@@ -26,8 +25,7 @@ _SOURCE_HEADER = re.compile(r"^\[(\d+)\](?: (.*))?$")
 _QUESTION = "Question: "
 
 
-def build_messages(question: str, sources: Sequence[Hit],
-                   history: Sequence[Message] = ()) -> list[Message]:
+def build_messages(question: str, sources: Sequence[Hit], history: Sequence[Message] = ()) -> list[Message]:
     """System instructions, prior turns, then one user message with sources and question."""
     blocks = []
     for n, h in enumerate(sources, start=1):

@@ -3,6 +3,13 @@
 A store holds documents, their chunks, the chunk vectors, a dense index and a
 keyword index, all partitioned by tenant: no call can see another tenant's
 data.  ``upsert`` is atomic per call (all documents land or none).
+
+Besides the four operations, every store implements the same read helpers
+(document state, chunks, vectors, ids, counts) and ``analyze``: the terms its
+keyword index makes of a text.  Cache invalidation uses ``analyze`` to find the
+entries a change can reorder (a change moves the idf of the terms it adds or
+removes), so a store with a different keyword analysis (e.g. PostgreSQL's
+``to_tsvector``) stays exact by answering it for its own index.
 """
 
 from __future__ import annotations
@@ -10,16 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ragline.embed.base import Vectors
-from ragline.types import Chunk, Document
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """A chunk id and a retriever's raw score (cosine for dense, BM25 for keyword)."""
-
-    chunk_id: str
-    score: float
+from ragline.types import Chunk, Document, Scored, Vectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +31,7 @@ class DocState:
 
 @runtime_checkable
 class Store(Protocol):
+    # -- the extension point -------------------------------------------------
     def search_dense(self, tenant: str, vector: Vectors, k: int) -> list[Scored]: ...
 
     def search_keyword(self, tenant: str, query: str, k: int) -> list[Scored]: ...
@@ -45,12 +44,29 @@ class Store(Protocol):
         """Delete documents; returns the chunk ids that were removed."""
         ...
 
-    def doc_state(self, tenant: str, doc_ids: list[str]) -> dict[str, DocState]: ...
+    # -- read helpers every store shares --------------------------------------
+    def doc_state(self, tenant: str, doc_ids: list[str]) -> dict[str, DocState]:
+        """The known documents among ``doc_ids`` (absent ids are unknown)."""
+        ...
 
-    def chunks(self, tenant: str, chunk_ids: list[str]) -> dict[str, Chunk]: ...
+    def chunks(self, tenant: str, chunk_ids: list[str]) -> dict[str, Chunk]:
+        """The known chunks among ``chunk_ids``."""
+        ...
 
-    def vectors(self, tenant: str, chunk_ids: list[str]) -> Vectors: ...
+    def vectors(self, tenant: str, chunk_ids: list[str]) -> Vectors:
+        """Stored vectors in the order of ``chunk_ids`` (zeros for unknown ids)."""
+        ...
 
-    def stats(self, tenant: str | None = None) -> dict[str, int]: ...
+    def document_ids(self, tenant: str, limit: int = 1000, offset: int = 0) -> list[str]:
+        """Document ids in id order, one page."""
+        ...
+
+    def analyze(self, text: str) -> list[str]:
+        """The terms the keyword index makes of ``text`` (for keyword-driven invalidation)."""
+        ...
+
+    def stats(self, tenant: str | None = None) -> dict[str, int]:
+        """``{"documents": n, "chunks": m}`` of one tenant, or of all."""
+        ...
 
     def close(self) -> None: ...

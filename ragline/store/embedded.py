@@ -34,10 +34,9 @@ import orjson
 import tantivy
 from usearch.index import Index
 
-from ragline.embed.base import Vectors
 from ragline.errors import InvalidInput, StoreError
-from ragline.store.base import DocState, Scored
-from ragline.types import Chunk, Document
+from ragline.store.base import DocState
+from ragline.types import Chunk, Document, Scored, Vectors
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,8 +60,13 @@ _QUERY_SYNTAX = re.compile(r"[^\w]+", re.UNICODE)
 _TENANT_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-_ANALYZER = (tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple()).filter(tantivy.Filter.remove_long(40))
-             .filter(tantivy.Filter.lowercase()).filter(tantivy.Filter.stemmer("english")).build())
+_ANALYZER = (
+    tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
+    .filter(tantivy.Filter.remove_long(40))
+    .filter(tantivy.Filter.lowercase())
+    .filter(tantivy.Filter.stemmer("english"))
+    .build()
+)
 """The same analysis as tantivy's ``en_stem`` tokenizer used by the keyword index."""
 
 
@@ -88,8 +92,7 @@ class _TenantIndexes:
         self.dense_path = root / "dense.usearch"
         self.keyword_dir = root / "keyword"
         self.dim = dim
-        self.dense = Index(ndim=dim, metric="cos", dtype="f32", connectivity=16,
-                           expansion_add=128, expansion_search=64)
+        self.dense = Index(ndim=dim, metric="cos", dtype="f32", connectivity=16, expansion_add=128, expansion_search=64)
         self.keyword_dir.mkdir(exist_ok=True)
         sb = tantivy.SchemaBuilder()
         sb.add_integer_field("key", stored=True, indexed=True, fast=True)
@@ -114,8 +117,7 @@ class EmbeddedStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self._db_lock = threading.RLock()
-        self._db = sqlite3.connect(self.data_dir / "store.sqlite3", check_same_thread=False,
-                                   isolation_level=None)
+        self._db = sqlite3.connect(self.data_dir / "store.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -139,8 +141,10 @@ class EmbeddedStore:
         return None if row is None else str(row[0])
 
     def _set_meta(self, key: str, value: str) -> None:
-        self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE "
-                         "SET value=excluded.value", (key, value))
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
 
     def _tenant_dir(self, tenant: str) -> Path:
         if not _TENANT_SAFE.match(tenant):
@@ -165,8 +169,9 @@ class EmbeddedStore:
     def _rebuild(self, tenant: str, ti: _TenantIndexes) -> None:
         """Recreate both indexes of a tenant from SQLite (after a crash); no embedding."""
         ti.dense.reset()  # type: ignore[no-untyped-call]
-        ti.dense = Index(ndim=self.dim, metric="cos", dtype="f32", connectivity=16,
-                         expansion_add=128, expansion_search=64)
+        ti.dense = Index(
+            ndim=self.dim, metric="cos", dtype="f32", connectivity=16, expansion_add=128, expansion_search=64
+        )
         w = ti.keyword_writer()
         w.delete_all_documents()
         cur = self._db.execute("SELECT key, title, text, vector FROM chunks WHERE tenant=?", (tenant,))
@@ -196,8 +201,9 @@ class EmbeddedStore:
             m = ti.dense.search(vector.reshape(-1), min(k, len(ti.dense)))
             keys, dists = m.keys, m.distances
             k2c = ti.key_to_chunk
-            out = [Scored(k2c[int(key)], 1.0 - float(d)) for key, d in zip(keys, dists, strict=False)
-                   if int(key) in k2c]
+            out = [
+                Scored(k2c[int(key)], 1.0 - float(d)) for key, d in zip(keys, dists, strict=False) if int(key) in k2c
+            ]
         out.sort(key=_rank_order)  # equal scores: a stable order that does not depend on index layout
         return out
 
@@ -236,21 +242,34 @@ class EmbeddedStore:
                 for doc, doc_hash, chunks, vecs in docs:
                     if len(chunks) != len(vecs):
                         raise StoreError(f"document {doc.id!r}: {len(chunks)} chunks but {len(vecs)} vectors")
-                    old_keys.extend(int(r[0]) for r in db.execute(
-                        "SELECT key FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc.id)))
+                    old_keys.extend(
+                        int(r[0])
+                        for r in db.execute("SELECT key FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc.id))
+                    )
                     db.execute("DELETE FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc.id))
                     db.execute(
                         "INSERT INTO documents(tenant, doc_id, content_hash, title, source, metadata, updated_at) "
                         "VALUES(?,?,?,?,?,?,?) ON CONFLICT(tenant, doc_id) DO UPDATE SET "
                         "content_hash=excluded.content_hash, title=excluded.title, source=excluded.source, "
                         "metadata=excluded.metadata, updated_at=excluded.updated_at",
-                        (tenant, doc.id, doc_hash, doc.title, doc.source, orjson.dumps(doc.metadata), now))
+                        (tenant, doc.id, doc_hash, doc.title, doc.source, orjson.dumps(doc.metadata), now),
+                    )
                     for ch, vec in zip(chunks, vecs, strict=True):
                         cur = db.execute(
                             "INSERT INTO chunks(tenant, chunk_id, doc_id, ordinal, text, title, content_hash, "
                             "metadata, vector) VALUES(?,?,?,?,?,?,?,?,?)",
-                            (tenant, ch.id, ch.doc_id, ch.ordinal, ch.text, ch.title, ch.content_hash,
-                             orjson.dumps(ch.metadata), np.ascontiguousarray(vec, np.float32).tobytes()))
+                            (
+                                tenant,
+                                ch.id,
+                                ch.doc_id,
+                                ch.ordinal,
+                                ch.text,
+                                ch.title,
+                                ch.content_hash,
+                                orjson.dumps(ch.metadata),
+                                np.ascontiguousarray(vec, np.float32).tobytes(),
+                            ),
+                        )
                         new_rows.append((int(cur.lastrowid or 0), ch.id, ch.index_text, vec))
                 db.execute("COMMIT")
             except BaseException as exc:
@@ -262,8 +281,9 @@ class EmbeddedStore:
                 raise
             self._apply_index_changes(ti, old_keys, new_rows)
 
-    def _apply_index_changes(self, ti: _TenantIndexes, old_keys: list[int],
-                             new_rows: list[tuple[int, str, str, Vectors]]) -> None:
+    def _apply_index_changes(
+        self, ti: _TenantIndexes, old_keys: list[int], new_rows: list[tuple[int, str, str, Vectors]]
+    ) -> None:
         w = ti.keyword_writer()
         for key in old_keys:
             ti.key_to_chunk.pop(key, None)
@@ -295,8 +315,12 @@ class EmbeddedStore:
                 db.execute("BEGIN IMMEDIATE")
                 self._set_meta("dirty", "1")
                 for doc_id in doc_ids:
-                    removed.extend((int(k), str(c)) for k, c in db.execute(
-                        "SELECT key, chunk_id FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id)))
+                    removed.extend(
+                        (int(k), str(c))
+                        for k, c in db.execute(
+                            "SELECT key, chunk_id FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id)
+                        )
+                    )
                     db.execute("DELETE FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                     db.execute("DELETE FROM documents WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                 db.execute("COMMIT")
@@ -313,12 +337,15 @@ class EmbeddedStore:
                 marks = ",".join("?" * len(batch))
                 docs = self._db.execute(
                     f"SELECT doc_id, content_hash FROM documents WHERE tenant=? AND doc_id IN ({marks})",
-                    (tenant, *batch)).fetchall()
+                    (tenant, *batch),
+                ).fetchall()
                 if not docs:
                     continue
                 chunk_rows = self._db.execute(
                     f"SELECT doc_id, chunk_id FROM chunks WHERE tenant=? AND doc_id IN ({marks}) "
-                    "ORDER BY doc_id, ordinal", (tenant, *batch)).fetchall()
+                    "ORDER BY doc_id, ordinal",
+                    (tenant, *batch),
+                ).fetchall()
                 by_doc: dict[str, list[str]] = {}
                 for d, c in chunk_rows:
                     by_doc.setdefault(d, []).append(c)
@@ -332,8 +359,10 @@ class EmbeddedStore:
             for batch in _batched(chunk_ids, 500):
                 marks = ",".join("?" * len(batch))
                 for cid, did, ordn, text, title, h, meta in self._db.execute(
-                        "SELECT chunk_id, doc_id, ordinal, text, title, content_hash, metadata FROM chunks "
-                        f"WHERE tenant=? AND chunk_id IN ({marks})", (tenant, *batch)):
+                    "SELECT chunk_id, doc_id, ordinal, text, title, content_hash, metadata FROM chunks "
+                    f"WHERE tenant=? AND chunk_id IN ({marks})",
+                    (tenant, *batch),
+                ):
                     out[cid] = Chunk(cid, did, ordn, text, title, h, orjson.loads(meta))
         return out
 
@@ -343,8 +372,8 @@ class EmbeddedStore:
             for batch in _batched(chunk_ids, 500):
                 marks = ",".join("?" * len(batch))
                 for cid, blob in self._db.execute(
-                        f"SELECT chunk_id, vector FROM chunks WHERE tenant=? AND chunk_id IN ({marks})",
-                        (tenant, *batch)):
+                    f"SELECT chunk_id, vector FROM chunks WHERE tenant=? AND chunk_id IN ({marks})", (tenant, *batch)
+                ):
                     found[cid] = blob
         out = np.zeros((len(chunk_ids), self.dim), dtype=np.float32)
         for i, cid in enumerate(chunk_ids):
@@ -355,9 +384,17 @@ class EmbeddedStore:
 
     def document_ids(self, tenant: str, limit: int = 1000, offset: int = 0) -> list[str]:
         with self._db_lock:
-            return [str(r[0]) for r in self._db.execute(
-                "SELECT doc_id FROM documents WHERE tenant=? ORDER BY doc_id LIMIT ? OFFSET ?",
-                (tenant, limit, offset))]
+            return [
+                str(r[0])
+                for r in self._db.execute(
+                    "SELECT doc_id FROM documents WHERE tenant=? ORDER BY doc_id LIMIT ? OFFSET ?",
+                    (tenant, limit, offset),
+                )
+            ]
+
+    def analyze(self, text: str) -> list[str]:
+        """Index terms of ``text`` exactly as this store's keyword index (``en_stem``) sees them."""
+        return analyze(text)
 
     def stats(self, tenant: str | None = None) -> dict[str, int]:
         with self._db_lock:
@@ -400,4 +437,4 @@ def _rank_order(s: Scored) -> tuple[float, str]:
 
 def _batched(items: list[str], n: int) -> Iterable[list[str]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]

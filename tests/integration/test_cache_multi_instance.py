@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from ragline.cache.deps import DepsIndex, RedisDependencyIndex
+from ragline.cache.deps import DepsIndex
+from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.config import Settings
 from ragline.embed.local import LocalEmbedder
 from ragline.pipeline import AsyncRAG
@@ -30,8 +31,11 @@ from tests.unit.test_deps import CONTRACT, E0, E1, keys_of, later, rec
 
 pytestmark = pytest.mark.slow
 
-PARIS_V2 = Document("paris", "Paris is the capital of France. The Eiffel Tower was completed in March 1889 "
-                             "for the World's Fair.", title="Paris")
+PARIS_V2 = Document(
+    "paris",
+    "Paris is the capital of France. The Eiffel Tower was completed in March 1889 for the World's Fair.",
+    title="Paris",
+)
 Q = "When was the Eiffel Tower completed?"
 CATS = "How long do cats sleep?"
 
@@ -54,7 +58,7 @@ async def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.02
 
 
 @pytest.fixture
-def make_index(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., RedisDependencyIndex]]:
+async def make_index(redis_url: str, tmp_path: Path) -> AsyncIterator[Callable[..., RedisDependencyIndex]]:
     made: list[RedisDependencyIndex] = []
 
     def make(name: str = "a", url: str | None = None, **kw: Any) -> RedisDependencyIndex:
@@ -66,61 +70,64 @@ def make_index(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., RedisDe
 
     yield make
     for idx in made:
-        idx.close()
+        await idx.close()
 
 
 @pytest.mark.parametrize("check", CONTRACT, ids=lambda f: f.__name__)
-def test_redis_contract(check: Callable[[DepsIndex], None], make_index: Callable[..., RedisDependencyIndex]) -> None:
+async def test_redis_contract(
+    check: Callable[[DepsIndex], Awaitable[None]], make_index: Callable[..., RedisDependencyIndex]
+) -> None:
     idx = make_index()
-    check(idx)
-    assert idx.local.count() == 0  # with Redis up, nothing is kept locally
+    await check(idx)
+    assert await idx.local.count() == 0  # with Redis up, nothing is kept locally
 
 
-def test_records_are_shared_between_instances(make_index: Callable[..., RedisDependencyIndex]) -> None:
+async def test_records_are_shared_between_instances(make_index: Callable[..., RedisDependencyIndex]) -> None:
     x, y = make_index("x"), make_index("y")
     r = rec("a", cands=("c1",), terms=("alpha",), vec=E0, dc=None)
-    assert x.add(r, later()) is True
+    assert await x.add(r, later()) is True
     k = r.entry_key
-    assert y.by_chunks("t1", ["c1"]) == {k}
-    assert y.by_terms("t1", ["alpha"]) == {k}
-    assert keys_of(y.records("t1", [k])) == {k}
-    assert y.dense_entered("t1", E0[None, :]) == {k}
-    assert y.tenant_keys("t1") == [k] and y.all_keys() == [k] and y.count() == 1
+    assert await y.by_chunks("t1", ["c1"]) == {k}
+    assert await y.by_terms("t1", ["alpha"]) == {k}
+    assert keys_of(await y.records("t1", [k])) == {k}
+    assert await y.dense_entered("t1", E0[None, :]) == {k}
+    assert await y.tenant_keys("t1") == [k] and await y.all_keys() == [k] and await y.count() == 1
     # y's query-vector matrix is reused until some instance changes the tenant's records,
     # then refreshed with just the records that changed
     refreshes, fetched = y.dense_refreshes, y.dense_records_fetched
-    assert y.dense_entered("t1", E1[None, :]) == {k}
+    assert await y.dense_entered("t1", E1[None, :]) == {k}
     assert (y.dense_refreshes, y.dense_records_fetched) == (refreshes, fetched)
     r2 = rec("b", cands=("c2",), vec=E1, dc=0.9)
-    x.add(r2, later())
-    assert y.dense_entered("t1", E1[None, :]) == {k, r2.entry_key}
+    await x.add(r2, later())
+    assert await y.dense_entered("t1", E1[None, :]) == {k, r2.entry_key}
     assert (y.dense_refreshes, y.dense_records_fetched) == (refreshes + 1, fetched + 1)
     # a refreshed record keeps its key but may change its cutoff: y must see the new one
-    x.add(rec("b", cands=("c2",), vec=E1, dc=None), later())
-    assert y.dense_entered("t1", E0[None, :]) == {k, r2.entry_key}
+    await x.add(rec("b", cands=("c2",), vec=E1, dc=None), later())
+    assert await y.dense_entered("t1", E0[None, :]) == {k, r2.entry_key}
     assert (y.dense_refreshes, y.dense_records_fetched) == (refreshes + 2, fetched + 2)
     # a remove on one instance is seen by the other
-    y.remove([k])
-    assert x.by_chunks("t1", ["c1"]) == set()
-    assert x.dense_entered("t1", E0[None, :]) == {r2.entry_key}  # its list is not full: anything enters
-    assert x.records("t1", [k]) == []
-    assert x.local.count() == y.local.count() == 0
+    await y.remove([k])
+    assert await x.by_chunks("t1", ["c1"]) == set()
+    assert await x.dense_entered("t1", E0[None, :]) == {r2.entry_key}  # its list is not full: anything enters
+    assert await x.records("t1", [k]) == []
+    assert await x.local.count() == await y.local.count() == 0
 
 
-def test_expired_records_are_skipped_and_pruned(make_index: Callable[..., RedisDependencyIndex],
-                                                redis_url: str) -> None:
+async def test_expired_records_are_skipped_and_pruned(
+    make_index: Callable[..., RedisDependencyIndex], redis_url: str
+) -> None:
     idx = make_index(ttl_grace_s=0.0)
     short = rec("short", cands=("c1",), terms=("alpha",), vec=E0, dc=None)
     long = rec("long", cands=("c1",), terms=("alpha",), vec=E1, dc=None)
-    idx.add(short, time.time() + 0.3)
-    idx.add(long, later())
-    assert idx.dense_entered("t1", E0[None, :]) == {short.entry_key, long.entry_key}  # matrix now cached
-    time.sleep(0.5)  # Redis expires the short record; the sets live on (the long one keeps them)
-    assert idx.by_chunks("t1", ["c1"]) == {long.entry_key}
-    assert idx.by_terms("t1", ["alpha"]) == {long.entry_key}
-    assert keys_of(idx.records("t1", [short.entry_key, long.entry_key])) == {long.entry_key}
-    assert idx.dense_entered("t1", E0[None, :]) == {long.entry_key}  # the cached matrix is checked too
-    assert idx.tenant_keys("t1") == [long.entry_key]
+    await idx.add(short, time.time() + 0.3)
+    await idx.add(long, later())
+    assert await idx.dense_entered("t1", E0[None, :]) == {short.entry_key, long.entry_key}  # matrix now cached
+    await asyncio.sleep(0.5)  # Redis expires the short record; the sets live on (the long one keeps them)
+    assert await idx.by_chunks("t1", ["c1"]) == {long.entry_key}
+    assert await idx.by_terms("t1", ["alpha"]) == {long.entry_key}
+    assert keys_of(await idx.records("t1", [short.entry_key, long.entry_key])) == {long.entry_key}
+    assert await idx.dense_entered("t1", E0[None, :]) == {long.entry_key}  # the cached matrix is checked too
+    assert await idx.tenant_keys("t1") == [long.entry_key]
     raw = redis.Redis.from_url(redis_url)
     try:  # the stale memberships were removed when met
         root = "rl:v1:t1:dep:"
@@ -132,45 +139,52 @@ def test_expired_records_are_skipped_and_pruned(make_index: Callable[..., RedisD
         raw.close()
 
 
-def test_unreachable_redis_falls_back_locally_then_hands_over(
-        make_index: Callable[..., RedisDependencyIndex], redis_server: RedisServer) -> None:
+async def test_unreachable_redis_falls_back_locally_then_hands_over(
+    make_index: Callable[..., RedisDependencyIndex], redis_server: RedisServer
+) -> None:
     idx = make_index()
     shared = rec("shared", cands=("c1",), vec=E0, dc=None)
-    assert idx.add(shared, later()) is True
+    assert await idx.add(shared, later()) is True
     redis_server.stop()
     local = rec("local", cands=("c1",), vec=E1, dc=None)
-    assert idx.add(local, later()) is False  # not visible to other instances: the caller keeps it local
-    assert idx.local_only(local.entry_key) and idx.has_local_only
+    assert await idx.add(local, later()) is False  # not visible to other instances: the caller keeps it local
+    assert await idx.local_only(local.entry_key) and idx.has_local_only
     failures = idx.lookup_failures
-    assert idx.by_chunks("t1", ["c1"]) == {local.entry_key}  # what this instance knows ...
+    assert await idx.by_chunks("t1", ["c1"]) == {local.entry_key}  # what this instance knows ...
     assert idx.lookup_failures > failures  # ... and that it is not everything
-    assert keys_of(idx.records("t1", [shared.entry_key, local.entry_key])) == {local.entry_key}
-    assert idx.dense_entered("t1", E1[None, :]) == {local.entry_key}
-    assert idx.take_local_only() == []  # still unreachable: keep them
+    assert keys_of(await idx.records("t1", [shared.entry_key, local.entry_key])) == {local.entry_key}
+    assert await idx.dense_entered("t1", E1[None, :]) == {local.entry_key}
+    assert await idx.take_local_only() == []  # still unreachable: keep them
     redis_server.start()
     deadline = time.monotonic() + 3
     taken: list[str] = []
     while not taken and time.monotonic() < deadline:
-        time.sleep(0.05)
-        taken = idx.take_local_only()
+        await asyncio.sleep(0.05)
+        taken = await idx.take_local_only()
     assert taken == [local.entry_key]
-    assert not idx.has_local_only and not idx.local_only(local.entry_key)
+    assert not idx.has_local_only and not await idx.local_only(local.entry_key)
     failures = idx.lookup_failures
-    assert idx.by_chunks("t1", ["c1"]) == set()  # the restarted Redis (no persistence) is empty
+    assert await idx.by_chunks("t1", ["c1"]) == set()  # the restarted Redis (no persistence) is empty
     assert idx.lookup_failures == failures
 
 
 # ------------------------------------------------------------------ AsyncRAG instances
 
 
-def instance_settings(make_settings: Callable[..., Settings], tmp_path: Path, name: str, redis_url: str,
-                      **cache: Any) -> Settings:
-    return make_settings(data_dir=tmp_path / name, cache={"enabled": True, "redis_url": redis_url, **cache},
-                         retrieval={"k": 2, "candidates": 3}, context={"max_sources": 2})
+def instance_settings(
+    make_settings: Callable[..., Settings], tmp_path: Path, name: str, redis_url: str, **cache: Any
+) -> Settings:
+    return make_settings(
+        data_dir=tmp_path / name,
+        cache={"enabled": True, "redis_url": redis_url, **cache},
+        retrieval={"k": 2, "candidates": 3},
+        context={"max_sources": 2},
+    )
 
 
 async def test_ingest_on_one_instance_invalidates_what_another_cached(
-        make_settings: Callable[..., Settings], embedder: LocalEmbedder, redis_url: str, tmp_path: Path) -> None:
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, redis_url: str, tmp_path: Path
+) -> None:
     sa = instance_settings(make_settings, tmp_path, "a", redis_url)
     sb = instance_settings(make_settings, tmp_path, "b", redis_url)
     async with AsyncRAG(sa, embedder=embedder) as a, AsyncRAG(sb, embedder=embedder) as b:
@@ -212,8 +226,12 @@ async def test_ingest_on_one_instance_invalidates_what_another_cached(
 
 
 async def test_redis_outage_during_ingest_drops_more_not_less(
-        make_settings: Callable[..., Settings], embedder: LocalEmbedder, redis_url: str,
-        redis_server: RedisServer, tmp_path: Path) -> None:
+    make_settings: Callable[..., Settings],
+    embedder: LocalEmbedder,
+    redis_url: str,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
     settings = instance_settings(make_settings, tmp_path, "a", redis_url)
     async with AsyncRAG(settings, embedder=embedder) as rag:
         assert rag.cache is not None
@@ -232,14 +250,18 @@ async def test_redis_outage_during_ingest_drops_more_not_less(
         assert (await rag.ask(Q)).cache.kind == "miss"
         # still caching, locally only, while Redis is down
         key = rag.cache.answer_key("default", CATS, settings.retrieval.k, [])
-        assert rag.cache.deps.local_only(key)
+        assert await rag.cache.deps.local_only(key)
         hit = await rag.ask(CATS)
         assert (hit.cache.kind, hit.cache.tier) == ("exact", "l1")
 
 
 async def test_entries_cached_while_the_shared_index_is_down_stay_local_and_go_on_recovery(
-        make_settings: Callable[..., Settings], embedder: LocalEmbedder, redis_url: str,
-        redis_server: RedisServer, tmp_path: Path) -> None:
+    make_settings: Callable[..., Settings],
+    embedder: LocalEmbedder,
+    redis_url: str,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
     """A partial outage: L2 is reachable, the dependency index's Redis is not (a second, real server)."""
     deps_server = RedisServer(redis_server.exe, tmp_path)
     deps_server.start()
@@ -248,14 +270,14 @@ async def test_entries_cached_while_the_shared_index_is_down_stay_local_and_go_o
     try:
         async with AsyncRAG(settings, embedder=embedder) as rag:
             assert rag.cache is not None
-            await asyncio.to_thread(rag.cache.deps.close)
+            await rag.cache.deps.close()
             deps = RedisDependencyIndex(deps_server.url, settings.data_dir / "cache" / "deps.sqlite3", reset_s=0.1)
             rag.cache.deps = deps
             await rag.ingest(DOCS)
             key = rag.cache.answer_key("default", Q, settings.retrieval.k, [])
             deps_server.stop()
             assert (await rag.ask(Q)).cache.kind == "miss"
-            assert deps.local_only(key)
+            assert await deps.local_only(key)
             assert raw.get(key) is None  # no other instance could invalidate it there: not in L2
             assert rag.cache.tiers.l1 is not None and key in rag.cache.tiers.l1
             hit = await rag.ask(Q)
@@ -266,9 +288,9 @@ async def test_entries_cached_while_the_shared_index_is_down_stay_local_and_go_o
             await wait_until(lambda: key not in l1, timeout=5.0)
             assert not deps.has_local_only
             fresh = await rag.ask(Q)
-            assert fresh.cache.kind == "miss" and not deps.local_only(key)
+            assert fresh.cache.kind == "miss" and not await deps.local_only(key)
             assert raw.get(key) is not None  # now shared again: L2 and the shared records
-            assert deps.by_chunks("default", [s.chunk_id for s in fresh.sources]) >= {key}
+            assert await deps.by_chunks("default", [s.chunk_id for s in fresh.sources]) >= {key}
     finally:
         raw.close()
         deps_server.stop()

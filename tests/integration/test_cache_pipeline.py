@@ -11,6 +11,7 @@ import pytest
 
 from ragline.config import Settings
 from ragline.embed.local import LocalEmbedder
+from ragline.errors import UpstreamError
 from ragline.pipeline import AsyncRAG
 from ragline.testing import FakeUpstream
 from ragline.types import Document
@@ -31,8 +32,9 @@ def cached(make_settings: Callable[..., Settings], **extra: Any) -> Settings:
     return make_settings(cache=cache, **extra)
 
 
-async def test_exact_hit_from_l1_then_l3_after_restart(make_settings: Callable[..., Settings],
-                                                       embedder: LocalEmbedder) -> None:
+async def test_exact_hit_from_l1_then_l3_after_restart(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     settings = cached(make_settings)
     async with AsyncRAG(settings, embedder=embedder) as rag:
         await rag.ingest(DOCS)
@@ -56,8 +58,9 @@ async def test_bypass_and_refresh(make_settings: Callable[..., Settings], embedd
         assert (await rag.ask(Q)).cache.kind == "exact"
 
 
-async def test_semantic_hit_is_verified_and_guarded(make_settings: Callable[..., Settings],
-                                                    embedder: LocalEmbedder) -> None:
+async def test_semantic_hit_is_verified_and_guarded(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
         await rag.ask(Q)
@@ -71,12 +74,12 @@ async def test_semantic_hit_is_verified_and_guarded(make_settings: Callable[...,
         assert neg.cache.kind == "miss"
 
 
-async def test_tenant_isolation_exact_semantic_and_retrieval(make_settings: Callable[..., Settings],
-                                                             embedder: LocalEmbedder) -> None:
+async def test_tenant_isolation_exact_semantic_and_retrieval(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS, tenant="a")
-        await rag.ingest([Document("b-doc", "The Eiffel Tower in tenant B's world was completed in 2001.")],
-                         tenant="b")
+        await rag.ingest([Document("b-doc", "The Eiffel Tower in tenant B's world was completed in 2001.")], tenant="b")
         a = await rag.ask(Q, tenant="a")
         b = await rag.ask(Q, tenant="b")
         assert b.cache.kind == "miss" and "1889" not in b.text
@@ -88,8 +91,9 @@ async def test_tenant_isolation_exact_semantic_and_retrieval(make_settings: Call
         assert a.text != b.text
 
 
-async def test_update_invalidates_only_dependents(make_settings: Callable[..., Settings],
-                                                  embedder: LocalEmbedder) -> None:
+async def test_update_invalidates_only_dependents(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     settings = cached(make_settings, retrieval={"k": 2, "candidates": 3}, context={"max_sources": 2})
     async with AsyncRAG(settings, embedder=embedder) as rag:
         await rag.ingest(DOCS)
@@ -100,8 +104,16 @@ async def test_update_invalidates_only_dependents(make_settings: Callable[..., S
         assert (await rag.ask("How long do cats sleep?")).cache.kind == "exact"
         assert (await rag.ask(Q)).cache.kind == "exact"
         # updating Paris invalidates the Eiffel answer, not the cats answer
-        await rag.ingest([Document("paris", "Paris is the capital of France. The Eiffel Tower was completed "
-                                            "in March 1889 for the World's Fair.", title="Paris")])
+        await rag.ingest(
+            [
+                Document(
+                    "paris",
+                    "Paris is the capital of France. The Eiffel Tower was completed "
+                    "in March 1889 for the World's Fair.",
+                    title="Paris",
+                )
+            ]
+        )
         fresh = await rag.ask(Q)
         assert fresh.cache.kind == "miss" and "World's Fair" in fresh.text
         assert (await rag.ask("How long do cats sleep?")).cache.kind == "exact"
@@ -117,10 +129,10 @@ async def test_update_invalidates_only_dependents(make_settings: Callable[..., S
 
 
 async def test_editing_one_part_of_a_document_keeps_answers_grounded_elsewhere(
-        make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> None:
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     # small chunks: the tower sentence and the cheese sentence land in different chunks
-    settings = cached(make_settings, chunk={"size": 24, "overlap": 0}, retrieval={"k": 1},
-                      context={"max_sources": 1})
+    settings = cached(make_settings, chunk={"size": 24, "overlap": 0}, retrieval={"k": 1}, context={"max_sources": 1})
     head = "The Eiffel Tower in Paris was completed in 1889 for the World's Fair in France."
     tail = "Camembert is a soft cheese first made in Normandy in the late eighteenth century."
     async with AsyncRAG(settings, embedder=embedder) as rag:
@@ -129,15 +141,32 @@ async def test_editing_one_part_of_a_document_keeps_answers_grounded_elsewhere(
         first = await rag.ask(Q)
         assert first.cache.kind == "miss" and first.sources[0].chunk_id == "guide#0"
         # the end changes: the chunk the answer rests on is identical, so the answer stays
-        await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
-                                   title="Guide")])
+        await rag.ingest(
+            [Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.", title="Guide")]
+        )
         assert (await rag.ask(Q)).cache.kind == "exact"
         # only the metadata changes: every chunk carries it into the answer's sources, so it goes
-        await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
-                                   title="Guide", metadata={"v": 1})])
+        await rag.ingest(
+            [
+                Document(
+                    "guide",
+                    f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
+                    title="Guide",
+                    metadata={"v": 1},
+                )
+            ]
+        )
         assert (await rag.ask(Q)).cache.kind == "miss"
-        await rag.ingest([Document("guide", f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
-                                   title="Guide", metadata={"v": 1.0})])  # JSON 1 != 1.0: a change
+        await rag.ingest(
+            [
+                Document(
+                    "guide",
+                    f"{head}\n\nBrie is a soft cheese from the Ile-de-France region.",
+                    title="Guide",
+                    metadata={"v": 1.0},
+                )
+            ]
+        )  # JSON 1 != 1.0: a change
         assert (await rag.ask(Q)).sources[0].metadata == {"v": 1.0}
         # the start changes: that answer goes
         await rag.ingest([Document("guide", f"The Eiffel Tower was finished in 1889.\n\n{tail}", title="Guide")])
@@ -145,8 +174,9 @@ async def test_editing_one_part_of_a_document_keeps_answers_grounded_elsewhere(
         assert again.cache.kind == "miss" and "finished" in again.sources[0].text
 
 
-async def test_sampled_answers_are_cached_only_when_allowed(make_settings: Callable[..., Settings],
-                                                           embedder: LocalEmbedder) -> None:
+async def test_sampled_answers_are_cached_only_when_allowed(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     async with AsyncRAG(cached(make_settings, llm={"temperature": 0.7}), embedder=embedder) as rag:
         await rag.ingest(DOCS)
         assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "miss"]
@@ -161,8 +191,9 @@ async def test_sampled_answers_are_cached_only_when_allowed(make_settings: Calla
         assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "exact"]
 
 
-async def test_a_change_sharing_a_query_term_is_rechecked(make_settings: Callable[..., Settings],
-                                                          embedder: LocalEmbedder) -> None:
+async def test_a_change_sharing_a_query_term_is_rechecked(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     # one candidate per retriever: a far-off document that mentions "sleep" cannot enter the
     # context, but it moves the idf of "sleep" and so could reorder the keyword candidates
     settings = cached(make_settings, retrieval={"k": 1, "candidates": 1}, context={"max_sources": 1})
@@ -190,9 +221,9 @@ async def test_manual_invalidation(make_settings: Callable[..., Settings], embed
         assert (await rag.ask(Q, cache_mode="default")).cache.kind == "miss"
 
 
-async def test_single_flight_50_concurrent_identical_queries(make_settings: Callable[..., Settings],
-                                                             embedder: LocalEmbedder,
-                                                             fake_upstream: FakeUpstream) -> None:
+async def test_single_flight_50_concurrent_identical_queries(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, fake_upstream: FakeUpstream
+) -> None:
     fake_upstream.configure(latency_ms=300, reply="It opened in 1889 [1].")
     settings = cached(make_settings, llm={"provider": "openai", "base_url": fake_upstream.url, "model": "m"})
     async with AsyncRAG(settings, embedder=embedder) as rag:
@@ -202,8 +233,29 @@ async def test_single_flight_50_concurrent_identical_queries(make_settings: Call
     assert {a.text for a in answers} == {"It opened in 1889 [1]."}
 
 
-async def test_cached_answer_streams_with_the_same_events(make_settings: Callable[..., Settings],
-                                                          embedder: LocalEmbedder) -> None:
+async def test_single_flight_covers_streams(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.configure(latency_ms=300, reply="It opened in 1889 [1].")
+    settings = cached(make_settings, llm={"provider": "openai", "base_url": fake_upstream.url, "model": "m"})
+    async with AsyncRAG(settings, embedder=embedder) as rag:
+        await rag.ingest(DOCS)
+
+        async def stream_text() -> str:
+            return "".join(d["text"] for e, d in [ev async for ev in await rag.ask_stream(Q)] if e == "delta")
+
+        async def ask_text() -> str:
+            return (await rag.ask(Q)).text
+
+        # streams and non-streamed asks of one query, all at once: one generation
+        texts = await asyncio.gather(*(stream_text() for _ in range(10)), *(ask_text() for _ in range(10)))
+    assert fake_upstream.route_calls("chat") == 1
+    assert set(texts) == {"It opened in 1889 [1]."}
+
+
+async def test_cached_answer_streams_with_the_same_events(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
         fresh = [e async for e in await rag.ask_stream(Q)]
@@ -216,21 +268,24 @@ async def test_cached_answer_streams_with_the_same_events(make_settings: Callabl
     assert fresh[0][1] == hit[0][1]
 
 
-async def test_failed_stream_is_not_cached(make_settings: Callable[..., Settings], embedder: LocalEmbedder,
-                                           fake_upstream: FakeUpstream) -> None:
-    settings = cached(make_settings, llm={"provider": "openai", "base_url": fake_upstream.url, "model": "m",
-                                          "retries": 0})
+async def test_failed_stream_is_not_cached(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, fake_upstream: FakeUpstream
+) -> None:
+    settings = cached(
+        make_settings, llm={"provider": "openai", "base_url": fake_upstream.url, "model": "m", "retries": 0}
+    )
     async with AsyncRAG(settings, embedder=embedder) as rag:
         await rag.ingest(DOCS)
         fake_upstream.fail_next("500")
         events = await rag.ask_stream(Q)
-        with pytest.raises(Exception):  # noqa: B017 - the upstream error surfaces mid-stream
+        with pytest.raises(UpstreamError):  # the upstream 500 surfaces mid-stream
             _ = [e async for e in events]
         assert (await rag.ask(Q)).cache.kind == "miss"
 
 
-async def test_reingest_same_corpus_makes_no_embedding_calls(make_settings: Callable[..., Settings],
-                                                             embedder: LocalEmbedder) -> None:
+async def test_reingest_same_corpus_makes_no_embedding_calls(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
         await rag.delete([d.id for d in DOCS])  # store empty: only the embedding cache remembers

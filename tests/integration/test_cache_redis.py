@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from ragline.cache.bus import InvalidationBus
 from ragline.cache.keys import make_key, tenant_prefix
-from ragline.cache.pubsub import InvalidationBus
+from ragline.cache.memory import MemoryTier
+from ragline.cache.redis import RedisTier
 from ragline.cache.singleflight import DistributedSingleFlight
-from ragline.cache.tiers import MemoryTier, RedisTier, TieredCache
+from ragline.cache.tiered import TieredCache
 from tests.fixtures.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -201,6 +203,7 @@ async def test_hung_redis_is_bounded_by_timeout(redis_server: RedisServer, redis
         assert l2.pending_deletes == 1
     finally:
         redis_server.resume()
+
     # ... and applied before the breaker closes again: the stale value is never served
     async def recovered() -> bool:
         got = await l2.get_many([key(1)])

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 from ragline.cli import app
 
-DOC = '{"_id": "d1", "title": "Paris", "text": "Paris is the capital of France. The Eiffel Tower opened in 1889."}\n' \
-      '{"_id": "d2", "title": "Cats", "text": "Domestic cats sleep for sixteen hours a day."}\n'
+DOC = (
+    '{"_id": "d1", "title": "Paris", "text": "Paris is the capital of France. The Eiffel Tower opened in 1889."}\n'
+    '{"_id": "d2", "title": "Cats", "text": "Domestic cats sleep for sixteen hours a day."}\n'
+)
 
 
 @pytest.fixture
@@ -75,7 +77,8 @@ def test_errors_are_one_line_and_exit_2(corpus: Path, tmp_path: Path) -> None:
 def test_console_script_entry_point(corpus: Path, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("ragline")
     env = {**os.environ, "RAGLINE_DATA_DIR": str(tmp_path / "data")}
-    r = subprocess.run([str(exe), "ingest", str(corpus / "notes.md")], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [str(exe), "ingest", str(corpus / "notes.md")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "1 added" in r.stdout

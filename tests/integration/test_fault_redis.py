@@ -2,7 +2,7 @@
 
 A real ``redis-server`` (the ``redis_server`` fixture) backs a real HTTP server
 (uvicorn in a background thread, 127.0.0.1, free port).  A bounded, paced load
-(``ragline.bench.loadgen``: concurrency 8) runs ``POST /v1/query`` over a small
+(``ragline.loadtest``: concurrency 8) runs ``POST /v1/query`` over a small
 set of questions while the test kills Redis (SIGKILL) mid-way and restarts it
 on the same port.  Required:
 
@@ -38,9 +38,9 @@ import orjson
 import pytest
 import uvicorn
 
-from ragline.bench.loadgen import LoadProgress, Req, run_load
 from ragline.config import Settings
 from ragline.embed.local import LocalEmbedder
+from ragline.loadtest import LoadProgress, Req, run_load
 from ragline.pipeline import AsyncRAG
 from ragline.server.app import create_app
 from tests.fixtures.redis_server import RedisServer
@@ -48,8 +48,11 @@ from tests.fixtures.redis_server import RedisServer
 pytestmark = pytest.mark.slow
 
 DOCS = [
-    {"id": "paris", "title": "Paris",
-     "text": "Paris is the capital of France. The Eiffel Tower was completed in 1889."},
+    {
+        "id": "paris",
+        "title": "Paris",
+        "text": "Paris is the capital of France. The Eiffel Tower was completed in 1889.",
+    },
     {"id": "rome", "title": "Rome", "text": "Rome is the capital of Italy. The Colosseum was completed in 80 AD."},
     {"id": "cats", "title": "Cats", "text": "Domestic cats sleep for up to sixteen hours a day."},
     {"id": "tea", "title": "Tea", "text": "Green tea contains caffeine and antioxidants called catechins."},
@@ -59,9 +62,14 @@ DOCS = [
     {"id": "nile", "title": "Nile", "text": "The Nile flows north through eleven countries into the Mediterranean."},
 ]
 QUESTIONS = [
-    "When was the Eiffel Tower completed?", "What is the capital of Italy?", "How long do cats sleep?",
-    "What does green tea contain?", "How long does the Moon take to orbit the Earth?",
-    "How do honey bees communicate?", "At what temperature does iron melt?", "Where does the Nile flow?",
+    "When was the Eiffel Tower completed?",
+    "What is the capital of Italy?",
+    "How long do cats sleep?",
+    "What does green tea contain?",
+    "How long does the Moon take to orbit the Earth?",
+    "How do honey bees communicate?",
+    "At what temperature does iron melt?",
+    "Where does the Nile flow?",
 ]
 
 STOP_AFTER_REQUESTS = 120
@@ -80,11 +88,11 @@ class ThreadedServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=3)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       name="ragline-test-server", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="ragline-test-server", daemon=True
+        )
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.thread.start()
@@ -101,10 +109,10 @@ class ThreadedServer:
 
 
 @pytest.fixture
-def l2_only_server(redis_url: str, make_settings: Callable[..., Settings],
-                   embedder: LocalEmbedder) -> Iterator[ThreadedServer]:
-    settings = make_settings(cache={"enabled": True, "redis_url": redis_url,
-                                    "l1_enabled": False, "l3_enabled": False})
+def l2_only_server(
+    redis_url: str, make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> Iterator[ThreadedServer]:
+    settings = make_settings(cache={"enabled": True, "redis_url": redis_url, "l1_enabled": False, "l3_enabled": False})
     srv = ThreadedServer(create_app(settings, AsyncRAG(settings, embedder=embedder)))
     srv.start()
     try:
@@ -128,7 +136,8 @@ async def _until(cond: Callable[[], Any], limit_s: float, what: str, step_s: flo
 
 
 async def test_redis_outage_under_load_fails_open_and_recovers(
-        redis_server: RedisServer, l2_only_server: ThreadedServer) -> None:
+    redis_server: RedisServer, l2_only_server: ThreadedServer
+) -> None:
     url = l2_only_server.url
     async with httpx.AsyncClient(base_url=url, timeout=30, trust_env=False) as c:
         r = await c.post("/v1/documents", json={"documents": DOCS})
@@ -156,9 +165,20 @@ async def test_redis_outage_under_load_fails_open_and_recovers(
 
         progress = LoadProgress()
         reqs = [Req.post_json("/v1/query", {"query": q}) for q in QUESTIONS]
-        load = asyncio.create_task(run_load(url, reqs, total=3000, concurrency=8, time_limit_s=45.0,
-                                            timeout_s=10.0, validate=check, progress=progress,
-                                            think_time_s=0.01, keep_timeline=True))
+        load = asyncio.create_task(
+            run_load(
+                url,
+                reqs,
+                total=3000,
+                concurrency=8,
+                time_limit_s=45.0,
+                timeout_s=10.0,
+                validate=check,
+                progress=progress,
+                think_time_s=0.01,
+                keep_timeline=True,
+            )
+        )
         readyz: list[tuple[float, str]] = []
 
         async def status() -> str:
@@ -178,8 +198,13 @@ async def test_redis_outage_under_load_fails_open_and_recovers(
             await asyncio.sleep(0.2)
             phase = "outage"
             degraded_s = await _until(lambda: _eq(status(), "degraded"), 5.0, "/readyz degraded after Redis died")
-            await _until(lambda: time.monotonic() - t_stop >= MIN_OUTAGE_S
-                         and progress.done - done_at_stop >= MIN_OUTAGE_REQUESTS, 20, "requests during the outage")
+            await _until(
+                lambda: (
+                    time.monotonic() - t_stop >= MIN_OUTAGE_S and progress.done - done_at_stop >= MIN_OUTAGE_REQUESTS
+                ),
+                20,
+                "requests during the outage",
+            )
             assert (await status()) == "degraded"
             assert progress.errors == 0, f"{progress.errors} failed requests during the outage"
 
@@ -188,17 +213,23 @@ async def test_redis_outage_under_load_fails_open_and_recovers(
             t_restart = time.monotonic()
             phase = "after"
             l2_s = await _until(lambda: bool(first_l2_after), L2_RESUME_LIMIT_S, "L2 hits after the restart")
-            ready_s = await _until(lambda: _eq(status(), "ready"), READY_LIMIT_S, "/readyz ready after the restart",
-                                   step_s=0.1)
+            ready_s = await _until(
+                lambda: _eq(status(), "ready"), READY_LIMIT_S, "/readyz ready after the restart", step_s=0.1
+            )
             done_at_ready = progress.done
             await _until(lambda: progress.done - done_at_ready >= 50, 20, "requests after the recovery")
         finally:
             progress.stop()
             result = await load
 
-    stats = {"load": result.to_dict(), "tiers": {k: dict(v) for k, v in tiers.items()},
-             "degraded_after_s": round(degraded_s, 3), "l2_hits_after_restart_s": round(first_l2_after[0], 3),
-             "l2_poll_s": round(l2_s, 3), "ready_after_restart_s": round(ready_s, 3)}
+    stats = {
+        "load": result.to_dict(),
+        "tiers": {k: dict(v) for k, v in tiers.items()},
+        "degraded_after_s": round(degraded_s, 3),
+        "l2_hits_after_restart_s": round(first_l2_after[0], 3),
+        "l2_poll_s": round(l2_s, 3),
+        "ready_after_restart_s": round(ready_s, 3),
+    }
     print("fault test:", orjson.dumps(stats).decode())
     assert result.errors == 0 and result.error_kinds == {}, stats
     assert result.ok == result.requests >= STOP_AFTER_REQUESTS + MIN_OUTAGE_REQUESTS + 50, stats

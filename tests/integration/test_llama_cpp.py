@@ -11,8 +11,8 @@ import pytest
 
 from ragline.config import LLMSettings
 from ragline.llm.base import GenParams
-from ragline.types import Message
 from ragline.llm.openai import OpenAILLM
+from ragline.types import Message
 from tests.fixtures.upstream import LlamaServer
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,9 @@ MSGS: list[Message] = [
 
 
 def make_llm(server: LlamaServer) -> OpenAILLM:
-    return OpenAILLM(LLMSettings(provider="openai", base_url=server.url, model=server.model,
-                                 timeout_s=120.0, retries=1))
+    return OpenAILLM(
+        LLMSettings(provider="openai", base_url=server.url, model=server.model, timeout_s=120.0, retries=1)
+    )
 
 
 async def test_complete_returns_text_and_usage(llama_server: LlamaServer) -> None:
@@ -56,8 +57,11 @@ def test_llama_build_is_portable(llama_server: LlamaServer) -> None:
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode()
-    flags = {k.strip(): v.strip() for k, _, v in (p.partition("=") for p in info.replace("CPU :", "|").split("|"))
-             if k.strip()}
+    flags = {
+        k.strip(): v.strip()
+        for k, _, v in (p.partition("=") for p in info.replace("CPU :", "|").split("|"))
+        if k.strip()
+    }
     assert flags.get("AVX2") == "1", info
     enabled_beyond = [k for k, v in flags.items() if v == "1" and (k.startswith("AVX512") or k.startswith("AMX"))]
     assert enabled_beyond == [], f"llama.cpp built with {enabled_beyond}: {info}"

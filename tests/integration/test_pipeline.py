@@ -17,10 +17,15 @@ from ragline.pipeline import RAG, AsyncRAG
 from ragline.types import Document
 
 DOCS = [
-    Document("cats", "Cats are small carnivorous mammals. Domestic cats sleep for up to sixteen hours a day.",
-             title="Cats"),
-    Document("rrf", "Reciprocal rank fusion combines ranked lists. Each document scores the sum of one over "
-             "sixty plus its rank in every list.", title="Reciprocal rank fusion"),
+    Document(
+        "cats", "Cats are small carnivorous mammals. Domestic cats sleep for up to sixteen hours a day.", title="Cats"
+    ),
+    Document(
+        "rrf",
+        "Reciprocal rank fusion combines ranked lists. Each document scores the sum of one over "
+        "sixty plus its rank in every list.",
+        title="Reciprocal rank fusion",
+    ),
     Document("paris", "Paris is the capital of France. The Eiffel Tower was completed in 1889.", title="Paris"),
 ]
 
@@ -49,8 +54,7 @@ async def test_doc_level_results_one_hit_per_document(rag: AsyncRAG) -> None:
     assert sum(h.doc_id == "long" for h in chunk_hits) > 1
 
 
-async def test_reingest_unchanged_embeds_nothing_and_update_replaces(rag: AsyncRAG,
-                                                                      embedder: LocalEmbedder) -> None:
+async def test_reingest_unchanged_embeds_nothing_and_update_replaces(rag: AsyncRAG, embedder: LocalEmbedder) -> None:
     await rag.ingest(DOCS)
     before = embedder.texts_embedded
     rep = await rag.ingest(DOCS)
@@ -74,8 +78,9 @@ async def test_delete_and_not_found(rag: AsyncRAG) -> None:
         await rag.delete(["cats"])
 
 
-async def test_restart_reloads_from_disk_without_embedding(make_settings: Callable[..., Settings],
-                                                           embedder: LocalEmbedder) -> None:
+async def test_restart_reloads_from_disk_without_embedding(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     settings = make_settings()
     async with AsyncRAG(settings, embedder=embedder) as rag:
         await rag.ingest(DOCS)
@@ -89,8 +94,9 @@ async def test_restart_reloads_from_disk_without_embedding(make_settings: Callab
     assert embedder.texts_embedded == before + 1  # only the query
 
 
-async def test_crash_recovery_rebuilds_indexes_from_sqlite(make_settings: Callable[..., Settings],
-                                                           embedder: LocalEmbedder) -> None:
+async def test_crash_recovery_rebuilds_indexes_from_sqlite(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
     """A process killed after ingest (no close: dense index never saved) loses nothing."""
     settings = make_settings()
     code = (
@@ -104,8 +110,12 @@ async def test_crash_recovery_rebuilds_indexes_from_sqlite(make_settings: Callab
         "    os._exit(0)\n"
         "asyncio.run(main())\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(settings.data_dir)], check=True, timeout=300,
-                   cwd=Path(__file__).resolve().parents[2])
+    subprocess.run(
+        [sys.executable, "-c", code, str(settings.data_dir)],
+        check=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert not (settings.data_dir / "tenants" / "default" / "dense.usearch").exists()
     before = embedder.texts_embedded
     async with AsyncRAG(settings, embedder=embedder) as rag2:
@@ -157,13 +167,6 @@ async def test_tenants_are_isolated(rag: AsyncRAG) -> None:
     assert {h.doc_id for h in await rag.search("cats sleep", k=5, tenant="a")} == {"cats"}
     assert "cats" not in {h.doc_id for h in await rag.search("cats sleep", k=5, tenant="b")}
     assert await rag.search("cats", k=5, tenant="nobody") == []
-
-
-async def test_history_reaches_the_llm(rag: AsyncRAG) -> None:
-    await rag.ingest(DOCS)
-    answer = await rag.ask("and the tower?", history=[{"role": "user", "content": "tell me about Paris"},
-                                                      {"role": "assistant", "content": "Paris is in France."}])
-    assert answer.sources
 
 
 def test_sync_facade(make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> None:

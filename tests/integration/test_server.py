@@ -13,17 +13,25 @@ from ragline.embed.local import LocalEmbedder
 from ragline.pipeline import AsyncRAG
 from ragline.server.app import create_app
 
-DOCS = {"documents": [
-    {"id": "cats", "title": "Cats", "text": "Cats are small mammals. Domestic cats sleep sixteen hours a day."},
-    {"id": "paris", "title": "Paris", "text": "Paris is the capital of France. The Eiffel Tower opened in 1889.",
-     "metadata": {"lang": "en"}},
-]}
+DOCS = {
+    "documents": [
+        {"id": "cats", "title": "Cats", "text": "Cats are small mammals. Domestic cats sleep sixteen hours a day."},
+        {
+            "id": "paris",
+            "title": "Paris",
+            "text": "Paris is the capital of France. The Eiffel Tower opened in 1889.",
+            "metadata": {"lang": "en"},
+        },
+    ]
+}
 
 
 @pytest.fixture
 def client(make_settings: Callable[..., Settings], embedder: LocalEmbedder) -> Iterator[TestClient]:
-    settings = make_settings(server={"api_keys": {"key-b": "tenant-b"}, "admin_keys": ["admin"]},
-                             limits={"max_request_bytes": 200_000, "max_document_bytes": 50_000})
+    settings = make_settings(
+        server={"api_keys": {"key-b": "tenant-b"}, "admin_keys": ["admin"]},
+        limits={"max_request_bytes": 200_000, "max_document_bytes": 50_000},
+    )
     app = create_app(settings, AsyncRAG(settings, embedder=embedder))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
@@ -81,28 +89,41 @@ def test_tenant_from_api_key(client: TestClient) -> None:
     assert r.status_code == 401
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs", "status", "needle"), [
-    ("post", "/v1/query", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
-     "not valid JSON"),
-    ("post", "/v1/query", {"json": {"query": ""}}, 400, "query is empty"),
-    ("post", "/v1/query", {"json": {"nope": 1}}, 400, "'query' is required"),
-    ("post", "/v1/query", {"json": ["a"]}, 400, "JSON object"),
-    ("post", "/v1/query", {"json": {"query": "x" * 5000}}, 413, "limit"),
-    ("post", "/v1/query", {"json": {"query": "cats", "k": 0}}, 400, "k must be"),
-    ("post", "/v1/query", {"json": {"query": "cats", "k": "ten"}}, 400, "k must be"),
-    ("post", "/v1/query", {"json": {"query": "cats", "history": "x"}}, 400, "history"),
-    ("post", "/v1/search", {"json": {"query": "cats", "k": 1000}}, 400, "k must be"),
-    ("post", "/v1/search", {"json": {"k": 3}}, 422, "query"),
-    ("post", "/v1/documents", {"json": {"documents": []}}, 422, "documents"),
-    ("post", "/v1/documents", {"json": {"documents": [{"id": "a", "text": "   "}]}}, 400, "empty"),
-    ("post", "/v1/documents", {"json": {"documents": [{"id": "a", "text": "x" * 60_000}]}}, 413, "limit"),
-    ("post", "/v1/documents", {"content": b"x" * 300_000, "headers": {"content-type": "application/json"}},
-     413, "limit"),
-    ("delete", "/v1/documents/nope", {}, 404, "nope"),
-])
-def test_bad_input_gets_clear_4xx_and_server_survives(client: TestClient, method: str, path: str,
-                                                      kwargs: dict[str, object], status: int,
-                                                      needle: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "needle"),
+    [
+        (
+            "post",
+            "/v1/query",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        ("post", "/v1/query", {"json": {"query": ""}}, 400, "query is empty"),
+        ("post", "/v1/query", {"json": {"nope": 1}}, 400, "'query' is required"),
+        ("post", "/v1/query", {"json": ["a"]}, 400, "JSON object"),
+        ("post", "/v1/query", {"json": {"query": "x" * 5000}}, 413, "limit"),
+        ("post", "/v1/query", {"json": {"query": "cats", "k": 0}}, 400, "k must be"),
+        ("post", "/v1/query", {"json": {"query": "cats", "k": "ten"}}, 400, "k must be"),
+        ("post", "/v1/query", {"json": {"query": "cats", "history": "x"}}, 400, "history"),
+        ("post", "/v1/search", {"json": {"query": "cats", "k": 1000}}, 400, "k must be"),
+        ("post", "/v1/search", {"json": {"k": 3}}, 422, "query"),
+        ("post", "/v1/documents", {"json": {"documents": []}}, 422, "documents"),
+        ("post", "/v1/documents", {"json": {"documents": [{"id": "a", "text": "   "}]}}, 400, "empty"),
+        ("post", "/v1/documents", {"json": {"documents": [{"id": "a", "text": "x" * 60_000}]}}, 413, "limit"),
+        (
+            "post",
+            "/v1/documents",
+            {"content": b"x" * 300_000, "headers": {"content-type": "application/json"}},
+            413,
+            "limit",
+        ),
+        ("delete", "/v1/documents/nope", {}, 404, "nope"),
+    ],
+)
+def test_bad_input_gets_clear_4xx_and_server_survives(
+    client: TestClient, method: str, path: str, kwargs: dict[str, object], status: int, needle: str
+) -> None:
     client.post("/v1/documents", json=DOCS)
     r = getattr(client, method)(path, **kwargs)
     assert r.status_code == status, r.text

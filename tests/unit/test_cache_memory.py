@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from ragline.cache import metrics as cache_metrics
 from ragline.cache.breaker import CircuitBreaker
+from ragline.cache.disk import DiskTier
 from ragline.cache.keys import (
     canonical_bytes,
     canonical_query,
@@ -26,8 +27,9 @@ from ragline.cache.keys import (
     parse_key,
     tenant_prefix,
 )
+from ragline.cache.memory import MemoryTier
 from ragline.cache.singleflight import DistributedSingleFlight, SingleFlight
-from ragline.cache.tiers import DiskTier, MemoryTier, TieredCache, build_cache
+from ragline.cache.tiered import TieredCache, build_cache
 from ragline.config import CacheSettings
 from ragline.errors import InvalidInput
 
@@ -90,9 +92,7 @@ def test_canonical_bytes_order_independent() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "bad", ["", "a:b", "a*", "te nant", "ü", "-lead", "x" * 65, "a[b]", "a?", "a/b", "a\nb"]
-)
+@pytest.mark.parametrize("bad", ["", "a:b", "a*", "te nant", "ü", "-lead", "x" * 65, "a[b]", "a?", "a/b", "a\nb"])
 def test_tenant_validation_rejects(bad: str) -> None:
     with pytest.raises(InvalidInput):
         make_key(bad, "answer", b"x")

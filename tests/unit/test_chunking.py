@@ -46,7 +46,7 @@ def long_text(n_paragraphs: int = 12, seed: int = 0, max_words: int = 30) -> str
         for _ in range(rnd.randint(2, 6)):
             k = rnd.randint(4, max_words)
             start = rnd.randint(0, len(words) - k)
-            sents.append(" ".join(words[start:start + k]).rstrip(".") + ".")
+            sents.append(" ".join(words[start : start + k]).rstrip(".") + ".")
         paras.append(" ".join(sents))
     return "\n\n".join(paras)
 
@@ -130,8 +130,7 @@ def test_no_overlap_means_disjoint_cover(tokenizer_json: Path) -> None:
     ch = make(tokenizer_json, 40, 0)
     text = normalize_whitespace(long_text(seed=5))
     chunks = ch.chunk(Document(id="d", text=text))
-    assert "".join(c.text for c in chunks).replace(" ", "").replace("\n", "") == text.replace(
-        " ", "").replace("\n", "")
+    assert "".join(c.text for c in chunks).replace(" ", "").replace("\n", "") == text.replace(" ", "").replace("\n", "")
 
 
 def test_prefers_sentence_and_paragraph_boundaries(tokenizer_json: Path) -> None:
@@ -144,8 +143,7 @@ def test_prefers_sentence_and_paragraph_boundaries(tokenizer_json: Path) -> None
 
 def test_short_doc_is_one_chunk_with_stable_ids(tokenizer_json: Path) -> None:
     ch = make(tokenizer_json)
-    doc = Document(id="notes/a.md", text="  Hello\tworld.\r\n\r\n\r\nSecond   para. ", title="A",
-                   metadata={"k": 1})
+    doc = Document(id="notes/a.md", text="  Hello\tworld.\r\n\r\n\r\nSecond   para. ", title="A", metadata={"k": 1})
     (c,) = ch.chunk(doc)
     assert c.id == "notes/a.md#0" and c.doc_id == "notes/a.md" and c.ordinal == 0
     assert c.text == "Hello world.\n\nSecond para."
@@ -176,8 +174,10 @@ def test_empty_doc_has_no_chunks(tokenizer_json: Path) -> None:
 
 def test_unicode_text(tokenizer_json: Path) -> None:
     ch = make(tokenizer_json, 16, 4)
-    text = ("Café naïve résumé — “quoted” text. 日本語の文章です。これは二番目の文です。 "
-            "Emoji 🙂 and math ∑ x² ≤ 1. Ελληνικά κείμενα εδώ. Русский текст тоже здесь. ") * 4
+    text = (
+        "Café naïve résumé — “quoted” text. 日本語の文章です。これは二番目の文です。 "
+        "Emoji 🙂 and math ∑ x² ≤ 1. Ελληνικά κείμενα εδώ. Русский текст тоже здесь. "
+    ) * 4
     chunks = ch.chunk(Document(id="ü/ß", text=text))
     norm = normalize_whitespace(text)
     assert len(chunks) > 1
@@ -224,11 +224,13 @@ def test_doc_hash() -> None:
     same = Document(id="a", text="t", title="x", metadata={"a": [1, 2], "b": 1}, source="/q/a.md")
     assert doc_hash(d) == doc_hash(same)  # key order and source do not matter
     assert len(doc_hash(d)) == 32
-    for other in (Document(id="b", text="t", title="x", metadata=d.metadata),
-                  Document(id="a", text="t2", title="x", metadata=d.metadata),
-                  Document(id="a", text="t", title="y", metadata=d.metadata),
-                  Document(id="a", text="t", title="x", metadata={"b": 2, "a": [1, 2]}),
-                  Document(id="a", text="", title="xt", metadata=d.metadata)):
+    for other in (
+        Document(id="b", text="t", title="x", metadata=d.metadata),
+        Document(id="a", text="t2", title="x", metadata=d.metadata),
+        Document(id="a", text="t", title="y", metadata=d.metadata),
+        Document(id="a", text="t", title="x", metadata={"b": 2, "a": [1, 2]}),
+        Document(id="a", text="", title="xt", metadata=d.metadata),
+    ):
         assert doc_hash(other) != doc_hash(d)
 
 
@@ -247,9 +249,13 @@ def test_ascii_fast_path_matches_full_tokenizer(tokenizer_json: Path) -> None:
     assert ch._ascii_tok is not None  # BERT-style tokenizer: the fast twin exists
     full = ch.tokenizer
     texts = [
-        SCIFACT_LIKE, "Tabs\tand\r\nCRLF and [MASK] or [CLS] literal [SEP].", "UPPER lower MiXeD 123.45%",
-        "e-mail: someone@example.com, URL https://x.org/a?b=c#d", "(n = 17); p < 0.001 +/- 3.0%",
-        long_text(seed=9), "naïve café 日本語 — non-ASCII goes the slow path",
+        SCIFACT_LIKE,
+        "Tabs\tand\r\nCRLF and [MASK] or [CLS] literal [SEP].",
+        "UPPER lower MiXeD 123.45%",
+        "e-mail: someone@example.com, URL https://x.org/a?b=c#d",
+        "(n = 17); p < 0.001 +/- 3.0%",
+        long_text(seed=9),
+        "naïve café 日本語 — non-ASCII goes the slow path",
     ]
     for text in texts:
         a = full.encode(text, add_special_tokens=False)

@@ -9,12 +9,22 @@ from ragline import errors
 from ragline.server.errors import install
 
 
-@pytest.mark.parametrize(("exc", "status"), [
-    (errors.InvalidInput("x"), 400), (errors.PayloadTooLarge("x"), 413), (errors.UnsupportedFile("x"), 415),
-    (errors.NotFound("x"), 404), (errors.Unauthorized("x"), 401), (errors.Forbidden("x"), 403),
-    (errors.UpstreamError("x"), 502), (errors.UpstreamTimeout("x"), 504), (errors.RateLimited("x", 3), 429),
-    (errors.ServiceUnavailable("x"), 503), (errors.StoreError("x"), 500),
-])
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (errors.InvalidInput("x"), 400),
+        (errors.PayloadTooLarge("x"), 413),
+        (errors.UnsupportedFile("x"), 415),
+        (errors.NotFound("x"), 404),
+        (errors.Unauthorized("x"), 401),
+        (errors.Forbidden("x"), 403),
+        (errors.UpstreamError("x"), 502),
+        (errors.UpstreamTimeout("x"), 504),
+        (errors.RateLimited("x", 3), 429),
+        (errors.ServiceUnavailable("x"), 503),
+        (errors.StoreError("x"), 500),
+    ],
+)
 def test_status_mapping(exc: errors.RaglineError, status: int) -> None:
     app = FastAPI()
     install(app)

@@ -7,8 +7,7 @@ from ragline.llm.extractive import NO_ANSWER, extract, split_sentences
 
 def test_headings_are_not_sentences_and_wrapped_lines_join() -> None:
     text = "# BM25 ranking\nBM25 is a ranking function. It was developed\nby Robertson.\n\n## How\nScores add up."
-    assert split_sentences(text) == ["BM25 is a ranking function.", "It was developed by Robertson.",
-                                     "Scores add up."]
+    assert split_sentences(text) == ["BM25 is a ranking function.", "It was developed by Robertson.", "Scores add up."]
 
 
 def test_extract_cites_the_best_sentences_in_source_order() -> None:

@@ -23,10 +23,21 @@ from ragline.testing.fake_upstream import default_reply, embed_text, tokenize
 # --------------------------------------------------------------------------- parse_retry_after
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("2", 2.0), (" 30 ", 30.0), ("1.5", 1.5), ("0", 0.0), ("-3", 0.0),
-    (None, None), ("", None), ("soon", None), ("nan", None), ("inf", None),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2", 2.0),
+        (" 30 ", 30.0),
+        ("1.5", 1.5),
+        ("0", 0.0),
+        ("-3", 0.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("nan", None),
+        ("inf", None),
+    ],
+)
 def test_parse_retry_after_seconds(value: str | None, expected: float | None) -> None:
     assert parse_retry_after(value) == expected
 
@@ -53,8 +64,10 @@ def test_tokenize_keeps_spaces_so_deltas_concatenate() -> None:
 
 
 def test_default_reply_quotes_the_question_and_cites() -> None:
-    msgs = [{"role": "system", "content": "x"},
-            {"role": "user", "content": "Sources:\n\n[1]\nCats purr.\n\nQuestion: why do cats purr?"}]
+    msgs = [
+        {"role": "system", "content": "x"},
+        {"role": "user", "content": "Sources:\n\n[1]\nCats purr.\n\nQuestion: why do cats purr?"},
+    ]
     reply = default_reply(msgs)
     assert "why do cats purr?" in reply and "[1]" in reply and "Sources" not in reply
     assert default_reply(msgs) == reply
@@ -73,8 +86,7 @@ def test_embed_text_is_deterministic_unit_and_distinct() -> None:
 def test_config_update_validates() -> None:
     cfg = UpstreamConfig()
     assert cfg.update({"latency_ms": 5}).latency_ms == 5 and cfg.latency_ms == 0
-    for bad in ({"nope": 1}, {"failure_kind": "418"}, {"failure_rate": 2}, {"embedding_dim": 0},
-                {"tps": -1}):
+    for bad in ({"nope": 1}, {"failure_kind": "418"}, {"failure_rate": 2}, {"embedding_dim": 0}, {"tps": -1}):
         with pytest.raises(ValueError):
             cfg.update(bad)
     fake = FakeUpstream(tps=10)
@@ -129,7 +141,10 @@ async def test_chat_stream_usage_placement(asgi: tuple[FakeUpstream, httpx.Async
     assert plain[-1] == "[DONE]"
     finish = plain[-2]
     assert isinstance(finish, dict) and finish["usage"] == {
-        "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+    }
     with_usage = await events({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     usage_chunk = with_usage[-2]
     assert isinstance(usage_chunk, dict) and usage_chunk["choices"] == []
@@ -178,8 +193,9 @@ async def test_embeddings_float_and_base64(asgi: tuple[FakeUpstream, httpx.Async
 async def test_models_control_stats_reset_and_errors(asgi: tuple[FakeUpstream, httpx.AsyncClient]) -> None:
     _, client = asgi
     assert (await client.get("/v1/models")).json()["data"][0]["id"] == "fake-model"
-    r = await client.post("/_control", json={"latency_ms": 1, "model": "other",
-                                             "fail_next": [{"kind": "timeout", "count": 2}]})
+    r = await client.post(
+        "/_control", json={"latency_ms": 1, "model": "other", "fail_next": [{"kind": "timeout", "count": 2}]}
+    )
     assert r.status_code == 200
     stats = r.json()
     assert stats["config"]["model"] == "other" and len(stats["pending_faults"]) == 2

@@ -7,9 +7,6 @@ benchmarks/semantic_accuracy.py; these tests pin the behaviour per check.
 
 from __future__ import annotations
 
-import itertools
-import time
-
 import pytest
 
 from ragline.cache.guards import ALL_CHECKS, QueryFeatures, extract_features, guards_pass
@@ -278,20 +275,6 @@ def test_features_are_frozen_and_hashable() -> None:
     hash(f)
     with pytest.raises(AttributeError):
         f.negated = True  # type: ignore[misc]
-
-
-def test_guards_are_fast() -> None:
-    queries = [f"How do I configure Kafka {i} consumers without losing 5% of messages?" for i in range(500)]
-    t0 = time.perf_counter()
-    feats = [extract_features(q) for q in queries]
-    extract_us = (time.perf_counter() - t0) / len(queries) * 1e6
-    t0 = time.perf_counter()
-    for x, y in itertools.pairwise(feats):
-        guards_pass(x, y)
-    pass_us = (time.perf_counter() - t0) / (len(feats) - 1) * 1e6
-    # generous bounds (CI machines are slow); typical: ~40 µs and ~3 µs
-    assert extract_us < 1000
-    assert pass_us < 200
 
 
 def test_config_default_enables_every_check() -> None:

@@ -34,8 +34,10 @@ def make_pdf(pages: list[str], title: str | None = None) -> bytes:
     objs.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
     for i, text in enumerate(pages):
         stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-                    f"/Resources << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode())
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            f"/Resources << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode()
+        )
         objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
     info = None
     if title:
@@ -100,7 +102,7 @@ def test_markdown_title_from_first_heading(tmp_path: Path) -> None:
 
 def test_markdown_front_matter(tmp_path: Path) -> None:
     p = tmp_path / "fm.md"
-    p.write_text("---\ntitle: \"From front matter\"\ntags: [a]\n---\n# Heading\n\nBody text.\n")
+    p.write_text('---\ntitle: "From front matter"\ntags: [a]\n---\n# Heading\n\nBody text.\n')
     (doc,) = load(p)
     assert doc.title == "From front matter"
     assert not doc.text.startswith("---")
@@ -155,11 +157,14 @@ def test_pdf(tmp_path: Path) -> None:
     assert load(p2)[0].title == "untitled"
 
 
-@pytest.mark.parametrize("data", [
-    b"%PDF-1.4\nthis is not really a pdf",
-    b"\x00\x01garbage" * 50,
-    b"",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%PDF-1.4\nthis is not really a pdf",
+        b"\x00\x01garbage" * 50,
+        b"",
+    ],
+)
 def test_corrupt_pdf_is_unsupported_file(tmp_path: Path, data: bytes) -> None:
     p = tmp_path / "broken.pdf"
     p.write_bytes(data)
@@ -213,14 +218,17 @@ def test_jsonl_beir(tmp_path: Path) -> None:
     assert all(d.source == str(p) for d in docs)
 
 
-@pytest.mark.parametrize(("line", "needle"), [
-    (b"{not json", "invalid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b'{"title": "x", "text": "no id"}', "'_id'"),
-    (b'{"_id": "a", "text": 5}', "'text'"),
-    (b'{"_id": "a", "text": "x", "metadata": [1]}', "'metadata'"),
-    (b'{"_id": "a\\nb", "text": "x"}', "control characters"),
-])
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"title": "x", "text": "no id"}', "'_id'"),
+        (b'{"_id": "a", "text": 5}', "'text'"),
+        (b'{"_id": "a", "text": "x", "metadata": [1]}', "'metadata'"),
+        (b'{"_id": "a\\nb", "text": "x"}', "control characters"),
+    ],
+)
 def test_jsonl_bad_line_names_file_and_line(tmp_path: Path, line: bytes, needle: str) -> None:
     p = tmp_path / "bad.jsonl"
     p.write_bytes(b'{"_id": "ok", "text": "fine"}\n\n' + line + b"\n")
@@ -398,14 +406,17 @@ def test_validate_empty_text() -> None:
         validate_document(doc(id="x", text=""), LIMITS)
 
 
-@pytest.mark.parametrize(("bad_id", "needle"), [
-    ("", "non-empty"),
-    ("   ", "non-empty"),
-    ("x" * 513, "513 characters; the maximum is 512"),
-    ("a\nb", "control characters"),
-    ("tab\there", "control characters"),
-    ("nul\x00", "control characters"),
-])
+@pytest.mark.parametrize(
+    ("bad_id", "needle"),
+    [
+        ("", "non-empty"),
+        ("   ", "non-empty"),
+        ("x" * 513, "513 characters; the maximum is 512"),
+        ("a\nb", "control characters"),
+        ("tab\there", "control characters"),
+        ("nul\x00", "control characters"),
+    ],
+)
 def test_validate_bad_ids(bad_id: str, needle: str) -> None:
     with pytest.raises(InvalidInput, match=needle) as ei:
         validate_document(doc(id=bad_id), LIMITS)

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from ragline.retrieve import best_per_document, mmr, rrf
-from ragline.store.base import Scored
-from ragline.types import Hit
+from ragline.types import Hit, Scored
 
 
 def test_rrf_hand_checked_example() -> None:

@@ -20,6 +20,10 @@ Everything is bounded: message size, keys per message, every Redis call
 subscriber task never lets an exception escape; ``stop()`` ends it.
 
 Wire format (orjson): ``{"o": origin, "k": [keys...]}`` or ``{"o": origin, "p": prefix}``.
+
+Clients come from :func:`ragline.cache.redis_conn.make_client`, like the L2 tier's
+and the dependency index's; the bus retries with its own capped back-off instead
+of a circuit breaker (a subscriber must keep trying, a failed publish is queued).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ragline.cache.keys import KEY_ROOT
+from ragline.cache.redis_conn import make_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -99,9 +104,7 @@ class InvalidationBus:
     # -- clients -------------------------------------------------------------------------
 
     def _client(self, max_connections: int) -> Redis:
-        from ragline.cache.tiers import RedisTier
-
-        return RedisTier.make_client(
+        return make_client(
             self.redis_url,
             timeout_s=self.timeout_s,
             connect_timeout_s=self.connect_timeout_s,
@@ -115,10 +118,7 @@ class InvalidationBus:
             return [orjson.dumps({"o": self.instance_id, "p": prefix})]
         assert keys is not None
         step = self.max_keys_per_message
-        return [
-            orjson.dumps({"o": self.instance_id, "k": list(keys[i : i + step])})
-            for i in range(0, len(keys), step)
-        ]
+        return [orjson.dumps({"o": self.instance_id, "k": list(keys[i : i + step])}) for i in range(0, len(keys), step)]
 
     async def publish(self, keys: Sequence[str] | None = None, prefix: str | None = None) -> bool:
         """Tell every instance to drop ``keys`` or everything under ``prefix`` locally.

@@ -1,0 +1,250 @@
+"""The single-instance dependency index: SQLite next to the L3 cache (DESIGN.md §3.1).
+
+:class:`DependencyIndex` implements :class:`~ragline.cache.deps.DepsIndex`; its
+SQL runs in worker threads (``asyncio.to_thread``) on a thread-safe
+:class:`SqliteDeps`, so the event loop never waits for SQLite.  The same file
+serves as the local fallback of :class:`~ragline.cache.deps_redis.RedisDependencyIndex`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from ragline.cache.deps import DepRecord, batched, dense_hits, dense_matrix
+from ragline.types import Vectors
+
+__all__ = ["DependencyIndex", "SqliteDeps"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    entry_key TEXT PRIMARY KEY, tenant TEXT NOT NULL, record BLOB NOT NULL, expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_tenant ON entries (tenant);
+CREATE TABLE IF NOT EXISTS chunk_deps (tenant TEXT NOT NULL, chunk_id TEXT NOT NULL, entry_key TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS chunk_deps_idx ON chunk_deps (tenant, chunk_id);
+CREATE INDEX IF NOT EXISTS chunk_deps_entry ON chunk_deps (entry_key);
+CREATE TABLE IF NOT EXISTS term_deps (tenant TEXT NOT NULL, term TEXT NOT NULL, entry_key TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS term_deps_idx ON term_deps (tenant, term);
+CREATE INDEX IF NOT EXISTS term_deps_entry ON term_deps (entry_key);
+"""
+
+
+class SqliteDeps:
+    """The synchronous, thread-safe SQLite store behind :class:`DependencyIndex`.
+
+    An in-memory matrix of query vectors per tenant serves the dense check of
+    new chunks (one matrix product for a whole ingest batch).
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+        self._dense: dict[str, tuple[list[str], Vectors, np.ndarray]] = {}
+
+    def add(self, rec: DepRecord, expires: float) -> bool:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            self._remove([rec.entry_key])
+            db.execute("INSERT INTO entries VALUES (?,?,?,?)", (rec.entry_key, rec.tenant, rec.to_bytes(), expires))
+            db.executemany(
+                "INSERT INTO chunk_deps VALUES (?,?,?)",
+                [(rec.tenant, c, rec.entry_key) for c in set(rec.candidate_ids)],
+            )
+            db.executemany(
+                "INSERT INTO term_deps VALUES (?,?,?)", [(rec.tenant, t, rec.entry_key) for t in set(rec.terms)]
+            )
+            db.execute("COMMIT")
+            self._dense.pop(rec.tenant, None)
+        return True
+
+    def _remove(self, keys: Sequence[str]) -> None:
+        for batch in batched(list(keys), 500):
+            marks = ",".join("?" * len(batch))
+            for table in ("entries", "chunk_deps", "term_deps"):
+                self._db.execute(f"DELETE FROM {table} WHERE entry_key IN ({marks})", batch)
+
+    def remove(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        with self._lock:
+            self._db.execute("BEGIN")
+            tenants = self._tenants_of(keys)
+            self._remove(keys)
+            self._db.execute("COMMIT")
+            for t in tenants:
+                self._dense.pop(t, None)
+
+    def _tenants_of(self, keys: Sequence[str]) -> set[str]:
+        out: set[str] = set()
+        for batch in batched(list(keys), 500):
+            marks = ",".join("?" * len(batch))
+            out.update(
+                r[0]
+                for r in self._db.execute(f"SELECT DISTINCT tenant FROM entries WHERE entry_key IN ({marks})", batch)
+            )
+        return out
+
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM entries WHERE entry_key=?", (key,)).fetchone() is not None
+
+    def by_chunks(self, tenant: str, chunk_ids: Iterable[str]) -> set[str]:
+        out: set[str] = set()
+        with self._lock:
+            for batch in batched(list(chunk_ids), 500):
+                marks = ",".join("?" * len(batch))
+                out.update(
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT entry_key FROM chunk_deps WHERE tenant=? AND chunk_id IN ({marks})", (tenant, *batch)
+                    )
+                )
+        return out
+
+    def by_terms(self, tenant: str, terms: Iterable[str]) -> set[str]:
+        out: set[str] = set()
+        with self._lock:
+            for batch in batched(list(terms), 500):
+                marks = ",".join("?" * len(batch))
+                out.update(
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT entry_key FROM term_deps WHERE tenant=? AND term IN ({marks})", (tenant, *batch)
+                    )
+                )
+        return out
+
+    def records(self, tenant: str, keys: Iterable[str]) -> list[DepRecord]:
+        out: list[DepRecord] = []
+        with self._lock:
+            for batch in batched(list(keys), 500):
+                marks = ",".join("?" * len(batch))
+                out.extend(
+                    DepRecord.from_bytes(k, tenant, r)
+                    for k, r in self._db.execute(
+                        f"SELECT entry_key, record FROM entries WHERE tenant=? AND entry_key IN ({marks})",
+                        (tenant, *batch),
+                    )
+                )
+        return out
+
+    def dense_entered(self, tenant: str, vectors: Vectors) -> set[str]:
+        """Entries whose dense candidate list at least one of ``vectors`` would enter.
+
+        A new chunk enters when its cosine to the cached query is ≥ the entry's
+        dense cutoff, or when the entry's list was not full (cutoff None).
+        """
+        if len(vectors) == 0:
+            return set()
+        dim = vectors.shape[1]
+        with self._lock:
+            cached = self._dense.get(tenant)
+            if cached is None or cached[1].shape[1] != dim:
+                rows = self._db.execute("SELECT entry_key, record FROM entries WHERE tenant=?", (tenant,))
+                cached = dense_matrix((DepRecord.from_bytes(k, tenant, r) for k, r in rows), dim)
+                self._dense[tenant] = cached
+        return dense_hits(*cached, vectors)
+
+    def tenant_keys(self, tenant: str) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT entry_key FROM entries WHERE tenant=?", (tenant,))]
+
+    def all_keys(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT entry_key FROM entries")]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    def clear(self, tenant: str | None = None) -> None:
+        with self._lock:
+            if tenant is None:
+                for table in ("entries", "chunk_deps", "term_deps"):
+                    self._db.execute(f"DELETE FROM {table}")
+                self._dense.clear()
+            else:
+                for table in ("entries", "chunk_deps", "term_deps"):
+                    self._db.execute(f"DELETE FROM {table} WHERE tenant=?", (tenant,))
+                self._dense.pop(tenant, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class DependencyIndex:
+    """Persistent reverse indexes chunk → entries and term → entries, per tenant (SQLite).
+
+    The only index of its instance, so nothing is ever local-only and every
+    lookup is complete.
+    """
+
+    lookup_failures: Final = 0
+    has_local_only: Final = False
+
+    def __init__(self, path: Path) -> None:
+        self.store = SqliteDeps(path)
+
+    async def add(self, rec: DepRecord, expires: float) -> bool:
+        return await asyncio.to_thread(self.store.add, rec, expires)
+
+    async def remove(self, keys: Sequence[str]) -> None:
+        if keys:
+            await asyncio.to_thread(self.store.remove, keys)
+
+    async def has(self, key: str) -> bool:
+        return await asyncio.to_thread(self.store.has, key)
+
+    async def by_chunks(self, tenant: str, chunk_ids: Iterable[str]) -> set[str]:
+        return await asyncio.to_thread(self.store.by_chunks, tenant, list(chunk_ids))
+
+    async def by_terms(self, tenant: str, terms: Iterable[str]) -> set[str]:
+        return await asyncio.to_thread(self.store.by_terms, tenant, list(terms))
+
+    async def records(self, tenant: str, keys: Iterable[str]) -> list[DepRecord]:
+        return await asyncio.to_thread(self.store.records, tenant, list(keys))
+
+    async def dense_entered(self, tenant: str, vectors: Vectors) -> set[str]:
+        """Entries whose dense candidate list at least one of ``vectors`` would enter (see
+        :meth:`SqliteDeps.dense_entered`)."""
+        if len(vectors) == 0:
+            return set()
+        return await asyncio.to_thread(self.store.dense_entered, tenant, vectors)
+
+    async def tenant_keys(self, tenant: str) -> list[str]:
+        return await asyncio.to_thread(self.store.tenant_keys, tenant)
+
+    async def all_keys(self) -> list[str]:
+        return await asyncio.to_thread(self.store.all_keys)
+
+    async def count(self) -> int:
+        return await asyncio.to_thread(self.store.count)
+
+    def known_count(self) -> int:
+        """The record count, synchronously (one indexed ``count(*)``)."""
+        return self.store.count()
+
+    async def clear(self, tenant: str | None = None) -> None:
+        await asyncio.to_thread(self.store.clear, tenant)
+
+    async def local_only(self, key: str) -> bool:
+        return False  # the only index: nothing is hidden from anyone
+
+    async def take_local_only(self) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.store.close)

@@ -1,0 +1,254 @@
+"""What keeps cached results exact across corpus changes (DESIGN.md §3.1), on the pipeline's side.
+
+* **Generation guard.**  Each tenant has a count of corpus changes.  A result
+  is stored only if no change landed while it was computed (or while it was
+  being stored, before its dependency record was visible to invalidation);
+  otherwise it is not cached, or dropped again.
+* **Dependency records.**  Every cached answer and retrieval result is stored
+  with a :class:`~ragline.cache.deps.DepRecord`: its query vector and keyword
+  terms, candidates, context and retriever cutoffs.
+* **Re-verification.**  A change hands its removed chunk ids, new vectors and
+  touched keyword terms to :meth:`Invalidation.apply`, which re-runs
+  retrieval for each affected entry from its stored vector (:meth:`reverify`)
+  and keeps the entry only if its evidence is unchanged.
+
+Keyword terms come from the store's own analysis (``Store.analyze``), so a
+store with another keyword index stays exact.  :class:`CachedRetriever` is the
+retrieval cache (DESIGN.md §2 step 4) built on these three.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import numpy as np
+
+from ragline import metrics
+from ragline.cache.deps import DepRecord
+from ragline.cache.layer import CacheLayer, InvalidationReport
+from ragline.codec import retrieval_from_bytes, retrieval_to_bytes
+from ragline.context import same_evidence
+from ragline.retrieve import HybridRetriever
+from ragline.types import CacheMode, Chunk, Hit, Retrieval, Vectors
+
+Pack = Callable[[str, str, list[Hit]], Awaitable[list[Hit]]]
+"""(tenant, query, hits) → the answer context built from them, as a fresh request would."""
+
+
+class Invalidation:
+    def __init__(
+        self,
+        cache: CacheLayer,
+        retriever: HybridRetriever,
+        pack: Pack,
+        analyze: Callable[[str], list[str]],
+        *,
+        flush: bool = False,
+    ) -> None:
+        self.cache = cache
+        self.retriever = retriever
+        self.pack = pack
+        self.analyze = analyze
+        self.flush = flush
+        """``cache.invalidation: flush``: a change drops every answer and retrieval of its tenant."""
+        self._generation: dict[str, int] = {}
+
+    # -- generation guard ------------------------------------------------------
+    def generation(self, tenant: str) -> int:
+        return self._generation.get(tenant, 0)
+
+    async def put(self, gen: int, key: str, value: bytes, dep: DepRecord | None, semantic: bool = False) -> None:
+        """Cache a result computed at corpus generation ``gen`` — unless the corpus changed since."""
+        tenant = dep.tenant if dep is not None else ""
+        if self.generation(tenant) != gen:
+            return
+        await self.cache.put(key, value, dep, semantic=semantic)
+        if self.generation(tenant) != gen:
+            await self.cache.drop([key])
+
+    # -- dependency records ------------------------------------------------------
+    def record(
+        self,
+        key: str,
+        tenant: str,
+        query: str,
+        qvec: Vectors,
+        r: Retrieval,
+        context_ids: list[str],
+        k: int,
+        mmr: bool,
+        doc_level: bool = False,
+        candidates: int | None = None,
+    ) -> DepRecord:
+        terms = tuple(sorted(set(self.analyze(query))))
+        return DepRecord(
+            key,
+            tenant,
+            query,
+            np.asarray(qvec, np.float32),
+            terms,
+            r.candidate_ids,
+            tuple(context_ids),
+            r.dense_cutoff,
+            r.keyword_cutoff,
+            k,
+            mmr,
+            doc_level=doc_level,
+            candidates=candidates,
+        )
+
+    def terms(self, chunks: Iterable[Chunk]) -> set[str]:
+        """Keyword index terms of ``chunks``."""
+        out: set[str] = set()
+        for c in chunks:
+            out.update(self.analyze(c.index_text))
+        return out
+
+    # -- changes -------------------------------------------------------------------
+    async def changed(
+        self, tenant: str, removed: list[str], added: list[Chunk], vectors: Vectors | None, removed_terms: set[str]
+    ) -> None:
+        """Drop exactly the cached entries this change could alter (DESIGN.md §3.1)."""
+        self._generation[tenant] = self._generation.get(tenant, 0) + 1
+        if self.flush:
+            n = await self.cache.flush_results(tenant)
+            metrics.INVALIDATIONS.labels("flush").inc(n)
+            return
+        with metrics.stage("invalidate"):
+            report = await self.apply(tenant, removed, vectors, removed_terms | self.terms(added))
+        for cause, n in report.causes.items():
+            metrics.INVALIDATIONS.labels(cause).inc(n)
+
+    async def apply(
+        self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None, changed_terms: set[str]
+    ) -> InvalidationReport:
+        """Apply one ingest/delete to the cache: drop exactly the entries whose context changed.
+
+        ``changed_terms``: the keyword terms of every added and removed chunk.
+        """
+        cache = self.cache
+        report = InvalidationReport()
+        removed = set(removed_ids)
+        failures = cache.deps.lookup_failures
+        by_chunk = await cache.deps.by_chunks(tenant, removed) if removed else set()
+        dense = (
+            await cache.deps.dense_entered(tenant, new_vectors)
+            if new_vectors is not None and len(new_vectors)
+            else set()
+        )
+        by_term = await cache.deps.by_terms(tenant, changed_terms) if changed_terms else set()
+        by_term -= by_chunk | dense
+        affected = by_chunk | dense | by_term
+        if not affected:
+            await cache.flush_if_incomplete(tenant, failures, report)
+            return report
+        records = await cache.deps.records(tenant, affected)
+        drop: list[str] = []
+        refreshed: list[DepRecord] = []
+        for rec in records:
+            report.checked += 1
+            if removed.intersection(rec.context_ids):
+                cause = "deleted_context"
+            else:
+                new = await self.reverify(rec)
+                if new is not None:
+                    refreshed.append(new)
+                    report.kept += 1
+                    continue
+                cause = (
+                    "removed_candidate"
+                    if rec.entry_key in by_chunk
+                    else ("dense_entry" if rec.entry_key in dense else "keyword_entry")
+                )
+            drop.append(rec.entry_key)
+            drop.extend(rec.extra_keys)
+            report.causes[cause] = report.causes.get(cause, 0) + 1
+        for rec in refreshed:
+            if not await cache.deps.add(rec, time.time() + cache.ttl):
+                # its new dependencies reached only this instance's index: other instances
+                # could not invalidate it in the shared tier, so it goes
+                drop.append(rec.entry_key)
+                drop.extend(rec.extra_keys)
+                report.kept -= 1
+                report.causes["deps_unavailable"] = report.causes.get("deps_unavailable", 0) + 1
+        await cache.drop(drop)
+        report.dropped = len(drop)
+        await cache.flush_if_incomplete(tenant, failures, report)
+        cache.counters["invalidation_checked"] += report.checked
+        cache.counters["invalidation_dropped"] += report.dropped
+        cache.counters["invalidation_kept"] += report.kept
+        return report
+
+    async def reverify(self, rec: DepRecord) -> DepRecord | None:
+        """Re-run retrieval for a cached entry from its stored vector; None if its context changed."""
+        r = await self.retriever.retrieve(
+            rec.tenant, rec.query, rec.qvec, rec.k, use_mmr=rec.mmr, doc_level=rec.doc_level, candidates=rec.candidates
+        )
+        if ":answer:" in rec.entry_key:
+            sources = await self.pack(rec.tenant, rec.query, r.hits)
+            if not same_evidence((h.chunk_id for h in sources), rec.context_ids):
+                return None
+            ctx = rec.context_ids  # compared as a set from now on; the stored body is unchanged
+        else:
+            ctx = tuple(h.chunk_id for h in r.hits)
+            if ctx != rec.context_ids:
+                return None
+        return DepRecord(
+            rec.entry_key,
+            rec.tenant,
+            rec.query,
+            rec.qvec,
+            rec.terms,
+            r.candidate_ids,
+            ctx,
+            r.dense_cutoff,
+            r.keyword_cutoff,
+            rec.k,
+            rec.mmr,
+            rec.extra_keys,
+            rec.doc_level,
+            rec.candidates,
+        )
+
+
+class CachedRetriever:
+    """Hybrid retrieval behind the retrieval cache; a computed result is stored with its
+    dependency record, under the generation guard.  Without a cache, plain retrieval."""
+
+    def __init__(self, retriever: HybridRetriever, cache: CacheLayer | None, invalidation: Invalidation | None) -> None:
+        self.retriever = retriever
+        self.cache = cache
+        self.invalidation = invalidation
+
+    async def retrieve(
+        self,
+        tenant: str,
+        query: str,
+        qvec: Vectors | Callable[[], Awaitable[Vectors]],
+        k: int,
+        mmr: bool,
+        doc_level: bool = False,
+        candidates: int | None = None,
+        mode: CacheMode = "default",
+        timings: dict[str, float] | None = None,
+    ) -> Retrieval:
+        """``qvec`` may be a coroutine function: then the query is embedded only on a cache miss."""
+        cache = self.cache if mode != "bypass" else None
+        key = cache.retrieval_key(tenant, query, k, mmr, doc_level, candidates) if cache is not None else None
+        if cache is not None and key is not None and mode == "default":
+            with metrics.stage("retrieval_cache", timings):
+                body, _ = await cache.get(key)
+            if body is not None:
+                return retrieval_from_bytes(body)
+        inv = self.invalidation
+        gen = inv.generation(tenant) if inv is not None else 0
+        vec = qvec if isinstance(qvec, np.ndarray) else await qvec()
+        with metrics.stage("retrieve", timings):
+            r = await self.retriever.retrieve(
+                tenant, query, vec, k, use_mmr=mmr, doc_level=doc_level, candidates=candidates
+            )
+        if key is not None and inv is not None:
+            dep = inv.record(key, tenant, query, vec, r, [h.chunk_id for h in r.hits], k, mmr, doc_level, candidates)
+            await inv.put(gen, key, retrieval_to_bytes(r), dep)
+        return r

@@ -1,0 +1,258 @@
+"""The write path: validate → skip unchanged documents → chunk → embed → commit → invalidate.
+
+Documents are validated, hashed and chunked in batches of about
+``batch_chunks`` chunks.  An unchanged document (same content hash) costs the
+hash; a changed one reuses the vectors of its replaced chunks, then the
+embedding cache, and embeds only what is left, once per unique text.  Each
+batch is one atomic upsert, overlapped with the embedding of the next batch.
+After each commit, the cache is told exactly what changed (see
+:mod:`ragline.cache.invalidation`).  Writers are serialised by one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from ragline import metrics
+from ragline.config import Settings
+from ragline.embed.cached import CachedEmbedder
+from ragline.errors import InvalidInput, NotFound
+from ragline.ingest.chunking import Chunker, doc_hash
+from ragline.ingest.loaders import validate_document
+from ragline.store.base import Store
+from ragline.types import Chunk, Document, IngestReport, Vectors
+
+Progress = Callable[[int], None]
+"""Called with the number of documents just processed (for progress bars)."""
+
+Prepared = list[tuple[Document, str, list[Chunk], Vectors]]
+
+BATCH_CHUNKS = 256
+
+
+class ChangeListener(Protocol):
+    """What the indexer tells the cache (:class:`~ragline.cache.invalidation.Invalidation`)."""
+
+    def terms(self, chunks: Iterable[Chunk]) -> set[str]: ...
+
+    async def changed(
+        self, tenant: str, removed: list[str], added: list[Chunk], vectors: Vectors | None, removed_terms: set[str]
+    ) -> None: ...
+
+
+class Indexer:
+    def __init__(
+        self,
+        store: Store,
+        chunker: Chunker,
+        embedder: CachedEmbedder,
+        settings: Settings,
+        changes: ChangeListener | None,
+        batch_chunks: int = BATCH_CHUNKS,
+    ) -> None:
+        self.store = store
+        self.chunker = chunker
+        self.embedder = embedder
+        self.settings = settings
+        self.changes = changes
+        self.batch_chunks = batch_chunks
+        self._lock = asyncio.Lock()
+
+    async def ingest(self, docs: Iterable[Document], tenant: str, progress: Progress | None = None) -> IngestReport:
+        """Upsert documents by id; unchanged ones cost a hash, changed ones replace their chunks."""
+        counts = {
+            "documents": 0,
+            "added": 0,
+            "updated": 0,
+            "unchanged": 0,
+            "chunks_added": 0,
+            "chunks_removed": 0,
+            "chunks_embedded": 0,
+        }
+        async with self._lock:
+            pending: asyncio.Task[None] | None = None
+            pending_ids: set[str] = set()
+            for batch in doc_batches(docs, self.chunker, self.settings, self.batch_chunks):
+                ids = {d.id for d, _, _ in batch}
+                if pending is not None and not pending_ids.isdisjoint(ids):
+                    # the same document again: compare against what the pending commit writes
+                    await pending
+                    pending = None
+                prepared, old_ids, same, old_terms = await self._prepare(batch, tenant, counts)
+                if pending is not None:
+                    await pending
+                pending = asyncio.create_task(
+                    self._commit(tenant, prepared, old_ids, same, old_terms, len(batch), progress)
+                )
+                pending_ids = ids
+            if pending is not None:
+                await pending
+        return IngestReport(**counts)  # type: ignore[arg-type]
+
+    async def delete(self, doc_ids: Sequence[str], tenant: str) -> list[str]:
+        """Delete documents by id; NotFound if none of them exists. Returns removed chunk ids."""
+        if not doc_ids:
+            raise InvalidInput("no document ids given")
+        store = self.store
+        async with self._lock:
+            states = await asyncio.to_thread(store.doc_state, tenant, list(doc_ids))
+            missing = [d for d in doc_ids if d not in states]
+            if len(missing) == len(doc_ids):
+                raise NotFound(
+                    f"no document with id {missing[0]!r}"
+                    if len(missing) == 1
+                    else f"none of the {len(missing)} document ids exist"
+                )
+            ids = [c for st in states.values() for c in st.chunk_ids]
+            gone = await asyncio.to_thread(store.chunks, tenant, ids) if self.changes is not None else {}
+            removed = await asyncio.to_thread(store.delete, tenant, list(states))
+            if self.changes is not None:
+                await self.changes.changed(tenant, removed, [], None, self.changes.terms(gone.values()))
+        return removed
+
+    async def chunk_ids(self, tenant: str, doc_id: str) -> list[str]:
+        """The chunk ids of one document; NotFound if there is no such document."""
+        st = (await asyncio.to_thread(self.store.doc_state, tenant, [doc_id])).get(doc_id)
+        if st is None:
+            raise NotFound(f"no document with id {doc_id!r} in tenant {tenant!r}")
+        return list(st.chunk_ids)
+
+    async def _prepare(
+        self, batch: list[tuple[Document, str, list[Chunk]]], tenant: str, counts: dict[str, int]
+    ) -> tuple[Prepared, list[str], set[str], set[str]]:
+        """Drop unchanged documents, reuse known vectors, embed the rest once per unique text.
+
+        Vectors come, cheapest first, from the replaced chunks of the same
+        document, the embedding cache, then the model.  Returns the prepared
+        documents, the chunk ids they replace, and the ids of replacing chunks
+        identical to the chunk they replace (same id, text, title and metadata).
+        Those are no change to any retrieval, so invalidation skips them: editing
+        the end of a document leaves answers grounded in its start cached.  Last,
+        the keyword terms of the replaced chunks that did change.
+        """
+        store = self.store
+        states = await asyncio.to_thread(store.doc_state, tenant, [d.id for d, _, _ in batch])
+        changed: list[tuple[Document, str, list[Chunk]]] = []
+        old_chunk_ids: list[str] = []
+        for doc, h, chunks in batch:
+            counts["documents"] += 1
+            st = states.get(doc.id)
+            if st is not None and st.content_hash == h:
+                counts["unchanged"] += 1
+                metrics.INGESTED.labels("unchanged").inc()
+                continue
+            if st is not None:
+                counts["updated"] += 1
+                counts["chunks_removed"] += len(st.chunk_ids)
+                old_chunk_ids.extend(st.chunk_ids)
+                metrics.INGESTED.labels("updated").inc()
+            else:
+                counts["added"] += 1
+                metrics.INGESTED.labels("added").inc()
+            changed.append((doc, h, chunks))
+        known: dict[str, Vectors] = {}
+        same: set[str] = set()
+        removed_terms: set[str] = set()
+        if old_chunk_ids:
+            old = await asyncio.to_thread(store.chunks, tenant, old_chunk_ids)
+            ids = list(old)
+            vecs = await asyncio.to_thread(store.vectors, tenant, ids)
+            known = {old[c].content_hash: vecs[i] for i, c in enumerate(ids)}
+            for _, _, chunks in changed:
+                for ch in chunks:
+                    prev = old.get(ch.id)
+                    if (
+                        prev is not None
+                        and prev.content_hash == ch.content_hash
+                        and _json_eq(prev.metadata, ch.metadata)
+                    ):
+                        same.add(ch.id)
+            if self.changes is not None:
+                removed_terms = self.changes.terms(c for cid, c in old.items() if cid not in same)
+        todo: dict[str, str] = {}
+        for _, _, chunks in changed:
+            for ch in chunks:
+                if ch.content_hash not in known:
+                    todo.setdefault(ch.content_hash, ch.index_text)
+        if todo:
+            vectors, embedded = await self.embedder.embed_texts(tenant, list(todo.values()))
+            counts["chunks_embedded"] += embedded
+            known.update(zip(todo.keys(), vectors, strict=True))
+        out: Prepared = []
+        for doc, h, chunks in changed:
+            counts["chunks_added"] += len(chunks)
+            vec = (
+                np.stack([known[c.content_hash] for c in chunks])
+                if chunks
+                else np.zeros((0, self.embedder.dim), np.float32)
+            )
+            out.append((doc, h, chunks, vec))
+        return out, old_chunk_ids, same, removed_terms
+
+    async def _commit(
+        self,
+        tenant: str,
+        prepared: Prepared,
+        old_ids: list[str],
+        same: set[str],
+        old_terms: set[str],
+        n_docs: int,
+        progress: Progress | None,
+    ) -> None:
+        if prepared:
+            await asyncio.to_thread(self.store.upsert, tenant, prepared)
+            if self.changes is not None:
+                added = [(c, v) for _, _, cs, vs in prepared for c, v in zip(cs, vs, strict=True) if c.id not in same]
+                await self.changes.changed(
+                    tenant,
+                    [c for c in old_ids if c not in same],
+                    [c for c, _ in added],
+                    np.stack([v for _, v in added]) if added else None,
+                    old_terms,
+                )
+        if progress is not None:
+            progress(n_docs)
+
+
+def _json_eq(a: Any, b: Any) -> bool:
+    """JSON equality (``1``, ``1.0`` and ``true`` differ, unlike Python's ``==``)."""
+    return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+
+
+def doc_batches(
+    docs: Iterable[Document], chunker: Chunker, settings: Settings, max_chunks: int
+) -> Iterator[list[tuple[Document, str, list[Chunk]]]]:
+    """Validate, hash and chunk documents, in batches of about ``max_chunks`` chunks.
+
+    Documents are tokenized in groups (one ``encode_batch`` call each).  A
+    document id repeated within a batch is kept once: the last version wins.
+    """
+    batch: dict[str, tuple[Document, str, list[Chunk]]] = {}
+    n = 0
+    group: list[Document] = []
+
+    def flush_group() -> None:
+        nonlocal n
+        for doc, chunks in zip(group, chunker.chunk_many(group), strict=True):
+            if doc.id in batch:
+                n -= len(batch[doc.id][2])
+            batch[doc.id] = (doc, doc_hash(doc), chunks)
+            n += len(chunks)
+        group.clear()
+
+    for doc in docs:
+        validate_document(doc, settings.limits)
+        group.append(doc)
+        if len(group) >= 64:
+            flush_group()
+            if n >= max_chunks:
+                yield list(batch.values())
+                batch, n = {}, 0
+    flush_group()
+    if batch:
+        yield list(batch.values())

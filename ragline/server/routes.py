@@ -1,0 +1,193 @@
+"""The HTTP routes: documents, search, query (the hot path), cache, operations.
+
+``/v1/query`` parses its body with orjson and checks it by hand, and returns the
+pipeline's pre-serialised answer bytes with ``cache``/``timings`` spliced in:
+a cached answer pays for no model validation and no re-serialisation.  The
+other routes take pydantic bodies (:mod:`ragline.server.schemas`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Header, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response, StreamingResponse
+
+from ragline import metrics
+from ragline.codec import response_bytes
+from ragline.config import Settings
+from ragline.errors import InvalidInput, PayloadTooLarge, RaglineError, ServiceUnavailable
+from ragline.pipeline import AsyncRAG
+from ragline.server import errors
+from ragline.server.auth import Auth
+from ragline.server.schemas import CACHE_MODES, DocumentsIn, InvalidateIn, QueryIn, SearchIn
+from ragline.types import Document
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def _read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) -> None:
+    """Register every route of the API on ``app``."""
+    answer_counters: dict[tuple[str, str], Any] = {}
+
+    def tenant_of(authorization: str | None, x_api_key: str | None) -> str:
+        return auth.tenant(auth.key_from_headers(authorization, x_api_key))
+
+    # -- documents ---------------------------------------------------------
+    @app.post("/v1/documents", summary="Add or replace documents by id")
+    async def add_documents(
+        body: DocumentsIn, authorization: str | None = Header(None), x_api_key: str | None = Header(None)
+    ) -> Response:
+        tenant = tenant_of(authorization, x_api_key)
+        lim = settings.limits.max_documents_per_request
+        if len(body.documents) > lim:
+            raise PayloadTooLarge(f"{len(body.documents)} documents in one request; the limit is {lim}")
+        docs = [Document(d.id, d.text, d.title, d.metadata, source="api") for d in body.documents]
+        report = await pipeline.ingest(docs, tenant)
+        return _json(report.to_dict())
+
+    @app.get("/v1/documents", summary="List document ids")
+    async def list_documents(
+        limit: int = 100,
+        offset: int = 0,
+        authorization: str | None = Header(None),
+        x_api_key: str | None = Header(None),
+    ) -> Response:
+        tenant = tenant_of(authorization, x_api_key)
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise InvalidInput("limit must be 1..1000 and offset ≥ 0")
+        ids = pipeline.store.document_ids(tenant, limit, offset)
+        return _json({"ids": ids, **pipeline.stats(tenant)})
+
+    @app.delete("/v1/documents/{doc_id:path}", summary="Delete a document and its chunks")
+    async def delete_document(
+        doc_id: str, authorization: str | None = Header(None), x_api_key: str | None = Header(None)
+    ) -> Response:
+        tenant = tenant_of(authorization, x_api_key)
+        removed = await pipeline.delete([doc_id], tenant)
+        return _json({"deleted": doc_id, "chunks_removed": len(removed)})
+
+    # -- search and query ----------------------------------------------------
+    @app.post("/v1/search", summary="Hybrid search (dense + BM25, RRF)")
+    async def search(
+        body: SearchIn, authorization: str | None = Header(None), x_api_key: str | None = Header(None)
+    ) -> Response:
+        tenant = tenant_of(authorization, x_api_key)
+        timings: dict[str, float] = {}
+        hits = await pipeline.search(
+            body.query, body.k, tenant, doc_level=body.doc_level, mmr=body.mmr, timings=timings, cache_mode=body.cache
+        )
+        out: dict[str, Any] = {"hits": [h.to_dict() for h in hits]}
+        if body.timings:
+            out["timings"] = timings
+        return _json(out)
+
+    @app.post(
+        "/v1/query",
+        summary="Answer a question with cited sources",
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": QueryIn.model_json_schema()}}}
+        },
+    )
+    async def query(request: Request) -> Response:
+        h = request.headers
+        tenant = tenant_of(h.get("authorization"), h.get("x-api-key"))
+        body = await _read_json(request)
+        if not isinstance(body, dict):
+            raise InvalidInput("request body must be a JSON object with a 'query' field")
+        q = body.get("query")
+        if not isinstance(q, str):
+            raise InvalidInput("'query' is required and must be a string")
+        k = body.get("k")
+        history = body.get("history") or []
+        if not isinstance(history, list):
+            raise InvalidInput("'history' must be a list of {role, content} messages")
+        mode = body.get("cache", "default")
+        if mode not in CACHE_MODES:
+            raise InvalidInput("'cache' must be one of 'default', 'bypass', 'refresh'")
+        if body.get("stream") is True:
+            events = await pipeline.ask_stream(q, k, tenant, history=history, cache_mode=mode)
+            return StreamingResponse(
+                _sse(events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        t0 = time.perf_counter()
+        timings: dict[str, float] | None = {} if body.get("timings", True) is not False else None
+        answer, info = await pipeline.ask_body(q, k, tenant, history=history, cache_mode=mode, timings=timings)
+        if timings is not None:
+            timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
+        counter = answer_counters.get((info.kind, tenant))
+        if counter is None:
+            counter = answer_counters[(info.kind, tenant)] = metrics.ANSWERS.labels(info.kind, tenant)
+        counter.inc()
+        return Response(response_bytes(answer, info, timings), media_type="application/json")
+
+    # -- cache -----------------------------------------------------------------
+    @app.get("/v1/cache/stats", summary="Cache tiers, hit counts, dependency and semantic entries")
+    async def cache_stats() -> Response:
+        if pipeline.cache is None:
+            return _json({"enabled": False})
+        return _json({"enabled": True, **pipeline.cache.stats()})
+
+    @app.post("/v1/cache/invalidate", summary="Invalidate cache entries (admin key only)")
+    async def cache_invalidate(
+        body: InvalidateIn, authorization: str | None = Header(None), x_api_key: str | None = Header(None)
+    ) -> Response:
+        auth.require_admin(auth.key_from_headers(authorization, x_api_key))
+        n = await pipeline.invalidate(tenant=body.tenant, doc_id=body.doc_id, key=body.key, everything=body.all)
+        return _json({"invalidated": n})
+
+    # -- operations ----------------------------------------------------------
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz", summary="Readiness: model loaded, store open")
+    async def readyz() -> Response:
+        if not pipeline.ready:
+            raise ServiceUnavailable("starting: the model and store are still loading")
+        components: dict[str, Any] = {"store": "ok", "embedder": pipeline.embedder.id, "llm": pipeline.llm.id}
+        status = "ready"
+        if pipeline.cache is not None:
+            health = pipeline.cache.health()
+            components["cache"] = {tier: "ok" if ok else "degraded" for tier, ok in health.items()}
+            if not all(health.values()):
+                status = "degraded"  # still serving: the cache fails open to the other tiers
+        return _json({"status": status, "components": components})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        if pipeline.cache is not None:
+            pipeline.cache.flush_metrics()
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _sse(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> AsyncIterator[bytes]:
+    """Server-sent events; a failure mid-stream becomes a final ``error`` event."""
+    try:
+        async for name, data in events:
+            yield b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+    except RaglineError as exc:
+        yield b"event: error\ndata: " + orjson.dumps({"code": exc.code, "message": exc.message}) + b"\n\n"
+    except Exception:
+        errors.log.exception("stream failed")
+        yield (
+            b"event: error\ndata: "
+            + orjson.dumps({"code": "internal_error", "message": "internal error; see the server log"})
+            + b"\n\n"
+        )

@@ -1,0 +1,53 @@
+"""Request bodies of the HTTP API (pydantic: documented at /docs, validated per field).
+
+``QueryIn`` only documents ``POST /v1/query``: that route is the hot path and
+parses its body by hand (see :mod:`ragline.server.routes`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+CACHE_MODES = ("default", "bypass", "refresh")
+
+
+class DocumentIn(BaseModel):
+    id: str = Field(..., min_length=1, max_length=512)
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DocumentsIn(BaseModel):
+    documents: list[DocumentIn] = Field(..., min_length=1)
+
+
+class SearchIn(BaseModel):
+    query: str
+    k: int = Field(10, ge=1)
+    doc_level: bool = False
+    mmr: bool = False
+    timings: bool = False
+    cache: Literal["default", "bypass", "refresh"] = "default"
+
+
+class InvalidateIn(BaseModel):
+    """Exactly one of: ``all``, ``key``, ``tenant`` (optionally with ``doc_id``)."""
+
+    tenant: str | None = None
+    doc_id: str | None = None
+    key: str | None = None
+    all: bool = False
+
+
+class QueryIn(BaseModel):
+    """Schema of POST /v1/query (parsed by hand on the hot path)."""
+
+    query: str
+    k: int | None = Field(None, ge=1)
+    stream: bool = False
+    history: list[dict[str, str]] = Field(default_factory=list)
+    timings: bool = True
+    cache: Literal["default", "bypass", "refresh"] = "default"
