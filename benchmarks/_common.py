@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -129,3 +130,115 @@ def tree_cpu(pid: int) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
+
+
+# -- cache invalidation benchmarks (churn.py, invalidation_scaling.py) -------------------------------------
+
+
+def accepts_invalidation(mode: str) -> bool:
+    """Whether this checkout's ``CacheSettings`` accepts ``cache.invalidation: mode``."""
+    from pydantic import ValidationError
+
+    from ragline.config import CacheSettings
+
+    try:
+        CacheSettings(invalidation=mode)  # type: ignore[arg-type]
+    except ValidationError:
+        return False
+    return True
+
+
+def resolve_mode(name: str) -> tuple[str, str]:
+    """A benchmark mode → (the ``cache.invalidation`` value to run, a note on how it is realised).
+
+    ``lazy`` (mark on change, re-verify on read) and ``eager`` (re-check at ingest) are the names of
+    issue 15; before they land, eager is spelled ``precise`` and lazy falls back to the default mode.
+    ``flush_all`` (also drop the LLM response cache) is emulated with ``flush`` plus a clear of the
+    tenant's ``llm`` key prefix after each change (see :func:`after_change`) until it is accepted.
+    """
+    from ragline.config import CacheSettings
+
+    if name in ("lazy", "ragline"):
+        if accepts_invalidation("lazy"):
+            return "lazy", "native"
+        default = str(CacheSettings().invalidation)
+        return default, f"'lazy' not accepted by this checkout: ran the default {default!r}"
+    if name == "eager":
+        return ("eager", "native") if accepts_invalidation("eager") else ("precise", "spelled 'precise' here")
+    if name == "flush":
+        return "flush", "native"
+    if name == "flush_all":
+        if accepts_invalidation("flush_all"):
+            return "flush_all", "native"
+        return "flush", "emulated: 'flush' + clear of the tenant's llm-cache prefix after each change"
+    raise ValueError(f"unknown mode {name!r}")
+
+
+async def after_change(rag: Any, mode_name: str, setting: str, tenant: str = "default") -> None:
+    """The emulated part of ``flush_all`` (nothing for every other mode, or once it is native)."""
+    if mode_name == "flush_all" and setting == "flush" and rag.cache is not None:
+        from ragline.cache.keys import kind_prefix
+
+        await rag.cache.tiers.clear(kind_prefix(tenant, "llm"))
+
+
+class CountingLLM:
+    """An LLM wrapper that counts the calls reaching the model (``calls``; ``held`` while ``paused``).
+
+    Same ``id`` as the wrapped LLM, so cache keys and settings fingerprints are unchanged."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.id = inner.id
+        self.calls = 0
+        self.held = 0
+        self.paused = False
+
+    def _count(self) -> None:
+        if self.paused:
+            self.held += 1
+        else:
+            self.calls += 1
+
+    async def complete(self, messages: Any, params: Any) -> Any:
+        self._count()
+        return await self.inner.complete(messages, params)
+
+    def stream(self, messages: Any, params: Any) -> Any:
+        self._count()
+        return self.inner.stream(messages, params)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def extractive_llm() -> CountingLLM:
+    """The default LLM (extractive), counted."""
+    from ragline.config import LLMSettings
+    from ragline.llm.extractive import ExtractiveLLM
+
+    return CountingLLM(ExtractiveLLM(LLMSettings()))
+
+
+def counter(rag: Any, name: str) -> int:
+    return int(rag.cache.counter(name)) if rag.cache is not None else 0
+
+
+COUNTERS = (
+    "invalidation_marked",
+    "invalidation_checked",
+    "invalidation_kept",
+    "invalidation_dropped",
+    "reverify_on_read",
+    "reverify_kept",
+    "reverify_dropped",
+    "llm_calls_saved",
+)
+
+
+def counters(rag: Any) -> dict[str, int]:
+    return {n: counter(rag, n) for n in COUNTERS}
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}

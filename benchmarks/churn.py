@@ -1,26 +1,38 @@
-"""Churn benchmark: cache hit rate and staleness while the corpus changes (issue: tiered cache).
+"""Churn benchmark: hit rate, staleness and work of each invalidation mode while the corpus changes (issue 15).
 
     python benchmarks/churn.py [--data ../shared/data/scifact] [--docs N] [--batch 50]
-                               [--queries-per-round 100,50,200] [--embeddings PATH] [--seed 7]
+                               [--queries-per-round 100,50,200] [--embeddings PATH]
+                               [--seed 7 | --seeds 7,8,9] [--modes ragline,eager,flush,flush_all]
 
 On BEIR SciFact: ingest 80% of the corpus, then alternate ingest batches (the
 remaining 20%, ``batch`` documents at a time, plus updates and deletes of
 existing documents) with a replay of the train+test queries drawn from a Zipf
 distribution.  Every answer served from cache (exact or semantic) is checked
-against a fresh, cache-bypassing run: its context chunk ids must be equal,
-otherwise the hit was stale.
+against a fresh, cache-bypassing run: its context chunk ids and texts must be
+equal, otherwise the hit was stale.  The check is not part of any measurement
+(time, CPU, LLM calls).
 
-The same workload runs twice in one process on identical data: ragline's
-precise, dependency-driven invalidation, and the baseline that flushes every
-answer and retrieval entry on each change.  Embeddings are computed once and
-shared by both runs (a memo in front of the model), so the comparison is about
-the cache, not the model.
+The same workload runs in one process on identical data in each mode:
+
+* ``ragline``: ``cache.invalidation: lazy`` (a change marks, a hit re-verifies);
+* ``eager``: the re-check of every affected entry at ingest (spelled ``precise`` before issue 15);
+* ``flush``: drop every answer and retrieval entry on each change, keep the LLM response cache;
+* ``flush_all``: also drop the LLM response cache (emulated before it is a setting: see ``_common``).
+
+Measured per mode: ingest and query wall time, work in CPU seconds of the
+process (``time.process_time``, every thread) during ingests and queries, the
+calls that reach the LLM (a counting wrapper around the default extractive
+LLM), hit rate, stale hits, and per-query latency by how it was served (a
+plain exact hit, a hit that needed re-verification, a miss).  Embeddings are
+computed once and shared (a memo in front of the model), so the comparison is
+about the cache, not the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import tempfile
 import time
@@ -29,13 +41,32 @@ from typing import Any
 
 import numpy as np
 import orjson
-from _common import DATA, RESULTS
+from _common import (
+    DATA,
+    RESULTS,
+    after_change,
+    counter,
+    counters,
+    delta,
+    extractive_llm,
+    percentiles,
+    resolve_mode,
+)
 
 from ragline.config import EmbedderSettings, Settings
 from ragline.embed.local import LocalEmbedder
 from ragline.ingest.loaders import iter_documents
 from ragline.pipeline import AsyncRAG
 from ragline.types import Document, Vectors
+
+MODES = ("ragline", "eager", "flush", "flush_all")
+LABELS = {
+    "ragline": "ragline (lazy)",
+    "eager": "eager re-check",
+    "flush": "flush (LLM cache kept)",
+    "flush_all": "flush everything",
+}
+COLORS = {"ragline": "tab:green", "eager": "tab:olive", "flush": "tab:gray", "flush_all": "tab:red"}
 
 
 class MemoEmbedder:
@@ -48,9 +79,11 @@ class MemoEmbedder:
         self.tokenizer_file = inner.tokenizer_file
         self.memo: dict[str, Vectors] = {}
         self.path = path
+        self.saved = 0
         if path is not None and path.with_suffix(".json").exists():
             texts = orjson.loads(path.with_suffix(".json").read_bytes())
             self.memo = dict(zip(texts, np.load(path.with_suffix(".npy")), strict=True))
+            self.saved = len(self.memo)
 
     def embed(self, texts: list[str]) -> Vectors:
         todo = [t for t in dict.fromkeys(texts) if t not in self.memo]
@@ -60,10 +93,16 @@ class MemoEmbedder:
         return np.stack([self.memo[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
 
     def save(self) -> None:
-        if self.path is not None and self.memo:
+        if self.path is not None and len(self.memo) > self.saved:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(self.path.with_suffix(".npy"), np.stack(list(self.memo.values())))
-            self.path.with_suffix(".json").write_bytes(orjson.dumps(list(self.memo)))
+            # each file replaced whole, so a concurrent reader never sees a half-written one
+            npy, js = self.path.with_suffix(".npy"), self.path.with_suffix(".json")
+            with open(npy.with_suffix(".npy.part"), "wb") as fh:
+                np.save(fh, np.stack(list(self.memo.values())))
+            js.with_suffix(".json.part").write_bytes(orjson.dumps(list(self.memo)))
+            os.replace(npy.with_suffix(".npy.part"), npy)
+            os.replace(js.with_suffix(".json.part"), js)
+            self.saved = len(self.memo)
 
 
 def zipf_sequence(n_items: int, n: int, s: float, rng: random.Random) -> list[int]:
@@ -76,46 +115,72 @@ def _mutate(doc: Document, round_no: int) -> Document:
     return Document(doc.id, doc.text + extra, doc.title, doc.metadata, doc.source)
 
 
+def _served_as(kind: str, d: dict[str, int]) -> str:
+    """How one query was served: the latency class it is reported under."""
+    if kind == "exact":
+        return "reverified_hit" if d["reverify_kept"] > 0 else "exact_hit"
+    if kind == "semantic":
+        return "semantic_hit"
+    return "miss_after_reverify" if d["reverify_dropped"] > 0 else "miss"
+
+
 async def run_workload(
-    settings: Settings, embedder: MemoEmbedder, base: list[Document], rounds: list[dict[str, Any]], queries: list[str]
+    settings: Settings, mode: str, embedder: MemoEmbedder, base: list[Document], rounds: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    hits = stale = served = order_only = 0
-    semantic_hits = 0
+    """One mode over the whole schedule; measurements exclude the base ingest and the staleness checks."""
+    hits = stale = served = order_only = semantic_hits = 0
     stale_examples: list[dict[str, Any]] = []
-    ingest_s = query_s = 0.0
-    async with AsyncRAG(settings, embedder=embedder) as rag:
+    ingest_s = query_s = ingest_cpu = query_cpu = 0.0
+    latency: dict[str, list[float]] = {}
+    llm = extractive_llm()
+    setting = settings.cache.invalidation
+    async with AsyncRAG(settings, embedder=embedder, llm=llm) as rag:
         await rag.ingest(base)
+        llm.calls = 0
+        start = counters(rag)
         for rnd in rounds:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             await rag.ingest(rnd["ingest"])
             if rnd["delete"]:
                 await rag.delete(rnd["delete"])
+            await after_change(rag, mode, setting)
             ingest_s += time.perf_counter() - t0
+            ingest_cpu += time.process_time() - c0
             for q in rnd["queries"]:
-                t0 = time.perf_counter()
+                before = counters(rag)
+                t0, c0 = time.perf_counter(), time.process_time()
                 ans = await rag.ask(q)
-                query_s += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                query_s += dt
+                query_cpu += time.process_time() - c0
+                latency.setdefault(_served_as(ans.cache.kind, delta(counters(rag), before)), []).append(dt)
                 served += 1
-                if ans.cache.kind in ("exact", "semantic"):
-                    hits += 1
-                    semantic_hits += ans.cache.kind == "semantic"
-                    fresh = await rag.ask(q, cache_mode="bypass")
-                    # the evidence: chunk ids *and* texts, since an updated chunk keeps its id
-                    if {(h.chunk_id, h.text) for h in fresh.sources} != {(h.chunk_id, h.text) for h in ans.sources}:
-                        stale += 1
-                        if len(stale_examples) < 5:
-                            stale_examples.append(
-                                {
-                                    "query": q,
-                                    "kind": ans.cache.kind,
-                                    "cached": [h.chunk_id for h in ans.sources],
-                                    "fresh": [h.chunk_id for h in fresh.sources],
-                                }
-                            )
-                    elif [h.chunk_id for h in fresh.sources] != [h.chunk_id for h in ans.sources]:
-                        order_only += 1
-        counters = dict(rag.cache.counters) if rag.cache is not None else {}
+                if ans.cache.kind not in ("exact", "semantic"):
+                    continue
+                hits += 1
+                semantic_hits += ans.cache.kind == "semantic"
+                llm.paused = True  # the check's own LLM call is not the workload's
+                fresh = await rag.ask(q, cache_mode="bypass")
+                llm.paused = False
+                # the evidence: chunk ids *and* texts, since an updated chunk keeps its id
+                if {(h.chunk_id, h.text) for h in fresh.sources} != {(h.chunk_id, h.text) for h in ans.sources}:
+                    stale += 1
+                    if len(stale_examples) < 5:
+                        stale_examples.append(
+                            {
+                                "query": q,
+                                "kind": ans.cache.kind,
+                                "cached": [h.chunk_id for h in ans.sources],
+                                "fresh": [h.chunk_id for h in fresh.sources],
+                            }
+                        )
+                elif [h.chunk_id for h in fresh.sources] != [h.chunk_id for h in ans.sources]:
+                    order_only += 1
+        work = delta(counters(rag), start)
+        all_counters = dict(rag.cache.counters) if rag.cache is not None else {}
+        saved = counter(rag, "llm_calls_saved") - start["llm_calls_saved"]
     return {
+        "mode": setting,
         "served": served,
         "hits": hits,
         "semantic_hits": semantic_hits,
@@ -125,7 +190,15 @@ async def run_workload(
         "hits_same_chunks_other_order": order_only,
         "ingest_s": round(ingest_s, 2),
         "query_s": round(query_s, 2),
-        "cache_counters": counters,
+        "ingest_cpu_s": round(ingest_cpu, 2),
+        "query_cpu_s": round(query_cpu, 2),
+        "cpu_s": round(ingest_cpu + query_cpu, 2),
+        "llm_calls": llm.calls,
+        "llm_calls_by_staleness_check": llm.held,
+        "llm_response_cache_hits": saved,
+        "latency_by_kind": {k: percentiles(v) for k, v in sorted(latency.items())},
+        "counters_during_rounds": work,
+        "cache_counters": all_counters,
     }
 
 
@@ -153,6 +226,63 @@ def ceiling(rounds: list[dict[str, Any]]) -> float:
     return round(1 - len(set(seq)) / len(seq), 4) if seq else 0.0
 
 
+def _compare(w: dict[str, Any]) -> None:
+    """Ratios of each mode against the flush baselines (in place)."""
+    for name in MODES:
+        m = w.get(name)
+        if m is None:
+            continue
+        for base in ("flush", "flush_all"):
+            b = w.get(base)
+            if b is not None and name != base:
+                m[f"llm_calls_avoided_vs_{base}"] = b["llm_calls"] - m["llm_calls"]
+                m[f"cpu_ratio_vs_{base}"] = round(m["cpu_s"] / b["cpu_s"], 3) if b["cpu_s"] else None
+                m[f"ingest_ratio_vs_{base}"] = round(m["ingest_s"] / b["ingest_s"], 3) if b["ingest_s"] else None
+
+
+def _checks(report: dict[str, Any], previous: dict[int, float]) -> dict[str, Any]:
+    """The acceptance checks of issue 15, on every workload (None where a mode needed was not run)."""
+    ws = report["workloads"]
+
+    def each(test: Any, *need: str) -> bool | None:
+        if not all(n in w for w in ws for n in need):
+            return None
+        return all(test(w) for w in ws)
+
+    checks: dict[str, Any] = {
+        "ingest_lazy_le_1.2x_flush": each(
+            lambda w: w["ragline"]["ingest_s"] <= 1.2 * w["flush"]["ingest_s"], "ragline", "flush"
+        ),
+        "cpu_lazy_lt_flush": each(lambda w: w["ragline"]["cpu_s"] < w["flush"]["cpu_s"], "ragline", "flush"),
+        "cpu_lazy_lt_flush_all": each(
+            lambda w: w["ragline"]["cpu_s"] < w["flush_all"]["cpu_s"], "ragline", "flush_all"
+        ),
+        "zero_stale_hits": all(w[n]["stale_hits"] == 0 for w in ws for n in MODES if n in w),
+        "hit_rate_lazy_ge_eager": each(
+            lambda w: w["ragline"]["hit_rate"] >= w["eager"]["hit_rate"], "ragline", "eager"
+        ),
+    }
+    if previous:
+        prev = [
+            (w["ragline"]["hit_rate"], previous[w["queries_per_round"]])
+            for w in ws
+            if "ragline" in w and w["queries_per_round"] in previous
+        ]
+        checks["hit_rate_lazy_ge_previous_run"] = all(a >= b for a, b in prev) if prev else None
+    return checks
+
+
+def _previous(path: Path, seed: int, documents: int) -> dict[int, float]:
+    """ragline's hit rate per queries/round in an earlier result of the same seed and corpus size."""
+    try:
+        old = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    if old.get("seed") != seed or old.get("documents") != documents:
+        return {}
+    return {w["queries_per_round"]: w["ragline"]["hit_rate"] for w in old.get("workloads", []) if "ragline" in w}
+
+
 def run(
     data: Path,
     out_dir: Path,
@@ -164,19 +294,24 @@ def run(
     zipf_s: float = 1.1,
     seed: int = 7,
     embeddings: Path | None = None,
+    modes: tuple[str, ...] = MODES,
+    embedder: MemoEmbedder | None = None,
 ) -> dict[str, Any]:
-    """Run the workload at each ``queries_per_round`` (the first is the headline); write JSON + PNG.
+    """Run the workload at each ``queries_per_round`` (the first is the headline) in each mode; write JSON + PNG.
 
-    Before the timed runs every text the workload will embed goes through the
-    model once (an ingest into a throwaway store), so ragline and the baseline
-    both ingest from the memo and ``ingest_s`` compares cache work, not model
-    work.  ``embeddings`` saves the memo for later runs.
+    Before the timed runs every text the workload will embed (chunks and queries)
+    goes through the model once, so every mode embeds from the memo and the
+    measurements compare cache work, not model work.  ``embeddings`` saves the
+    memo for later runs.
     """
     data = data.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep = [queries_per_round] if isinstance(queries_per_round, int) else list(queries_per_round)
     if not sweep or min(sweep) < 1 or batch < 1:
         raise ValueError(f"queries per round must be ≥ 1 (got {sweep}) and batch ≥ 1 (got {batch})")
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ValueError(f"modes must be among {MODES}, got {modes}")
     rng = random.Random(seed)
     docs = list(iter_documents([data / "corpus.jsonl"], Settings().limits))
     rng.shuffle(docs)
@@ -185,15 +320,20 @@ def run(
     base, changes = _schedule(docs, batch, updates, deletes, rng)
     queries = [orjson.loads(line)["text"] for line in (data / "queries.jsonl").read_bytes().splitlines()]
     rng.shuffle(queries)  # which queries are "popular" is random, fixed by the seed
+    resolved = {m: resolve_mode(m) for m in modes}
     print(
         f"corpus {len(docs)}: base {len(base)}, {len(changes)} rounds of {batch} new + {updates} updated + "
-        f"{deletes} deleted docs; Zipf(s={zipf_s}) queries per round: {sweep}",
+        f"{deletes} deleted docs; Zipf(s={zipf_s}) queries per round: {sweep}; seed {seed}; modes: "
+        + ", ".join(f"{m}={s} ({note})" for m, (s, note) in resolved.items()),
         flush=True,
     )
-    embedder = MemoEmbedder(LocalEmbedder(EmbedderSettings()), embeddings)
+    if embedder is None:
+        embedder = MemoEmbedder(LocalEmbedder(EmbedderSettings()), embeddings)
     t0 = time.perf_counter()
     asyncio.run(_warm(embedder, base, changes))
+    embedder.embed(queries)
     embedder.save()
+    previous = _previous(out_dir / "churn.json", seed, len(docs))
     report: dict[str, Any] = {
         "dataset": str(data),
         "documents": len(docs),
@@ -204,9 +344,17 @@ def run(
         "deletes_per_round": deletes,
         "zipf_s": zipf_s,
         "seed": seed,
+        "modes": {m: {"invalidation": s, "how": note} for m, (s, note) in resolved.items()},
         "warmup_embedding_s": round(time.perf_counter() - t0, 1),
         "stale_rule": "a hit is stale when its sources differ from a cache-bypassing run's "
         "as a set of (chunk id, chunk text)",
+        "work_rule": "cpu_s: process CPU seconds (all threads, time.process_time) during the rounds' ingests, "
+        "deletes and queries; the base ingest and the staleness checks are excluded. llm_calls: calls that "
+        "reached the (extractive) LLM during the rounds, staleness checks excluded",
+        "latency_rule": "per query, by how it was served: exact_hit (no re-verification), reverified_hit "
+        "(an exact hit during which reverify_kept increased), semantic_hit, miss, miss_after_reverify "
+        "(reverify_dropped increased)",
+        "previous_ragline_hit_rate": previous or None,
         "workloads": [],
     }
     for qpr in sweep:
@@ -215,34 +363,57 @@ def run(
             {**c, "queries": [queries[j] for j in zipf_sequence(len(queries), qpr, zipf_s, qrng)]} for c in changes
         ]
         w: dict[str, Any] = {"queries_per_round": qpr, "never_invalidate_ceiling": ceiling(rounds)}
-        for name, mode in (("ragline", "precise"), ("flush_baseline", "flush")):
+        for name in modes:
+            setting = resolved[name][0]
             with tempfile.TemporaryDirectory(prefix=f"ragline-churn-{name}-") as tmp:
-                settings = Settings(data_dir=Path(tmp), cache={"enabled": True, "invalidation": mode})
+                settings = Settings(data_dir=Path(tmp), cache={"enabled": True, "invalidation": setting})
                 t1 = time.perf_counter()
-                res = asyncio.run(run_workload(settings, embedder, base, rounds, queries))
+                res = asyncio.run(run_workload(settings, name, embedder, base, rounds))
                 res["wall_s"] = round(time.perf_counter() - t1, 1)
                 w[name] = res
-                print(f"{qpr} q/round, {name}: {res}", flush=True)
-        rl, fb = w["ragline"]["hit_rate"], w["flush_baseline"]["hit_rate"]
-        w["hit_rate_ratio_vs_flush"] = round(rl / fb, 3) if fb else None
-        gain = w["never_invalidate_ceiling"] - fb
-        w["share_of_possible_gain"] = round((rl - fb) / gain, 3) if gain > 0 else None
+                lat = res["latency_by_kind"]
+                print(
+                    f"{qpr} q/round, {name} [{setting}]: hit rate {res['hit_rate']:.3f}, stale {res['stale_hits']}, "
+                    f"ingest {res['ingest_s']} s, queries {res['query_s']} s, CPU {res['cpu_s']} s, "
+                    f"LLM calls {res['llm_calls']}; p50 ms "
+                    + ", ".join(f"{k} {v['p50_ms']} (n={v['n']})" for k, v in lat.items())
+                    + f"; counters {res['counters_during_rounds']}",
+                    flush=True,
+                )
+        _compare(w)
+        if "ragline" in w and "flush" in w:
+            rl, fb = w["ragline"]["hit_rate"], w["flush"]["hit_rate"]
+            w["hit_rate_ratio_vs_flush"] = round(rl / fb, 3) if fb else None
+            gain = w["never_invalidate_ceiling"] - fb
+            w["share_of_possible_gain"] = round((rl - fb) / gain, 3) if gain > 0 else None
         report["workloads"].append(w)
-        print(
-            f"{qpr} q/round: hit rate ragline {rl:.3f} vs flush {fb:.3f} (x{w['hit_rate_ratio_vs_flush']}), "
-            f"ceiling {w['never_invalidate_ceiling']:.3f}; stale: ragline {w['ragline']['stale_hits']}, "
-            f"flush {w['flush_baseline']['stale_hits']}",
-            flush=True,
-        )
-    head = report["workloads"][0]
-    report["checks"] = {
-        "zero_stale_hits": all(w["ragline"]["stale_hits"] == 0 for w in report["workloads"]),
-        "hit_rate_at_least_1.5x_flush": (head["hit_rate_ratio_vs_flush"] or 0) >= 1.5,
-    }
+    report["checks"] = _checks(report, previous)
     (out_dir / "churn.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     _plot(report, out_dir / "churn.png")
-    print(f"checks ({head['queries_per_round']} q/round): {report['checks']}")
+    _summary(report)
     return report
+
+
+def _summary(report: dict[str, Any]) -> None:
+    for w in report["workloads"]:
+        print(f"--- {w['queries_per_round']} q/round (never-invalidate ceiling {w['never_invalidate_ceiling']:.3f})")
+        print(
+            f"{'mode':<10} {'hit':>6} {'stale':>5} {'ingest s':>9} {'query s':>8} {'CPU s':>7} {'LLM':>6} "
+            f"{'avoided vs flush/flush_all':>26} {'p50 exact':>10} {'p50 reverified':>15}"
+        )
+        for name in MODES:
+            m = w.get(name)
+            if m is None:
+                continue
+            lat = m["latency_by_kind"]
+            ex = lat.get("exact_hit", {}).get("p50_ms", "-")
+            rv = lat.get("reverified_hit", {}).get("p50_ms", "-")
+            av = f"{m.get('llm_calls_avoided_vs_flush', '-')}/{m.get('llm_calls_avoided_vs_flush_all', '-')}"
+            print(
+                f"{name:<10} {m['hit_rate']:>6.3f} {m['stale_hits']:>5} {m['ingest_s']:>9} {m['query_s']:>8} "
+                f"{m['cpu_s']:>7} {m['llm_calls']:>6} {av:>26} {ex!s:>10} {rv!s:>15}"
+            )
+    print(f"checks: {report['checks']}", flush=True)
 
 
 async def _warm(embedder: MemoEmbedder, base: list[Document], changes: list[dict[str, Any]]) -> None:
@@ -261,19 +432,23 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ws = report["workloads"]
+    names = [n for n in MODES if all(n in w for w in ws)]
     x = np.arange(len(ws))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series = [("flush_baseline", "flush on ingest", "tab:gray"), ("ragline", "ragline", "tab:green")]
-    for j, (name, label, color) in enumerate(series):
+    width = 0.8 / max(len(names), 1)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for j, name in enumerate(names):
+        off = x + (j - (len(names) - 1) / 2) * width
         rates = [w[name]["hit_rate"] for w in ws]
-        ax.bar(x + (j - 0.5) * 0.38, rates, 0.38, label=label, color=color)
+        ax.bar(off, rates, width, label=LABELS[name], color=COLORS[name])
+        ing = [w[name]["ingest_cpu_s"] for w in ws]
+        qry = [w[name]["query_cpu_s"] for w in ws]
+        bx.bar(off, ing, width, color=COLORS[name], hatch="//", edgecolor="white", label=f"{LABELS[name]}: ingest")
+        bx.bar(off, qry, width, bottom=ing, color=COLORS[name], label=f"{LABELS[name]}: queries")
         for i, w in enumerate(ws):
-            ax.text(
-                x[i] + (j - 0.5) * 0.38,
-                rates[i] + 0.01,
-                f"{rates[i]:.3f}\nstale {w[name]['stale_hits']}",
-                ha="center",
-                fontsize=8,
+            m = w[name]
+            ax.text(off[i], rates[i] + 0.01, f"{rates[i]:.2f}\nst {m['stale_hits']}", ha="center", fontsize=7)
+            bx.text(
+                off[i], ing[i] + qry[i], f"{m['cpu_s']:.0f}\n{m['llm_calls']} LLM", ha="center", va="bottom", fontsize=7
             )
     ax.scatter(
         x,
@@ -284,18 +459,27 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         label="never-invalidate ceiling",
         zorder=3,
     )
-    ax.set_xticks(x, [f"{w['queries_per_round']} queries/round\nx{w['hit_rate_ratio_vs_flush']}" for w in ws])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("answer cache hit rate")
-    ax.set_title(f"SciFact churn: {report['rounds']} ingest rounds of {report['batch']} new docs")
-    ax.legend(loc="upper left", fontsize=8)
+    ticks = [f"{w['queries_per_round']} queries/round" for w in ws]
+    ax.set_xticks(x, ticks)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("answer cache hit rate (st: stale hits)")
+    ax.set_title("hit rate")
+    ax.legend(loc="upper left", fontsize=7)
+    bx.set_xticks(x, ticks)
+    bx.set_ylabel("work: process CPU s (hatched: ingest; solid: queries)")
+    bx.set_title("work (labels: total CPU s, LLM calls)")
+    bx.set_ylim(0, max((w[n]["cpu_s"] for w in ws for n in names), default=1) * 1.2)
+    fig.suptitle(
+        f"SciFact churn: {report['rounds']} ingest rounds of {report['batch']} new docs "
+        f"(+{report['updates_per_round']} updated, {report['deletes_per_round']} deleted), seed {report['seed']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Cache hit rate and stale hits under corpus churn vs flush-on-ingest.")
+    ap = argparse.ArgumentParser(description="Hit rate, stale hits and work of each invalidation mode under churn.")
     ap.add_argument("--data", type=Path, default=DATA / "scifact")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--docs", type=int, default=None, help="use only N corpus documents (default: all)")
@@ -303,23 +487,50 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--queries-per-round",
         default="100,50,200",
-        help="comma-separated sweep; the first is the headline the checks apply to",
+        help="comma-separated sweep; the first is the headline",
     )
     ap.add_argument(
         "--embeddings",
         type=Path,
         default=None,
-        help="save/load the chunk embeddings here (e.g. benchmarks/results/.cache/scifact)",
+        help="save/load the chunk and query embeddings here (e.g. /tmp/emb/scifact)",
     )
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds (overrides --seed): the first writes OUT/churn.json, each other "
+        "OUT/churn_seeds/seedN/churn.json; a summary goes to OUT/churn_seeds/summary.json",
+    )
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     a = ap.parse_args(argv)
     try:
         sweep = [int(x) for x in a.queries_per_round.split(",")]
+        seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     except ValueError:
-        ap.error(f"--queries-per-round must be comma-separated integers, got {a.queries_per_round!r}")
+        ap.error("--queries-per-round and --seeds must be comma-separated integers")
     if min(sweep) < 1 or a.batch < 1:
         ap.error("--queries-per-round values and --batch must be >= 1")
-    run(a.data, a.out, a.docs, a.batch, sweep, seed=a.seed, embeddings=a.embeddings)
+    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+    if not modes or set(modes) - set(MODES):
+        ap.error(f"--modes must be a subset of {','.join(MODES)}")
+    embedder = MemoEmbedder(LocalEmbedder(EmbedderSettings()), a.embeddings)
+    summary: dict[str, Any] = {}
+    for i, seed in enumerate(seeds):
+        out = a.out if i == 0 else a.out / "churn_seeds" / f"seed{seed}"
+        r = run(a.data, out, a.docs, a.batch, sweep, seed=seed, modes=modes, embedder=embedder)
+        summary[str(seed)] = {
+            "out": str(out / "churn.json"),
+            "checks": r["checks"],
+            "stale_hits": {str(w["queries_per_round"]): {n: w[n]["stale_hits"] for n in modes} for w in r["workloads"]},
+            "hit_rate": {str(w["queries_per_round"]): {n: w[n]["hit_rate"] for n in modes} for w in r["workloads"]},
+        }
+    if len(seeds) > 1:
+        summary["zero_stale_in_every_run"] = all(s["checks"]["zero_stale_hits"] for s in summary.values())
+        path = a.out / "churn_seeds" / "summary.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        print(f"seeds {seeds}: zero stale in every run: {summary['zero_stale_in_every_run']} ({path})")
 
 
 if __name__ == "__main__":

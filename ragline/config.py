@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -154,9 +154,19 @@ class CacheSettings(Section):
     )  # fmt: skip
     semantic_verify_retrieval: bool = True
     singleflight_lock_s: float = Field(30.0, gt=0)
-    invalidation: Literal["precise", "flush"] = "precise"
-    """precise: drop only entries whose context changed (DESIGN §3.1); flush: drop every answer and
-    retrieval entry of the tenant on any change (the simple baseline, for comparison)."""
+    invalidation: Literal["lazy", "eager", "flush", "flush_all"] = "lazy"
+    """How a corpus change reaches cached answers and retrievals (DESIGN §3.1).  lazy: mark the
+    entries it may affect (index lookups only) and re-verify a marked entry when it is next asked
+    (retrieval from its stored vector; served if its evidence is unchanged).  eager: re-verify every
+    affected entry during the change.  flush: drop every answer and retrieval of the tenant (LLM
+    responses and embeddings stay); flush_all: drop the LLM responses too.  Baselines for comparison;
+    "precise" (the old name of eager) is still accepted."""
+
+    @field_validator("invalidation", mode="before")
+    @classmethod
+    def _old_invalidation_name(cls, v: object) -> object:
+        return "eager" if v == "precise" else v
+
     # --- added with ragline/cache (storage layer) ---
     l1_max_ttl_s: float = Field(
         900.0, gt=0, description="cap on L1 TTLs: bounds staleness if an invalidation event is lost"

@@ -54,6 +54,17 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
 
 
 INVALIDATIONS = Counter("ragline_cache_invalidations_total", "Cache entries dropped by cause", ["cause"])
+CACHE_MARKED = Counter(
+    "ragline_cache_marked_total", "Cache entries a corpus change marked for re-verification on their next read"
+)
+CACHE_REVERIFY = Counter(
+    "ragline_cache_reverify_total", "Marked entries re-verified on read, by outcome (kept or dropped)", ["outcome"]
+)
+CACHE_REVERIFY_SECONDS = Histogram(
+    "ragline_cache_reverify_seconds",
+    "Time to re-verify a marked entry on read (a hit that needed it)",
+    buckets=_LATENCY_BUCKETS,
+)
 LLM_SAVED = Counter("ragline_llm_calls_saved_total", "LLM calls answered from the LLM cache")
 SEMANTIC_SIMILARITY = Histogram(
     "ragline_semantic_hit_similarity",

@@ -36,7 +36,7 @@ from ragline.context import pack, trim_history
 from ragline.embed.base import Embedder
 from ragline.embed.cached import CachedEmbedder
 from ragline.embed.local import resolve_model_dir
-from ragline.errors import InvalidInput, PayloadTooLarge
+from ragline.errors import InvalidInput
 from ragline.ingest.chunking import Chunker
 from ragline.ingest.indexer import Indexer, Progress
 from ragline.ingest.loaders import iter_documents
@@ -59,6 +59,7 @@ from ragline.types import (
     Usage,
     Vectors,
 )
+from ragline.validate import build_query
 
 __all__ = ["RAG", "AsyncRAG", "CacheMode", "Progress", "Query"]
 
@@ -162,7 +163,7 @@ class AsyncRAG:
             # decided once, not per request (the exact-hit path reads a bool)
             self._cache_answers = self.cache.cacheable_llm(s.llm.temperature)
             self._invalidation = Invalidation(
-                self.cache, retriever, self._context_of, self._store.analyze, flush=s.cache.invalidation == "flush"
+                self.cache, retriever, self._context_of, self._store.analyze, mode=s.cache.invalidation
             )
         self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
         self._embed = CachedEmbedder(
@@ -268,7 +269,9 @@ class AsyncRAG:
         qvec: Vectors | None = None,
     ) -> Retrieval:
         """Hybrid retrieval, served from the retrieval cache when its dependencies are unchanged."""
-        q = _request(self.settings, query, k, tenant, (), cache_mode, timings is not None, doc_level, mmr, candidates)
+        q = build_query(
+            self.settings, query, k, tenant, (), cache_mode, timings is not None, doc_level, mmr, candidates
+        )
         await self.start()
         return await self._retrieve(q, qvec, timings, q.cache_mode)
 
@@ -285,7 +288,7 @@ class AsyncRAG:
     ) -> tuple[bytes, CacheInfo]:
         """The answer as pre-serialised JSON (answer, sources, usage, model) plus how it was served.
         An exact L1 hit is validation, a memoised key and a dict lookup: nothing is built or awaited."""
-        q = _request(self.settings, query, k, tenant, history, cache_mode, timings is not None)
+        q = build_query(self.settings, query, k, tenant, history, cache_mode, timings is not None)
         key = self._answer_key(q)
         if key is not None and q.cache_mode == "default":
             body = self.cache.get_l1(key)  # type: ignore[union-attr]  # a key implies a cache
@@ -306,7 +309,7 @@ class AsyncRAG:
         """Retrieve, pack, generate: a cited answer whose sources are numbered as cited."""
         t0 = time.perf_counter()
         timings: Timings = {}
-        q = _request(self.settings, query, k, tenant, history, cache_mode)
+        q = build_query(self.settings, query, k, tenant, history, cache_mode)
         r = await self._answer(q, self._answer_key(q), timings, self._complete)
         timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
         return r.answer(timings)
@@ -319,13 +322,13 @@ class AsyncRAG:
         if key is None or cache is None:  # answers are not cached (no cache, bypass, sampling)
             return await self._miss(q, None, t, deliver)
         if q.cache_mode == "default":
-            hit = await self._exact(key, skip_l1=l1_checked)  # 1 exact
+            hit = await self._exact(key, q.tenant, skip_l1=l1_checked)  # 1 exact
             if hit is not None:
                 return hit
         if q.cache_mode == "refresh":
             return await self._miss(q, key, t, deliver)
         return await cache.single_flight(
-            key, functools.partial(self._miss, q, key, t, deliver), functools.partial(self._exact, key)
+            key, functools.partial(self._miss, q, key, t, deliver), functools.partial(self._exact, key, q.tenant)
         )  # 2 single-flight
 
     async def _miss(self, q: Query, key: str | None, t: Timings | None, deliver: Deliver) -> Result:
@@ -355,15 +358,15 @@ class AsyncRAG:
             return None
         return cache.answer_key(q.tenant, q.text, q.k or 0, q.history)
 
-    async def _exact(self, key: str, skip_l1: bool = False) -> Result | None:
-        """Step 1: the answer cache, L1 → L2 → L3."""
-        cache = self.cache
-        assert cache is not None
+    async def _exact(self, key: str, tenant: str, skip_l1: bool = False) -> Result | None:
+        """Step 1: the answer cache, L1 → L2 → L3; an entry a change marked is re-verified first."""
+        cache, inv = self.cache, self._invalidation
+        assert cache is not None and inv is not None
         if not skip_l1:
             body = cache.get_l1(key)
             if body is not None:
                 return Result(body, CACHE_L1)
-        found, tier = await cache.get(key, skip_l1=True)
+        found, tier = await inv.read(key, tenant, skip_l1=True)
         return Result(found, _exact_info(tier)) if found is not None else None
 
     async def embed_query(self, query: str, tenant: str = DEFAULT_TENANT, timings: Timings | None = None) -> Vectors:
@@ -432,7 +435,7 @@ class AsyncRAG:
         returns, so bad input raises instead of breaking a stream; only a completed generation is stored."""
         t0 = time.perf_counter()
         timings: Timings = {}
-        q = _request(self.settings, query, k, tenant, history, cache_mode)
+        q = build_query(self.settings, query, k, tenant, history, cache_mode)
         events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the task is done
         task = asyncio.ensure_future(
             self._answer(q, self._answer_key(q), timings, functools.partial(self._stream, events.put_nowait))
@@ -501,53 +504,6 @@ def _update_gauges(store: Store | None) -> None:
         st = store.stats()
         metrics.DOCUMENTS.set(st["documents"])
         metrics.CHUNKS.set(st["chunks"])
-
-
-def _request(
-    settings: Settings,
-    query: str | Query,
-    k: int | None,
-    tenant: str,
-    history: Sequence[Message],
-    cache_mode: CacheMode,
-    timings: bool = True,
-    doc_level: bool = False,
-    mmr: bool | None = None,
-    candidates: int | None = None,
-) -> Query:
-    """The validated :class:`Query` of a call (``k`` and ``mmr`` resolved, ``history`` checked); the
-    fields of a ``Query`` passed as ``query`` win over the other arguments."""
-    if isinstance(query, Query):
-        q = query
-        query, k, tenant, history, cache_mode = q.text, q.k, q.tenant, q.history, q.cache_mode
-        timings, doc_level, mmr, candidates = q.timings, q.doc_level, q.mmr, q.candidates
-    lim = settings.limits
-    if not isinstance(query, str) or not query.strip():
-        raise InvalidInput("query is empty: send a non-empty 'query' string")
-    if len(query) > lim.max_query_chars:
-        raise PayloadTooLarge(f"query has {len(query)} characters; the limit is {lim.max_query_chars}")
-    if k is None:
-        k = settings.retrieval.k
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= lim.max_k:
-        raise InvalidInput(f"k must be an integer between 1 and {lim.max_k}, got {k!r}")
-    hist = _check_history(history, lim.max_history_messages) if history else ()
-    mmr = settings.retrieval.mmr if mmr is None else mmr
-    return Query(query, k, tenant, hist, cache_mode, timings, doc_level, mmr, candidates)
-
-
-def _check_history(history: Sequence[Message], limit: int) -> tuple[Message, ...]:
-    if len(history) > limit:
-        raise PayloadTooLarge(f"history has {len(history)} messages; the limit is {limit}")
-    out: list[Message] = []
-    for i, m in enumerate(history):
-        if (
-            not isinstance(m, dict)
-            or m.get("role") not in ("user", "assistant")
-            or not isinstance(m.get("content"), str)
-        ):
-            raise InvalidInput(f"history[{i}] must be {{'role': 'user'|'assistant', 'content': str}}")
-        out.append({"role": m["role"], "content": m["content"]})
-    return tuple(out)
 
 
 class RAG:

@@ -17,6 +17,7 @@ from typing import TypeVar
 import diskcache
 
 from ragline.cache.keys import KEY_ROOT
+from ragline.cache.marks import mark
 from ragline.cache.tier import MISS, Miss, PendingDeletes
 
 T = TypeVar("T")
@@ -174,6 +175,43 @@ class DiskTier:
 
         if isinstance(await self._call(op), Miss):
             self._pending.add(batch)
+
+    async def mark_many(self, keys: Sequence[str], token: bytes) -> None:
+        if not keys:
+            return
+        cache = self._cache
+        batch = list(keys)
+
+        def op() -> None:
+            now = time.time()
+            with cache.transact():  # one SQLite transaction: no write can land between get and set
+                for k in batch:
+                    value, expire_at = cache.get(k, default=None, expire_time=True)
+                    if isinstance(value, bytes):
+                        left = None if expire_at is None else expire_at - now
+                        if left is None or left > 0:
+                            cache.set(k, mark(value, token), expire=left)
+
+        if isinstance(await self._call(op), Miss):
+            await self.delete_many(batch)  # cannot mark: the copies must not be served unverified
+
+    async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
+        cache = self._cache
+
+        def op() -> bool:
+            now = time.time()
+            with cache.transact():
+                current, expire_at = cache.get(key, default=None, expire_time=True)
+                if current != expected:
+                    return False
+                left = None if expire_at is None else expire_at - now
+                if left is not None and left <= 0:
+                    return False
+                cache.set(key, value, expire=left)
+                return True
+
+        res = await self._call(op)
+        return res is True
 
     async def clear(self, prefix: str | None = None) -> int:
         """Everything for None; otherwise a scan of all keys (O(entries), admin path)."""

@@ -27,6 +27,7 @@ import numpy as np
 from ragline import metrics
 from ragline.cache.deps import DepRecord
 from ragline.cache.layer import CacheLayer, InvalidationReport
+from ragline.cache.marks import is_marked, unmarked
 from ragline.codec import retrieval_from_bytes, retrieval_to_bytes
 from ragline.context import same_evidence
 from ragline.retrieve import HybridRetriever
@@ -44,14 +45,14 @@ class Invalidation:
         pack: Pack,
         analyze: Callable[[str], list[str]],
         *,
-        flush: bool = False,
+        mode: str = "lazy",
     ) -> None:
         self.cache = cache
         self.retriever = retriever
         self.pack = pack
         self.analyze = analyze
-        self.flush = flush
-        """``cache.invalidation: flush``: a change drops every answer and retrieval of its tenant."""
+        self.mode = mode
+        """``cache.invalidation``: lazy (mark, re-verify on read), eager, flush or flush_all."""
         self._generation: dict[str, int] = {}
 
     # -- generation guard ------------------------------------------------------
@@ -111,14 +112,110 @@ class Invalidation:
     ) -> None:
         """Drop exactly the cached entries this change could alter (DESIGN.md §3.1)."""
         self._generation[tenant] = self._generation.get(tenant, 0) + 1
-        if self.flush:
+        if self.mode in ("flush", "flush_all"):
             n = await self.cache.flush_results(tenant)
+            if self.mode == "flush_all":
+                n += await self.cache.flush_llm(tenant)
             metrics.INVALIDATIONS.labels("flush").inc(n)
             return
         with metrics.stage("invalidate"):
-            report = await self.apply(tenant, removed, vectors, removed_terms | self.terms(added))
+            terms = removed_terms | self.terms(added)
+            if self.mode == "eager":
+                report = await self.apply(tenant, removed, vectors, terms)
+            else:
+                report = await self.mark(tenant, removed, vectors, terms)
         for cause, n in report.causes.items():
             metrics.INVALIDATIONS.labels(cause).inc(n)
+
+    async def _affected(
+        self, tenant: str, removed: set[str], new_vectors: Vectors | None, changed_terms: set[str]
+    ) -> tuple[set[str], set[str], set[str]]:
+        """Index lookups only: entries with a removed chunk among their candidates, entries whose dense
+        list a new vector would enter, entries whose query shares a keyword term with the change."""
+        deps = self.cache.deps
+        by_chunk = await deps.by_chunks(tenant, removed) if removed else set()
+        dense = await deps.dense_entered(tenant, new_vectors) if new_vectors is not None and len(new_vectors) else set()
+        by_term = await deps.by_terms(tenant, changed_terms) if changed_terms else set()
+        return by_chunk, dense - by_chunk, by_term - by_chunk - dense
+
+    async def mark(
+        self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None, changed_terms: set[str]
+    ) -> InvalidationReport:
+        """``lazy``: drop the entries whose context lost a chunk, mark every other affected entry.
+
+        No retrieval runs here, so a change costs index lookups in proportion to the entries it
+        touches, not retrievals in proportion to the cache; a marked entry is re-verified only if it
+        is asked again (:meth:`read`).  Only the records of entries with a removed candidate are
+        fetched (to see whether the chunk was in their context)."""
+        cache = self.cache
+        report = InvalidationReport()
+        removed = set(removed_ids)
+        failures = cache.deps.lookup_failures
+        by_chunk, dense, by_term = await self._affected(tenant, removed, new_vectors, changed_terms)
+        drop: list[str] = []
+        marked = dense | by_term
+        for rec in await cache.deps.records(tenant, by_chunk) if by_chunk else []:
+            if removed.intersection(rec.context_ids):
+                drop.append(rec.entry_key)
+                drop.extend(rec.extra_keys)
+                report.causes["deleted_context"] = report.causes.get("deleted_context", 0) + 1
+            else:
+                marked.add(rec.entry_key)
+        if marked:
+            await cache.mark(sorted(marked))
+        await cache.drop(drop)
+        report.dropped = len(drop)
+        report.marked = len(marked)
+        await cache.flush_if_incomplete(tenant, failures, report)
+        cache.count("invalidation_marked", report.marked)
+        cache.count("invalidation_dropped", report.dropped)
+        metrics.CACHE_MARKED.inc(report.marked)
+        return report
+
+    async def read(self, key: str, tenant: str, skip_l1: bool = False) -> tuple[bytes | None, str | None]:
+        """An answer or retrieval entry from the cache, re-verified first if a change marked it
+        (``skip_l1``: L1 was read already; only a marked L1 copy is taken from there)."""
+        marked = self.cache.marked_l1(key) if skip_l1 else None
+        if marked is not None:
+            clean = await self.verify_marked(key, tenant, marked)
+            return (clean, "l1") if clean is not None else (None, None)
+        body, tier = await self.cache.get(key, skip_l1=skip_l1)
+        if body is None or not is_marked(body):
+            return body, tier
+        clean = await self.verify_marked(key, tenant, body)
+        return (clean, tier) if clean is not None else (None, None)
+
+    async def verify_marked(self, key: str, tenant: str, marked: bytes) -> bytes | None:
+        """Re-verify a marked entry: retrieval from its stored query vector (no embedding, no LLM).
+
+        Same evidence: the refreshed record is stored first (so a later change sees the new
+        candidates), then the mark is cleared by compare-and-set, in every tier and so on every
+        instance; the clean value is served.  Changed evidence: the entry is dropped everywhere.
+        A newer change that re-marked the entry meanwhile makes the compare-and-set fail: the
+        value now in the cache is read once more (another caller may have cleared it)."""
+        cache = self.cache
+        t0 = time.perf_counter()
+        for _attempt in range(2):
+            cache.count("reverify_on_read")
+            recs = await cache.deps.records(tenant, [key])
+            new = await self.reverify(recs[0]) if recs else None
+            if new is not None and not await cache.deps.add(new, time.time() + cache.ttl):
+                new = None  # its record reached only this instance: other instances could not guard it
+            if new is None:
+                await cache.drop([key, *(recs[0].extra_keys if recs else ())])
+                cache.count("reverify_dropped")
+                metrics.CACHE_REVERIFY.labels("dropped").inc()
+                return None
+            if await cache.unmark(key, marked):
+                cache.count("reverify_kept")
+                metrics.CACHE_REVERIFY.labels("kept").inc()
+                metrics.CACHE_REVERIFY_SECONDS.observe(time.perf_counter() - t0)
+                return unmarked(marked)
+            current, _ = await cache.get(key)
+            if current is None or not is_marked(current):
+                return current
+            marked = current
+        return None
 
     async def apply(
         self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None, changed_terms: set[str]
@@ -238,7 +335,8 @@ class CachedRetriever:
         key = cache.retrieval_key(tenant, query, k, mmr, doc_level, candidates) if cache is not None else None
         if cache is not None and key is not None and mode == "default":
             with metrics.stage("retrieval_cache", timings):
-                body, _ = await cache.get(key)
+                inv = self.invalidation
+                body, _ = await (inv.read(key, tenant) if inv is not None else cache.get(key))
             if body is not None:
                 return retrieval_from_bytes(body)
         inv = self.invalidation

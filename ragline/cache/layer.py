@@ -47,6 +47,7 @@ from ragline.cache.deps import DepRecord, DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.cache.deps_sqlite import DependencyIndex
 from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenant_prefix
+from ragline.cache.marks import MARK, is_marked, new_token, unmarked
 from ragline.cache.redis import RedisTier
 from ragline.cache.semantic import SemanticIndex
 from ragline.cache.singleflight import DistributedSingleFlight
@@ -61,9 +62,45 @@ _MEMO_KEYS = 4096
 _MEMO_QUERY_CHARS = 256
 
 
+COUNTERS: tuple[str, ...] = (
+    "semantic_hits",
+    "semantic_rejected_guard",
+    "semantic_rejected_verify",
+    "llm_calls_saved",
+    "llm_tokens_saved",
+    "invalidation_checked",
+    "invalidation_dropped",
+    "invalidation_kept",
+    "invalidation_marked",
+    "reverify_on_read",
+    "reverify_kept",
+    "reverify_dropped",
+)
+"""What ``stats()["counters"]`` reports (every one present, from 0)."""
+
+
+def _deps_index(settings: Settings) -> DepsIndex:
+    """Shared through Redis when L2 is (every instance must see every record), else SQLite."""
+    cs = settings.cache
+    path = settings.data_dir / "cache" / "deps.sqlite3"
+    if not (cs.enabled and cs.l2_enabled and cs.redis_url):
+        return DependencyIndex(path)
+    # off the hot path, so a longer timeout than L2's
+    return RedisDependencyIndex(
+        cs.redis_url,
+        path,
+        timeout_s=max(1.0, cs.redis_timeout_s),
+        connect_timeout_s=cs.redis_connect_timeout_s,
+        max_connections=min(16, cs.redis_max_connections),
+        reset_s=cs.breaker_reset_s,
+        ttl_grace_s=min(300.0, cs.ttl_s),
+    )
+
+
 @dataclass(slots=True)
 class InvalidationReport:
     checked: int = 0
+    marked: int = 0
     dropped: int = 0
     kept: int = 0
     causes: dict[str, int] = field(default_factory=dict)
@@ -75,21 +112,7 @@ class CacheLayer:
         self.settings = settings
         self.cs = settings.cache
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
-        deps_path = settings.data_dir / "cache" / "deps.sqlite3"
-        self.deps: DepsIndex
-        if self.cs.enabled and self.cs.l2_enabled and self.cs.redis_url:
-            # shared by every instance; off the hot path, so a longer timeout than L2's
-            self.deps = RedisDependencyIndex(
-                self.cs.redis_url,
-                deps_path,
-                timeout_s=max(1.0, self.cs.redis_timeout_s),
-                connect_timeout_s=self.cs.redis_connect_timeout_s,
-                max_connections=min(16, self.cs.redis_max_connections),
-                reset_s=self.cs.breaker_reset_s,
-                ttl_grace_s=min(300.0, self.cs.ttl_s),
-            )
-        else:
-            self.deps = DependencyIndex(deps_path)
+        self.deps: DepsIndex = _deps_index(settings)
         self._reconcile_task: asyncio.Task[None] | None = None
         self.semantic = SemanticIndex(dim)
         self.embedder_id = embedder_id
@@ -106,16 +129,7 @@ class CacheLayer:
         self.ttl = self.cs.ttl_s
         self._answer_keys: dict[tuple[str, str, int], str] = {}
         """(tenant, raw query, k) → answer key of history-less requests (keys are pure functions of these)."""
-        self.counters: dict[str, int] = {
-            "semantic_hits": 0,
-            "semantic_rejected_guard": 0,
-            "semantic_rejected_verify": 0,
-            "llm_calls_saved": 0,
-            "llm_tokens_saved": 0,
-            "invalidation_checked": 0,
-            "invalidation_dropped": 0,
-            "invalidation_kept": 0,
-        }
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     async def start(self) -> None:
         await self.tiers.start()
@@ -198,9 +212,19 @@ class CacheLayer:
 
     # -- read / write ----------------------------------------------------------
     def get_l1(self, key: str) -> bytes | None:
-        return self.tiers.get_l1(key)
+        """The hot path: an unmarked L1 value (a marked one must be re-verified: see ``get``)."""
+        body = self.tiers.get_l1(key)
+        return None if body is None or body.startswith(MARK) else body
+
+    def marked_l1(self, key: str) -> bytes | None:
+        """The L1 value of ``key`` if a change marked it (not counted as a lookup)."""
+        l1 = self.tiers.l1
+        body = l1.get(key) if l1 is not None else None
+        return body if body is not None and body.startswith(MARK) else None
 
     async def get(self, key: str, skip_l1: bool = False) -> tuple[bytes | None, str | None]:
+        """``(value, tier)``; the value may carry a mark (:mod:`ragline.cache.marks`): answer and
+        retrieval readers go through :meth:`ragline.cache.invalidation.Invalidation.read`."""
         return await self.tiers.get_with_tier(key, skip_l1=skip_l1)
 
     async def put(self, key: str, value: bytes, dep: DepRecord | None = None, semantic: bool = False) -> None:
@@ -272,6 +296,10 @@ class CacheLayer:
             if body is None:
                 self.semantic.remove([c.answer_key])
                 continue
+            if is_marked(body):  # a change may have moved its evidence: only verification can serve it
+                if not self.cs.semantic_verify_retrieval:
+                    continue
+                body = unmarked(body)
             if self.cs.semantic_verify_retrieval:
                 cached_ctx = [s["chunk_id"] for s in orjson.loads(body)["sources"]]
                 if not same_evidence(cached_ctx, context_ids):
@@ -282,6 +310,20 @@ class CacheLayer:
         return None
 
     # -- invalidation ------------------------------------------------------------------
+    async def mark(self, keys: Sequence[str]) -> bytes:
+        """Mark entries for re-verification on their next read; returns the change's token."""
+        token = new_token()
+        await self.tiers.mark_many(list(keys), token)
+        return token
+
+    async def unmark(self, key: str, marked: bytes) -> bool:
+        """Clear the mark of ``key`` if it still holds exactly ``marked`` (no newer change marked it)."""
+        return await self.tiers.replace(key, marked, unmarked(marked))
+
+    async def flush_llm(self, tenant: str) -> int:
+        """Drop a tenant's LLM responses (``invalidation: flush_all``, a baseline)."""
+        return await self.tiers.clear(kind_prefix(tenant, "llm"))
+
     async def drop(self, keys: Sequence[str]) -> None:
         if not keys:
             return

@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
+from ragline.cache.marks import mark
+
 __all__ = ["ENTRY_OVERHEAD", "MemoryTier"]
 
 ENTRY_OVERHEAD: Final = 320
@@ -210,6 +212,23 @@ class MemoryTier:
 
     async def clear(self, prefix: str | None = None) -> int:
         return self.clear_prefix(prefix)
+
+    async def mark_many(self, keys: Sequence[str], token: bytes) -> None:
+        data = self._data
+        for k in keys:
+            entry = data.get(k)
+            if entry is not None:  # in place: same expiry and LRU position; bytes re-counted
+                value = mark(entry[0], token)
+                data[k] = (value, entry[1])
+                self.bytes += len(value) - len(entry[0])
+
+    async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
+        entry = self._data.get(key)
+        if entry is None or entry[0] != expected:
+            return False
+        self._data[key] = (value, entry[1])
+        self.bytes += len(value) - len(expected)
+        return True
 
     def stats(self) -> dict[str, float]:
         return {

@@ -24,6 +24,7 @@ from redis.exceptions import LockError
 
 from ragline.cache.breaker import HALF_OPEN, CircuitBreaker
 from ragline.cache.keys import KEY_ROOT
+from ragline.cache.marks import MARK, MARK_LEN
 from ragline.cache.redis_conn import RedisConn, scan_unlink
 from ragline.cache.tier import MISS, Miss, PendingDeletes
 
@@ -37,6 +38,34 @@ Hits = dict[str, tuple[bytes, float | None]]
 _MAGIC: Final = 0xF1
 _ENVELOPE: Final = struct.Struct(">BQ")  # magic, absolute expiry (epoch milliseconds)
 _ENVELOPE_LEN: Final = _ENVELOPE.size
+
+_MARK_LUA: Final = f"""
+local hdr = {_ENVELOPE_LEN}
+local magic = ARGV[1]
+local mlen = {MARK_LEN}
+local n = 0
+for _, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if v and string.len(v) >= hdr then
+    local body = string.sub(v, hdr + 1)
+    if string.sub(body, 1, string.len(magic)) == magic then body = string.sub(body, mlen + 1) end
+    redis.call('SET', k, string.sub(v, 1, hdr) .. magic .. ARGV[2] .. body, 'KEEPTTL')
+    n = n + 1
+  end
+end
+return n
+"""
+"""Mark each present value in place, after its envelope, keeping its TTL (one atomic script)."""
+
+_REPLACE_LUA: Final = f"""
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, {_ENVELOPE_LEN} + 1) == ARGV[1] then
+  redis.call('SET', KEYS[1], string.sub(v, 1, {_ENVELOPE_LEN}) .. ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+"""Compare-and-set of the value behind the envelope (the expiry in the envelope is kept)."""
 
 
 class ReadCoalescer:
@@ -185,6 +214,8 @@ class RedisTier:
         self._replay_task: asyncio.Task[None] | None = None
         self.coalesce = coalesce
         self._reads = ReadCoalescer(self._fetch, max_batch)
+        self._mark_script = self.client.register_script(_MARK_LUA)
+        self._replace_script = self.client.register_script(_REPLACE_LUA)
         # counters (errors and last_error live on the connection)
         self.skipped = 0
         self.saturated = 0
@@ -377,6 +408,21 @@ class RedisTier:
         res = await self._run(op, timeout=self.timeout_s if len(batch) <= 1000 else self.admin_timeout_s)
         if isinstance(res, Miss):
             self._pending.add(batch)
+
+    async def mark_many(self, keys: Sequence[str], token: bytes) -> None:
+        batch, client, script = list(keys), self.client, self._mark_script
+        res = await self._run(
+            lambda: asyncio.gather(*(script(keys=batch[i : i + 500], args=[MARK, token], client=client)
+                                     for i in range(0, len(batch), 500))),
+            timeout=self._budget(len(batch), 500),
+        )  # fmt: skip
+        if batch and isinstance(res, Miss):
+            await self.delete_many(batch)  # unreachable: deleted now or on recovery, never served unverified
+
+    async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
+        client = self.client
+        res = await self._run(lambda: self._replace_script(keys=[key], args=[expected, value], client=client))
+        return not isinstance(res, Miss) and int(res) == 1
 
     async def clear(self, prefix: str | None = None) -> int:
         """SCAN+UNLINK of ``prefix*`` (every ``rl:`` key for None: other data in a shared

@@ -5,7 +5,9 @@ the exact-hit path hands the stored bytes straight to the HTTP response.
 
 * :class:`CacheTier` is the protocol every tier implements: ``get_many /
   set_many / delete_many`` plus ``clear`` and the lifecycle/introspection
-  members.  Tiers never raise on a backend failure: they return misses and
+  members, and the two in-place updates invalidation needs (``mark_many``,
+  ``replace``: see :mod:`ragline.cache.marks`), which no combination of the
+  other three can do atomically.  Tiers never raise on a backend failure: they return misses and
   drop writes (FAIL OPEN, §3.5) and report it through ``healthy`` and their
   counters.
 * :class:`TTLTier` is the optional capability of reporting each hit's
@@ -56,6 +58,17 @@ class CacheTier(Protocol):
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """Remove the keys (best effort; a failing shared tier remembers them, see RedisTier)."""
+        ...
+
+    async def mark_many(self, keys: Sequence[str], token: bytes) -> None:
+        """Mark the present keys in place (:func:`ragline.cache.marks.mark`), keeping their TTL.
+
+        Atomic per key against concurrent writes. A tier that cannot mark must delete the keys
+        instead (never leave an unmarked copy of an entry a change may affect)."""
+        ...
+
+    async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
+        """Compare-and-set: store ``value`` (same TTL) only if ``key`` holds exactly ``expected``."""
         ...
 
     async def clear(self, prefix: str | None = None) -> int:

@@ -223,6 +223,40 @@ class TieredCache:
         if broadcast and self.bus is not None:
             await self.bus.publish(keys=list(keys))
 
+    async def mark_many(self, keys: Sequence[str], token: bytes) -> None:
+        """Mark ``keys`` in every tier (:mod:`ragline.cache.marks`); with a bus, other instances
+        drop their local copies, so their next read finds the marked value in the shared tier."""
+        if not keys:
+            return
+        self._deletes += 1  # a read that began before the mark must not promote an unmarked copy
+        for tier in reversed(self.tiers):
+            with contextlib.suppress(Exception):
+                await tier.mark_many(keys, token)
+        if self.bus is not None:
+            await self.bus.publish(keys=list(keys))
+
+    async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
+        """Compare-and-set: ``expected`` becomes ``value`` wherever it is still held.  The shared tier
+        decides (it is the copy every instance reads): if it no longer holds ``expected`` (a newer
+        change re-marked it), nothing local changes and the result is False.  Other instances drop
+        their local copies, which may be the old marked ones."""
+        shared = [t for t in self.tiers if t.shared]
+        local = [t for t in reversed(self.tiers) if not t.shared]
+        ok = False
+        for tier in shared:
+            try:
+                ok = await tier.replace(key, expected, value)
+            except Exception:
+                ok = False
+            if not ok:
+                return False
+        for tier in local:
+            with contextlib.suppress(Exception):
+                ok = await tier.replace(key, expected, value) or ok
+        if shared and self.bus is not None:
+            await self.bus.publish(keys=[key])
+        return ok
+
     async def clear(self, prefix: str | None = None, *, broadcast: bool = True) -> int:
         """Clear ``prefix`` (e.g. ``keys.tenant_prefix(t)``) in every tier; returns the
         number of entries removed across tiers."""

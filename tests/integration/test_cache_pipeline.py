@@ -191,23 +191,30 @@ async def test_sampled_answers_are_cached_only_when_allowed(
         assert [(await rag.ask(Q)).cache.kind for _ in range(2)] == ["miss", "exact"]
 
 
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
 async def test_a_change_sharing_a_query_term_is_rechecked(
-    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, mode: str
 ) -> None:
     # one candidate per retriever: a far-off document that mentions "sleep" cannot enter the
     # context, but it moves the idf of "sleep" and so could reorder the keyword candidates
-    settings = cached(make_settings, retrieval={"k": 1, "candidates": 1}, context={"max_sources": 1})
+    settings = cached(
+        make_settings, cache={"invalidation": mode}, retrieval={"k": 1, "candidates": 1}, context={"max_sources": 1}
+    )
+    # eager re-checks during the change; lazy marks, and the next read re-verifies
+    counter = "invalidation_checked" if mode == "eager" else "invalidation_marked"
     async with AsyncRAG(settings, embedder=embedder) as rag:
         await rag.ingest(DOCS)
         assert (await rag.ask("How long do cats sleep?")).cache.kind == "miss"
         assert rag.cache is not None
-        before = rag.cache.counters["invalidation_checked"]
+        before = rag.cache.counter(counter)
         await rag.ingest([Document("ships", "Sailors on long voyages sleep in hammocks below deck.")])
-        assert rag.cache.counters["invalidation_checked"] > before  # re-checked ...
+        assert rag.cache.counter(counter) > before  # re-checked (or marked) ...
+        kept = rag.cache.counter("reverify_kept")
         assert (await rag.ask("How long do cats sleep?")).cache.kind == "exact"  # ... and kept
-        before = rag.cache.counters["invalidation_checked"]
+        assert rag.cache.counter("reverify_kept") == kept + (mode == "lazy")
+        before = rag.cache.counter(counter)
         await rag.delete(["ships"])  # a removed chunk's terms count too
-        assert rag.cache.counters["invalidation_checked"] > before
+        assert rag.cache.counter(counter) > before
         assert (await rag.ask("How long do cats sleep?")).cache.kind == "exact"
 
 
