@@ -21,6 +21,7 @@ import redis
 
 from ragline.cache.deps import DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
+from ragline.cache.marks import is_marked
 from ragline.config import Settings
 from ragline.embed.local import LocalEmbedder
 from ragline.pipeline import AsyncRAG
@@ -223,6 +224,49 @@ async def test_ingest_on_one_instance_invalidates_what_another_cached(
         # what the change cannot affect stays cached on B
         cats = await b.ask(CATS)
         assert (cats.cache.kind, cats.cache.tier) == ("exact", "l1")
+
+
+async def test_a_mark_travels_to_every_instance_and_one_reverification_clears_it(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, redis_url: str, tmp_path: Path
+) -> None:
+    def one_source(name: str) -> Settings:  # the answer rests on one chunk: the cats document
+        return make_settings(
+            data_dir=tmp_path / name,
+            cache={"enabled": True, "redis_url": redis_url},
+            retrieval={"k": 1, "candidates": 3},
+            context={"max_sources": 1},
+        )
+
+    sa, sb = one_source("a"), one_source("b")
+    async with AsyncRAG(sa, embedder=embedder) as a, AsyncRAG(sb, embedder=embedder) as b:
+        assert a.cache is not None and b.cache is not None
+        for bus in (a.cache.tiers.bus, b.cache.tiers.bus):
+            assert bus is not None and await bus.wait_connected()
+        await a.ingest(DOCS)
+        await b.ingest(DOCS)
+        assert (await b.ask(CATS)).cache.kind == "miss"
+        assert (await a.ask(CATS)).cache.tier == "l2"  # now in A's L1, B's L1 and the shared L2
+        key = b.cache.answer_key("default", CATS, sb.retrieval.k, [])
+        l2 = a.cache.tiers.tier("l2")
+        assert l2 is not None
+        # the same corpus change on both stores (one corpus; each instance has its own store here):
+        # it shares the query's terms but cannot enter its context, so the answer is marked, not dropped
+        naps = Document("naps", "Some people sleep badly after long flights.", title="Travel")
+        await a.ingest([naps])
+        await b.ingest([naps])
+        assert a.cache.counter("invalidation_marked") >= 1 and b.cache.counter("invalidation_marked") >= 1
+        assert is_marked((await l2.get_many([key]))[key])  # marked in the shared tier, in place
+        a_l1 = a.cache.tiers.l1
+        assert a_l1 is not None
+        await wait_until(lambda: key not in a_l1, timeout=2.0)  # B's mark event dropped A's local copy
+
+        served = await b.ask(CATS)  # B re-verifies (retrieval from the stored vector) and clears the mark
+        assert served.cache.kind == "exact" and b.cache.counter("reverify_kept") == 1
+        assert not is_marked((await l2.get_many([key]))[key])
+        await wait_until(lambda: key not in a_l1, timeout=2.0)
+        on_a = await a.ask(CATS)  # A reads the cleared value: no second re-verification
+        assert (on_a.cache.kind, on_a.cache.tier) == ("exact", "l2") and on_a.text == served.text
+        assert a.cache.counter("reverify_on_read") == 0
 
 
 async def test_redis_outage_during_ingest_drops_more_not_less(

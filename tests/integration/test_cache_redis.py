@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from ragline.cache.bus import InvalidationBus
 from ragline.cache.keys import make_key, tenant_prefix
+from ragline.cache.marks import mark, new_token
 from ragline.cache.memory import MemoryTier
 from ragline.cache.redis import RedisTier
 from ragline.cache.singleflight import DistributedSingleFlight
@@ -78,6 +79,44 @@ async def test_roundtrip_ttl_and_delete(redis_url: str, raw: aioredis.Redis) -> 
     # a value not written by a RedisTier (no envelope) is never returned
     await raw.set(key(5), b"foreign", px=60_000)
     assert await l2.get_many([key(5)]) == {}
+    await l2.close()
+
+
+async def test_mark_in_place_keeps_ttl_and_compare_and_set_respects_newer_marks(
+    redis_url: str, raw: aioredis.Redis
+) -> None:
+    l2 = tier(redis_url)
+    await l2.set_many({key(1): b"{one}", key(2): b"{two}"}, ttl=60)
+    t1, t2 = new_token(), new_token()
+    await l2.mark_many([key(1), key(3)], t1)  # key(3) is absent: nothing is created
+    got = await l2.get_many_ttl([key(1), key(2), key(3)])
+    assert got[key(1)][0] == mark(b"{one}", t1) and got[key(2)][0] == b"{two}" and key(3) not in got
+    assert 59 < (got[key(1)][1] or 0) <= 60 and await raw.pttl(key(1)) > 59_000  # envelope and PX kept
+    await l2.mark_many([key(1)], t2)  # a newer change
+    assert (await l2.get_many([key(1)]))[key(1)] == mark(b"{one}", t2)
+    assert not await l2.replace(key(1), mark(b"{one}", t1), b"{one}")  # a stale verification
+    assert await l2.replace(key(1), mark(b"{one}", t2), b"{one}")
+    assert await l2.get_many([key(1)]) == {key(1): b"{one}"} and await raw.pttl(key(1)) > 59_000
+    await l2.close()
+
+
+async def test_marking_an_unreachable_redis_deletes_instead(redis_server: RedisServer, redis_url: str) -> None:
+    l2 = tier(redis_url, timeout_s=0.2, failure_threshold=1, reset_s=0.2)
+    await l2.set_many({key(1): b"{v}"}, ttl=60)
+    redis_server.pause()
+    try:
+        await l2.mark_many([key(1)], new_token())  # cannot mark: owes the delete instead
+        assert l2.pending_deletes >= 1
+    finally:
+        redis_server.resume()
+    assert await l2.get_many([key(1)]) == {}  # never served unverified, not even before the replay
+
+    async def replayed() -> bool:
+        await l2.get_many([key(2)])  # calls probe the breaker; a success replays the owed delete
+        return l2.pending_deletes == 0
+
+    await wait_until(replayed, timeout=5.0)
+    assert await l2.get_many([key(1)]) == {}
     await l2.close()
 
 
