@@ -135,6 +135,7 @@ class AsyncRAG:
         self._invalidation: Invalidation | None = None
         self.cache: CacheLayer | None = None
         self._cache_answers = False
+        self._default_k = self.settings.retrieval.k
         """Deterministic generation only, unless ``cache.cache_nonzero_temperature`` (DESIGN.md §3.4)."""
         self._start_lock = asyncio.Lock()
         self.ready = False
@@ -288,6 +289,13 @@ class AsyncRAG:
     ) -> tuple[bytes, CacheInfo]:
         """The answer as pre-serialised JSON (answer, sources, usage, model) plus how it was served.
         An exact L1 hit is validation, a memoised key and a dict lookup: nothing is built or awaited."""
+        cache = self.cache
+        if cache is not None and not history and cache_mode == "default" and self._cache_answers:
+            # a query asked before was validated then: its memoised key and one L1 lookup
+            key = cache.known_answer_key(tenant, query, self._default_k if k is None else k)
+            body = cache.get_l1(key) if key is not None else None
+            if body is not None:
+                return body, CACHE_L1
         q = build_query(self.settings, query, k, tenant, history, cache_mode, timings is not None)
         key = self._answer_key(q)
         if key is not None and q.cache_mode == "default":
@@ -436,20 +444,9 @@ class AsyncRAG:
         t0 = time.perf_counter()
         timings: Timings = {}
         q = build_query(self.settings, query, k, tenant, history, cache_mode)
-        events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the task is done
-        task = asyncio.ensure_future(
-            self._answer(q, self._answer_key(q), timings, functools.partial(self._stream, events.put_nowait))
-        )
-        task.add_done_callback(lambda _: events.put_nowait(None))
-        try:
-            first = await events.get()
-        except BaseException:
-            task.cancel()
-            raise
-        if first is None:  # no generation of ours: a cached answer, or another caller's
-            r = task.result()
-            return replay_events(r.body, r.info, timings, t0)
-        return _relay(first, events, task, timings, t0)
+        key = self._answer_key(q)
+        return await _start_stream(lambda send: self._answer(q, key, timings, functools.partial(self._stream, send)),
+                                   timings, t0)  # fmt: skip
 
     async def _stream(
         self, send: Callable[[Event], None], q: Query, sources: list[Hit], messages: list[Message], t: Timings | None
@@ -461,6 +458,25 @@ class AsyncRAG:
             lambda text: send(("delta", {"text": text})), q.tenant, messages, q.cache_mode, t
         )
         return Generated(done.text, sources, done.usage, done.model, done.finish_reason in ("stop", "length"))
+
+
+async def _start_stream(
+    run: Callable[[Callable[[Event], None]], Awaitable[Result]], timings: Timings, t0: float
+) -> AsyncIterator[Event]:
+    """Start ``run(send)`` and wait for its first event: a generation of this caller's is relayed as
+    it streams; anything else (a cached answer, another caller's generation) is replayed."""
+    events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the task is done
+    task = asyncio.ensure_future(run(events.put_nowait))
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    try:
+        first = await events.get()
+    except BaseException:
+        task.cancel()
+        raise
+    if first is None:  # no generation of ours: a cached answer, or another caller's
+        r = task.result()
+        return replay_events(r.body, r.info, timings, t0)
+    return _relay(first, events, task, timings, t0)
 
 
 async def _relay(

@@ -112,6 +112,7 @@ class CacheLayer:
         self.settings = settings
         self.cs = settings.cache
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
+        self._tiers_get_l1 = self.tiers.get_l1  # bound once: the exact-hit path
         self.deps: DepsIndex = _deps_index(settings)
         self._reconcile_task: asyncio.Task[None] | None = None
         self.semantic = SemanticIndex(dim)
@@ -175,6 +176,13 @@ class CacheLayer:
         await self.deps.close()
 
     # -- keys -----------------------------------------------------------------
+    def known_answer_key(self, tenant: str, query: object, k: object) -> str | None:
+        """The memoised answer key of a history-free (tenant, query, k) seen before, else None."""
+        try:
+            return self._answer_keys.get((tenant, query, k))  # type: ignore[arg-type]
+        except TypeError:  # an unhashable query or k: not one we have seen
+            return None
+
     def answer_key(self, tenant: str, query: str, k: int, history: Sequence[dict[str, str]]) -> str:
         if not history:  # the hot path: a query asked again costs a dict lookup, not a hash
             memo = (tenant, query, k)
@@ -213,8 +221,9 @@ class CacheLayer:
     # -- read / write ----------------------------------------------------------
     def get_l1(self, key: str) -> bytes | None:
         """The hot path: an unmarked L1 value (a marked one must be re-verified: see ``get``)."""
-        body = self.tiers.get_l1(key)
-        return None if body is None or body.startswith(MARK) else body
+        body = self._tiers_get_l1(key)
+        # MARK starts with a zero byte, which no answer or retrieval value (JSON) does
+        return body if body and body[0] else None
 
     def marked_l1(self, key: str) -> bytes | None:
         """The L1 value of ``key`` if a change marked it (not counted as a lookup)."""
