@@ -44,7 +44,7 @@ import orjson
 
 from ragline.types import Vectors
 
-__all__ = ["EPS", "DepRecord", "DepsIndex", "batched", "dense_hits", "dense_matrix"]
+__all__ = ["EPS", "DenseRows", "DepRecord", "DepsIndex", "batched", "dense_hits", "dense_matrix"]
 
 EPS: Final = 1e-5
 """Float32 index scores and the dense check's scores may differ in the last bits."""
@@ -187,6 +187,52 @@ def dense_matrix(recs: Iterable[DepRecord], dim: int) -> tuple[list[str], Vector
         vecs.append(rec.qvec)
         cut.append(-np.inf if rec.dense_cutoff is None else rec.dense_cutoff)
     return (keys, np.stack(vecs) if vecs else np.zeros((0, dim), np.float32), np.asarray(cut, dtype=np.float32))
+
+
+class DenseRows:
+    """The query vectors and dense cutoffs of one tenant's records, kept in step with every add and
+    remove (a row is written or swap-removed), so a change's dense check is one matrix product and
+    never a re-read of every record: at 100k cached entries re-reading them costs seconds."""
+
+    def __init__(self, recs: Iterable[DepRecord], dim: int) -> None:
+        keys, vecs, cut = dense_matrix(recs, dim)
+        self.dim = dim
+        self.keys = keys
+        self.pos = {k: i for i, k in enumerate(keys)}
+        self.vecs = vecs if len(keys) else np.zeros((16, dim), np.float32)
+        self.cut = cut if len(keys) else np.zeros(16, np.float32)
+
+    def upsert(self, rec: DepRecord) -> None:
+        if rec.qvec.shape != (self.dim,):
+            return  # another embedder's record: never served by this one's keys
+        i = self.pos.get(rec.entry_key)
+        if i is None:
+            i = len(self.keys)
+            if i == len(self.vecs):  # grow by doubling: amortised O(1) per add
+                self.vecs = np.concatenate([self.vecs, np.zeros_like(self.vecs)])
+                self.cut = np.concatenate([self.cut, np.zeros_like(self.cut)])
+            self.keys.append(rec.entry_key)
+            self.pos[rec.entry_key] = i
+        self.vecs[i] = rec.qvec
+        self.cut[i] = -np.inf if rec.dense_cutoff is None else rec.dense_cutoff
+
+    def remove(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            i = self.pos.pop(key, None)
+            if i is None:
+                continue
+            last = len(self.keys) - 1
+            if i != last:  # move the last row into the hole
+                moved = self.keys[last]
+                self.keys[i] = moved
+                self.pos[moved] = i
+                self.vecs[i] = self.vecs[last]
+                self.cut[i] = self.cut[last]
+            self.keys.pop()
+
+    def entered(self, vectors: Vectors) -> set[str]:
+        n = len(self.keys)
+        return dense_hits(self.keys, self.vecs[:n], self.cut[:n], vectors) if n else set()
 
 
 def batched(items: list[str], n: int) -> Iterable[list[str]]:

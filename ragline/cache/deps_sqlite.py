@@ -15,9 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
-import numpy as np
-
-from ragline.cache.deps import DepRecord, batched, dense_hits, dense_matrix
+from ragline.cache.deps import DenseRows, DepRecord, batched
 from ragline.types import Vectors
 
 __all__ = ["DependencyIndex", "SqliteDeps"]
@@ -50,7 +48,7 @@ class SqliteDeps:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
-        self._dense: dict[str, tuple[list[str], Vectors, np.ndarray]] = {}
+        self._dense: dict[str, DenseRows] = {}
 
     def add(self, rec: DepRecord, expires: float) -> bool:
         with self._lock:
@@ -66,7 +64,9 @@ class SqliteDeps:
                 "INSERT INTO term_deps VALUES (?,?,?)", [(rec.tenant, t, rec.entry_key) for t in set(rec.terms)]
             )
             db.execute("COMMIT")
-            self._dense.pop(rec.tenant, None)
+            rows = self._dense.get(rec.tenant)
+            if rows is not None:
+                rows.upsert(rec)
         return True
 
     def _remove(self, keys: Sequence[str]) -> None:
@@ -84,7 +84,9 @@ class SqliteDeps:
             self._remove(keys)
             self._db.execute("COMMIT")
             for t in tenants:
-                self._dense.pop(t, None)
+                rows = self._dense.get(t)
+                if rows is not None:
+                    rows.remove(keys)
 
     def _tenants_of(self, keys: Sequence[str]) -> set[str]:
         out: set[str] = set()
@@ -150,12 +152,11 @@ class SqliteDeps:
             return set()
         dim = vectors.shape[1]
         with self._lock:
-            cached = self._dense.get(tenant)
-            if cached is None or cached[1].shape[1] != dim:
-                rows = self._db.execute("SELECT entry_key, record FROM entries WHERE tenant=?", (tenant,))
-                cached = dense_matrix((DepRecord.from_bytes(k, tenant, r) for k, r in rows), dim)
-                self._dense[tenant] = cached
-        return dense_hits(*cached, vectors)
+            rows = self._dense.get(tenant)
+            if rows is None or rows.dim != dim:  # built once, then kept in step by add/remove
+                found = self._db.execute("SELECT entry_key, record FROM entries WHERE tenant=?", (tenant,))
+                rows = self._dense[tenant] = DenseRows((DepRecord.from_bytes(k, tenant, r) for k, r in found), dim)
+            return rows.entered(vectors)
 
     def tenant_keys(self, tenant: str) -> list[str]:
         with self._lock:

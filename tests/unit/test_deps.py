@@ -264,3 +264,25 @@ async def test_dense_skips_records_of_another_dimension(index: DependencyIndex) 
     big = rec("big", vec=E0, dc=None)
     await index.add(big, later())
     assert await index.dense_entered("t1", E0[None, :]) == {big.entry_key}
+
+
+def test_dense_rows_follow_adds_replacements_and_removes() -> None:
+    from ragline.cache.deps import DenseRows
+
+    dim = 4
+    e = [np.eye(dim, dtype=np.float32)[i] for i in range(dim)]
+
+    def r(key: str, v: np.ndarray, cutoff: float | None) -> DepRecord:
+        return DepRecord(key, "t", "q", v, (), (), (), cutoff, None, 1, False)
+
+    rows = DenseRows([r("a", e[0], 0.9)], dim)
+    for i in range(40):  # grows past its initial capacity
+        rows.upsert(r(f"k{i}", e[1], 0.5))
+    assert rows.entered(e[0][None, :]) == {"a"}
+    rows.upsert(r("a", e[2], 0.9))  # a replaced record moves its row, never duplicates it
+    assert rows.entered(e[0][None, :]) == set() and rows.entered(e[2][None, :]) == {"a"}
+    rows.remove(["k0", "a", "missing"])
+    assert rows.entered(e[2][None, :]) == set()
+    assert rows.entered(e[1][None, :]) == {f"k{i}" for i in range(1, 40)}
+    rows.upsert(r("open", e[3], None))  # a list that was not full: any new vector enters
+    assert "open" in rows.entered(e[0][None, :])
