@@ -103,29 +103,19 @@ class SqliteDeps:
             return self._db.execute("SELECT 1 FROM entries WHERE entry_key=?", (key,)).fetchone() is not None
 
     def by_chunks(self, tenant: str, chunk_ids: Iterable[str]) -> set[str]:
-        out: set[str] = set()
-        with self._lock:
-            for batch in batched(list(chunk_ids), 500):
-                marks = ",".join("?" * len(batch))
-                out.update(
-                    r[0]
-                    for r in self._db.execute(
-                        f"SELECT entry_key FROM chunk_deps WHERE tenant=? AND chunk_id IN ({marks})", (tenant, *batch)
-                    )
-                )
-        return out
+        return self._entries_of("chunk_deps", "chunk_id", tenant, chunk_ids)
 
     def by_terms(self, tenant: str, terms: Iterable[str]) -> set[str]:
+        return self._entries_of("term_deps", "term", tenant, terms)
+
+    def _entries_of(self, table: str, column: str, tenant: str, values: Iterable[str]) -> set[str]:
+        """Entry keys of ``tenant`` with one of ``values`` in a reverse index (fixed names, never user input)."""
         out: set[str] = set()
         with self._lock:
-            for batch in batched(list(terms), 500):
+            for batch in batched(list(values), 500):
                 marks = ",".join("?" * len(batch))
-                out.update(
-                    r[0]
-                    for r in self._db.execute(
-                        f"SELECT entry_key FROM term_deps WHERE tenant=? AND term IN ({marks})", (tenant, *batch)
-                    )
-                )
+                sql = f"SELECT entry_key FROM {table} WHERE tenant=? AND {column} IN ({marks})"
+                out.update(r[0] for r in self._db.execute(sql, (tenant, *batch)))
         return out
 
     def records(self, tenant: str, keys: Iterable[str]) -> list[DepRecord]:
