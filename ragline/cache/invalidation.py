@@ -33,6 +33,9 @@ from ragline.context import same_evidence
 from ragline.retrieve import HybridRetriever
 from ragline.types import CacheMode, Chunk, Hit, Retrieval, Vectors
 
+_FRESH_S = 1.0
+_FRESH_MAX = 256
+
 Pack = Callable[[str, str, list[Hit]], Awaitable[list[Hit]]]
 """(tenant, query, hits) → the answer context built from them, as a fresh request would."""
 
@@ -54,6 +57,7 @@ class Invalidation:
         self.mode = mode
         """``cache.invalidation``: lazy (mark, re-verify on read), eager, flush or flush_all."""
         self._generation: dict[str, int] = {}
+        self._fresh: dict[tuple[str, str, int, bool, bool, int | None], tuple[int, float, Retrieval]] = {}
 
     # -- generation guard ------------------------------------------------------
     def generation(self, tenant: str) -> int:
@@ -277,10 +281,42 @@ class Invalidation:
         cache.counters["invalidation_kept"] += report.kept
         return report
 
+    async def fresh_retrieval(
+        self,
+        tenant: str,
+        query: str,
+        qvec: Vectors,
+        k: int,
+        mmr: bool,
+        doc_level: bool,
+        candidates: int | None,
+        keep: bool = False,
+    ) -> Retrieval:
+        """Hybrid retrieval now, or the one a re-verification of this request just ran.
+
+        A failed re-verification of an answer is followed at once by its retrieval entry's (marked by
+        the same change) and then by the miss path: without this they would run the same retrieval
+        three times. Only re-verifications (``keep``) hand a result on, only within one corpus
+        generation of this process and for ``_FRESH_S`` seconds, and each hand-on is used once."""
+        memo = (tenant, query, k, mmr, doc_level, candidates)
+        held = self._fresh.pop(memo, None)
+        gen = self.generation(tenant)
+        if held is not None and held[0] == gen and time.monotonic() - held[1] < _FRESH_S:
+            r = held[2]
+        else:
+            r = await self.retriever.retrieve(
+                tenant, query, qvec, k, use_mmr=mmr, doc_level=doc_level, candidates=candidates
+            )
+        if keep:
+            self._fresh[memo] = (gen, time.monotonic(), r)
+            while len(self._fresh) > _FRESH_MAX:
+                self._fresh.pop(next(iter(self._fresh)))
+        return r
+
     async def reverify(self, rec: DepRecord) -> DepRecord | None:
         """Re-run retrieval for a cached entry from its stored vector; None if its context changed."""
-        r = await self.retriever.retrieve(
-            rec.tenant, rec.query, rec.qvec, rec.k, use_mmr=rec.mmr, doc_level=rec.doc_level, candidates=rec.candidates
+        r = await self.fresh_retrieval(
+            rec.tenant, rec.query, rec.qvec, rec.k, rec.mmr, rec.doc_level, rec.candidates, keep=True
         )
         if ":answer:" in rec.entry_key:
             sources = await self.pack(rec.tenant, rec.query, r.hits)
@@ -343,9 +379,12 @@ class CachedRetriever:
         gen = inv.generation(tenant) if inv is not None else 0
         vec = qvec if isinstance(qvec, np.ndarray) else await qvec()
         with metrics.stage("retrieve", timings):
-            r = await self.retriever.retrieve(
-                tenant, query, vec, k, use_mmr=mmr, doc_level=doc_level, candidates=candidates
-            )
+            if inv is not None:  # right after a failed re-verification: its retrieval, not a second one
+                r = await inv.fresh_retrieval(tenant, query, vec, k, mmr, doc_level, candidates)
+            else:
+                r = await self.retriever.retrieve(
+                    tenant, query, vec, k, use_mmr=mmr, doc_level=doc_level, candidates=candidates
+                )
         if key is not None and inv is not None:
             dep = inv.record(key, tenant, query, vec, r, [h.chunk_id for h in r.hits], k, mmr, doc_level, candidates)
             await inv.put(gen, key, retrieval_to_bytes(r), dep)

@@ -150,3 +150,33 @@ async def test_the_other_modes_never_serve_stale_answers(make_settings: Callable
 def test_precise_is_still_accepted_as_eager() -> None:
     assert Settings(cache={"invalidation": "precise"}).cache.invalidation == "eager"
     assert Settings().cache.invalidation == "lazy"
+
+
+async def test_a_failed_reverification_runs_retrieval_once(make_settings: Callable[..., Settings]) -> None:
+    from ragline.store.embedded import EmbeddedStore
+
+    settings = make_settings()
+    emb = HashEmbedder()
+
+    class Counting:  # the real store, counting dense searches (one per hybrid retrieval)
+        def __init__(self) -> None:
+            self.inner = EmbeddedStore(settings.data_dir, emb.dim)
+            self.dense = 0
+
+        def search_dense(self, *a: Any) -> Any:
+            self.dense += 1
+            return self.inner.search_dense(*a)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    store = Counting()
+    async with AsyncRAG(settings, embedder=emb, llm=ScriptedLLM(), store=store) as rag:  # type: ignore[arg-type]
+        await rag.ingest(DOCS)
+        await rag.ask(Q)
+        await rag.ingest([Document("eiffel", "When did the Eiffel Tower open? The Eiffel Tower opened in 1889.")])
+        before = store.dense
+        again = await rag.ask(Q)  # answer and retrieval entry both marked; both fail; then the miss path
+        assert again.cache.kind == "miss" and rag.cache is not None
+        assert rag.cache.counter("reverify_dropped") == 2
+        assert store.dense - before == 1
