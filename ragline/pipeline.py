@@ -172,6 +172,8 @@ class AsyncRAG:
         )
         self._generate = CachedLLM(self._llm, self.cache, s.llm)
         self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation)
+        # chunk texts recur across requests (and every re-verification packs again): count each once
+        self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)
 
     async def aclose(self) -> None:
         if self._embed is not None:
@@ -397,7 +399,7 @@ class AsyncRAG:
     ) -> tuple[list[Hit], list[Message]]:
         """Step 5: drop near-duplicates, pack to the token budget, build the prompt."""
         s = self.settings.context
-        count = self.chunker.count_tokens
+        count = self._count_tokens
         with metrics.stage("context", t):
             vecs = await asyncio.to_thread(self.store.vectors, tenant, [h.chunk_id for h in hits]) if hits else None
             sources = pack(hits, count, s.token_budget, s.max_sources, vecs, s.near_duplicate)

@@ -46,6 +46,10 @@ class SqliteDeps:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # every record writes a few hundred reverse-index rows: checkpoint (and fsync) the WAL every
+        # ~80 MB instead of every 4 MB, and keep it at most 64 MB after one (measured: COMMIT 6.2 → 3.1 ms)
+        self._db.execute("PRAGMA wal_autocheckpoint=20000")
+        self._db.execute("PRAGMA journal_size_limit=67108864")
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self._dense: dict[str, DenseRows] = {}

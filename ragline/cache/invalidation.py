@@ -203,7 +203,7 @@ class Invalidation:
             cache.count("reverify_on_read")
             recs = await cache.deps.records(tenant, [key])
             new = await self.reverify(recs[0]) if recs else None
-            if new is not None and not await cache.deps.add(new, time.time() + cache.ttl):
+            if new is not None and _moved(recs[0], new) and not await cache.deps.add(new, time.time() + cache.ttl):
                 new = None  # its record reached only this instance: other instances could not guard it
             if new is None:
                 await cache.drop([key, *(recs[0].extra_keys if recs else ())])
@@ -389,3 +389,14 @@ class CachedRetriever:
             dep = inv.record(key, tenant, query, vec, r, [h.chunk_id for h in r.hits], k, mmr, doc_level, candidates)
             await inv.put(gen, key, retrieval_to_bytes(r), dep)
         return r
+
+
+def _moved(old: DepRecord, new: DepRecord) -> bool:
+    """Did re-verification change what a later change is checked against (candidates, cutoffs)?
+    If not, the stored record stands and is not rewritten."""
+    return (
+        old.candidate_ids != new.candidate_ids
+        or old.dense_cutoff != new.dense_cutoff
+        or old.keyword_cutoff != new.keyword_cutoff
+        or old.context_ids != new.context_ids
+    )
