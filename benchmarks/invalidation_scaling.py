@@ -2,7 +2,7 @@
 
     python benchmarks/invalidation_scaling.py [--sizes 1000,10000,100000] [--modes lazy,eager]
                                               [--batches 3] [--new-per-batch 10] [--updated-per-batch 5]
-                                              [--eager-timeout-s 90] [--reads 100] [--seed 7]
+                                              [--eager-timeout-s 150] [--reads 100] [--seed 7]
 
 The corpus is BEIR SciFact (minus a held-out pool of new documents).  The cache
 is filled through ``rag.ask`` with real query texts: SciFact's queries and the
@@ -21,9 +21,18 @@ updated documents) are ingested into each copy: with the cache in that mode,
 and with ``cache.enabled=False``.  The difference, per document, is the cost
 of invalidation (wall and process CPU time).  Lazy mode moves re-verification
 to reads, so after the batches the same sample of earlier (text, k) pairs is
-asked again in every copy: ``reads`` reports what that costs.  Eager mode's
-ingest is bounded by ``--eager-timeout-s`` per batch: a batch that runs out is
-cancelled, reported as a lower bound, and eager is not run at larger sizes.
+asked again in every copy: ``reads`` reports what that costs.
+
+Eager mode's ingest is bounded by ``--eager-timeout-s``: a batch that runs out
+is cancelled and reported as a lower bound (and eager is not run at larger
+sizes); after a batch slower than a third of it, the size's other batches are
+not run; a size at which a linear extrapolation from the last eager measurement
+exceeds twice the timeout is not run and reported as *predicted*, not measured.
+
+Run time is dominated by filling (each ask costs ~15-20 ms CPU here; 100k
+entries take ~50k asks).  ``--keep-fill DIR`` keeps a snapshot of the filled
+cache of each size and reuses it while the workload and ragline's cache,
+ingest and pipeline code are unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import argparse
 import asyncio
 import csv
 import gc
+import hashlib
 import random
 import shutil
 import statistics
@@ -41,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import DATA, RESULTS, after_change, counters, delta, extractive_llm, resolve_mode
+from _common import DATA, REPO, RESULTS, after_change, counters, delta, extractive_llm, resolve_mode
 
 from ragline.config import Settings
 from ragline.ingest.loaders import iter_documents
@@ -107,8 +117,12 @@ async def measure(
     batches: list[list[Document]],
     reads: list[tuple[str, int]],
     timeout_s: float | None,
+    slow_s: float | None = None,
 ) -> dict[str, Any]:
-    """Ingest each batch into this copy of the filled cache, then re-ask ``reads``."""
+    """Ingest each batch into this copy of the filled cache, then re-ask ``reads``.
+
+    A batch past ``timeout_s`` is cancelled (a lower bound; no reads: the copy is inconsistent); after a
+    batch slower than ``slow_s`` the remaining batches are not run."""
     llm = extractive_llm()
     out: dict[str, Any] = {"mode": name, "invalidation": setting, "batches": []}
     async with AsyncRAG(_settings(data_dir, setting), embedder=HashEmbedder(), llm=llm) as rag:
@@ -135,6 +149,9 @@ async def measure(
                     "entries_after": await _entries(rag),
                 }
             )
+            if slow_s is not None and wall > slow_s and len(out["batches"]) < len(batches):
+                out["batches_cut_short"] = f"a batch took {wall:.0f} s > {slow_s:.0f} s: the rest not run"
+                break
         c_before, llm.calls = counters(rag), 0
         kinds: dict[str, int] = {}
         t0, c0 = time.perf_counter(), time.process_time()
@@ -168,6 +185,9 @@ def _cost(mode: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     wall = [1000 * (m["wall_s"] - b["wall_s"]) / m["docs"] for m, b in done]
     cpu = [1000 * (m["cpu_s"] - b["cpu_s"]) / m["docs"] for m, b in done]
     return {
+        # a flush drops everything at the first batch, so later batches of a flush mode flush an empty cache
+        "first_batch_wall_ms_per_doc": round(wall[0], 3),
+        "first_batch_cpu_ms_per_doc": round(cpu[0], 3),
         "wall_ms_per_doc": round(statistics.median(wall), 3),
         "cpu_ms_per_doc": round(statistics.median(cpu), 3),
         "wall_ms_per_doc_each_batch": [round(x, 3) for x in wall],
@@ -209,7 +229,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "entries": "dependency-tracked cache entries (answers + retrievals), deps.count()",
         "batch": {"new": a.new_per_batch, "updated": a.updated_per_batch, "batches_per_size": a.batches},
         "cost_rule": "per batch: (ingest with the cache in the mode) - (same ingest into a copy with "
-        "cache.enabled=False), divided by the batch's documents; median over batches; wall and process CPU",
+        "cache.enabled=False), divided by the batch's documents; median over batches (flush modes: the first "
+        "batch, the one that finds entries to drop, is plotted); wall and process CPU",
         "cache_settings": CACHE,
         "modes": {m: {"invalidation": s, "how": note} for m, (s, note) in modes.items()},
         "eager_timeout_s": a.eager_timeout_s,
@@ -217,19 +238,36 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"{len(base)} base docs, {len(texts)} query texts ({origin}), {len(pairs)} (text, k) pairs", flush=True)
     skip: dict[str, str] = {}
+    eager_seen: tuple[int, float] | None = None  # (entries, seconds per batch) of the last measured eager batch
+    sig = _signature(a, base, pairs)
     with tempfile.TemporaryDirectory(prefix="ragline-scaling-", dir=a.tmp) as tmp:
         filled = Path(tmp) / "filled"
         asked = 0
         populate_s = populate_cpu = 0.0
-        t0 = time.perf_counter()
-        asyncio.run(_ingest_base(filled, modes, base))
-        report["base_ingest_s"] = round(time.perf_counter() - t0, 1)
         for size in a.sizes:
+            snap = a.keep_fill / f"size-{size}" if a.keep_fill is not None else None
+            reused = snap is not None and _snapshot_ok(snap, sig)
             t0, c0 = time.perf_counter(), time.process_time()
-            asked, entries = asyncio.run(_fill(filled, modes, pairs, asked, size, a.concurrency))
+            if reused:
+                assert snap is not None
+                shutil.rmtree(filled, ignore_errors=True)
+                shutil.copytree(snap, filled)
+                meta = orjson.loads((snap / "fill.json").read_bytes())
+                asked, entries = meta["asks"], meta["entries"]
+            else:
+                if not filled.exists():
+                    asyncio.run(_ingest_base(filled, modes, base))
+                asked, entries = asyncio.run(_fill(filled, modes, pairs, asked, size, a.concurrency))
+                if snap is not None:
+                    shutil.rmtree(snap, ignore_errors=True)
+                    shutil.copytree(filled, snap)
+                    (snap / "fill.json").write_bytes(
+                        orjson.dumps({"signature": sig, "asks": asked, "entries": entries})
+                    )
             populate_s += time.perf_counter() - t0
             populate_cpu += time.process_time() - c0
-            print(f"size {size}: {entries} entries after {asked} asks ({populate_s:.0f} s filling so far)", flush=True)
+            how = f"reused {snap}" if reused else f"{populate_s:.0f} s filling so far"
+            print(f"size {size}: {entries} entries after {asked} asks ({how})", flush=True)
             if entries < size:
                 print(f"  only {entries} entries reachable with {len(pairs)} pairs", flush=True)
             reads = random.Random(a.seed + size).sample(pairs[:asked], min(a.reads, asked))
@@ -237,26 +275,44 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 "target": size,
                 "entries": entries,
                 "asks": asked,
+                "fill_reused_from": str(snap) if reused else None,
                 "fill_s_cumulative": round(populate_s, 1),
                 "fill_cpu_s_cumulative": round(populate_cpu, 1),
                 "runs": {},
                 "invalidation_cost": {},
             }
             for name, setting in [("no_cache", None), *((m, s) for m, (s, _) in modes.items())]:
+                timeout = slow = None
+                if name == "eager":
+                    timeout, slow = a.eager_timeout_s, a.eager_timeout_s / 3
+                    if eager_seen is not None and name not in skip:
+                        guess = eager_seen[1] * entries / max(eager_seen[0], 1)
+                        if guess > 2 * a.eager_timeout_s:
+                            row["invalidation_cost"][name] = {
+                                "measured": False,
+                                "predicted_wall_ms_per_doc": round(1000 * guess / len(batches[0]), 1),
+                            }
+                            skip[name] = (
+                                f"not run: linear extrapolation from {eager_seen[0]} entries predicts "
+                                f"~{guess:.0f} s per batch (> 2 x --eager-timeout-s {a.eager_timeout_s})"
+                            )
+                            eager_seen = None  # predicted once, at the first size past the bound
                 if name in skip:
                     row["runs"][name] = {"skipped": skip[name]}
+                    print(f"  {name}: {skip[name]}", flush=True)
                     continue
                 copy = Path(tmp) / f"copy-{name}"
                 shutil.copytree(filled, copy)
-                timeout = a.eager_timeout_s if name == "eager" else None
                 try:
-                    res = asyncio.run(measure(copy, name, setting, batches, reads, timeout))
+                    res = asyncio.run(measure(copy, name, setting, batches, reads, timeout, slow))
                 finally:
                     shutil.rmtree(copy, ignore_errors=True)
                 row["runs"][name] = res
-                if res.get("timed_out"):
-                    skip[name] = f"a batch ran past {a.eager_timeout_s} s at {entries} entries"
                 b = res["batches"]
+                if res.get("timed_out"):
+                    skip[name] = f"not run: a batch ran past {a.eager_timeout_s} s at {entries} entries"
+                elif name == "eager":
+                    eager_seen = (entries, statistics.median(x["wall_s"] for x in b))
                 r = res.get("reads", {})
                 print(
                     f"  {name}: ingest s per batch {[x['wall_s'] for x in b]}, CPU s {[x.get('cpu_s') for x in b]}; "
@@ -274,6 +330,23 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     _plot(report, a.out / "invalidation_scaling.png")
     print(f"wrote {a.out / 'invalidation_scaling.json'} and .png in {report['total_s']} s")
     return report
+
+
+def _signature(a: argparse.Namespace, base: list[Document], pairs: list[tuple[str, int]]) -> str:
+    """What a kept fill depends on: the workload and the code that writes the cache."""
+    h = hashlib.sha256(orjson.dumps([a.seed, [d.id for d in base], pairs[:1000], len(pairs), CACHE]))
+    for f in sorted([*(REPO / "ragline").glob("cache/*.py"), *(REPO / "ragline").glob("ingest/*.py")]):
+        h.update(f.read_bytes())
+    for name in ("pipeline.py", "config.py", "codec.py"):
+        h.update((REPO / "ragline" / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _snapshot_ok(snap: Path, sig: str) -> bool:
+    try:
+        return bool(orjson.loads((snap / "fill.json").read_bytes())["signature"] == sig)
+    except (OSError, KeyError, orjson.JSONDecodeError):
+        return False
 
 
 def _fill_settings(filled: Path, modes: dict[str, tuple[str, str]]) -> Settings:
@@ -309,20 +382,24 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ref: tuple[float, float] | None = None
         for name in report["modes"]:
             pts = [(r["entries"], r["invalidation_cost"][name]) for r in rows if name in r["invalidation_cost"]]
-            ok = [(x, c[metric]) for x, c in pts if not c.get("timed_out") or metric in c]
+            key = f"first_batch_{metric}" if name.startswith("flush") else metric
+            ok = [(x, c[key]) for x, c in pts if key in c]
             xs = [x for x, _ in ok]
             ys = [max(y, floor) for _, y in ok]
             color = colors.get(name)
             if xs:
-                ax.plot(xs, ys, "o-", color=color, label=name)
+                ax.plot(xs, ys, "o-", color=color, label=name + (" (first batch)" if key != metric else ""))
                 for x, (_, y) in zip(xs, ok, strict=True):
                     if y <= floor:
                         ax.annotate("≤ noise", (x, floor), fontsize=7, color=color)
                 if ref is None or name == "eager":
                     ref = (xs[0], ys[0])
-            lower = [(x, c.get("wall_ms_per_doc_at_least")) for x, c in pts if "wall_ms_per_doc_at_least" in c]
+            lower = [(x, c["wall_ms_per_doc_at_least"]) for x, c in pts if "wall_ms_per_doc_at_least" in c]
             for x, y in lower:
-                ax.plot([x], [y], "^", color=color, markersize=10, label=f"{name}: timed out (at least)")
+                ax.plot([x], [y], "^", color=color, markersize=10, label=f"{name}: timed out (wall, at least)")
+            guess = [(x, c["predicted_wall_ms_per_doc"]) for x, c in pts if "predicted_wall_ms_per_doc" in c]
+            for x, y in guess:
+                ax.plot([x], [y], "o", mfc="none", color=color, markersize=10, label=f"{name}: predicted, not run")
         if ref is not None:
             x0, y0 = ref
             xr = [min(r["entries"] for r in rows), max(r["entries"] for r in rows)]
@@ -363,11 +440,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, default=3, help="change batches measured per size and mode")
     ap.add_argument("--new-per-batch", type=int, default=10)
     ap.add_argument("--updated-per-batch", type=int, default=5)
-    ap.add_argument("--eager-timeout-s", type=float, default=90.0, help="cancel an eager batch after this long")
+    ap.add_argument("--eager-timeout-s", type=float, default=150.0, help="cancel an eager batch after this long")
     ap.add_argument("--reads", type=int, default=100, help="earlier queries asked again after the batches")
     ap.add_argument("--concurrency", type=int, default=4, help="concurrent asks while filling the cache")
     ap.add_argument("--docs", type=int, default=None, help="use only N base documents (smoke runs)")
     ap.add_argument("--tmp", type=Path, default=None, help="where the filled cache and its copies live")
+    ap.add_argument(
+        "--keep-fill",
+        type=Path,
+        default=None,
+        help="keep the filled cache of each size here and reuse it when workload and cache code are unchanged",
+    )
     ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args(argv)
     try:
