@@ -16,8 +16,9 @@ from typing import TypeVar
 
 import diskcache
 
+from ragline.cache.disk_marks import DiskMarks
 from ragline.cache.keys import KEY_ROOT
-from ragline.cache.marks import mark
+from ragline.cache.marks import is_marked, mark, token_of, unmarked
 from ragline.cache.tier import MISS, Miss, PendingDeletes
 
 T = TypeVar("T")
@@ -72,6 +73,7 @@ class DiskTier:
             sqlite_wal_autocheckpoint=wal_pages,
             sqlite_journal_size_limit=wal_pages * 4096,
         )
+        self._marks = DiskMarks(self.directory / "marks.sqlite3", timeout_s)
         self.errors = 0
         self._consecutive_errors = 0
         self.last_error: str | None = None
@@ -100,6 +102,9 @@ class DiskTier:
             value, expire_at = cache.get(k, default=None, expire_time=True)
             if isinstance(value, bytes):
                 out[k] = (value, None if expire_at is None else expire_at - now)
+        if out:  # a marked entry is handed out with its mark, as the other tiers store it
+            for k, token in self._marks.tokens(out).items():
+                out[k] = (mark(out[k][0], token), out[k][1])
         return out
 
     async def _call(self, fn: Callable[[], T], in_thread: bool = True) -> T | Miss:
@@ -160,6 +165,7 @@ class DiskTier:
         def op() -> None:
             for k, v in pairs:
                 cache.set(k, v, expire=ttl)
+            self._marks.remove(k for k, _ in pairs)  # a fresh value (a change meanwhile drops it again)
 
         await self._call(op)
 
@@ -172,31 +178,30 @@ class DiskTier:
         def op() -> None:
             for k in batch:
                 cache.delete(k)
+            self._marks.remove(batch)
 
         if isinstance(await self._call(op), Miss):
             self._pending.add(batch)
 
     async def mark_many(self, keys: Sequence[str], token: bytes) -> None:
+        """One row per key in the side table (:mod:`ragline.cache.disk_marks`); values stay as they are."""
         if not keys:
             return
-        cache = self._cache
         batch = list(keys)
-
-        def op() -> None:
-            now = time.time()
-            with cache.transact():  # one SQLite transaction: no write can land between get and set
-                for k in batch:
-                    value, expire_at = cache.get(k, default=None, expire_time=True)
-                    if isinstance(value, bytes):
-                        left = None if expire_at is None else expire_at - now
-                        if left is None or left > 0:
-                            cache.set(k, mark(value, token), expire=left)
-
-        if isinstance(await self._call(op), Miss):
+        if isinstance(await self._call(lambda: self._marks.add(batch, token)), Miss):
             await self.delete_many(batch)  # cannot mark: the copies must not be served unverified
 
     async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
         cache = self._cache
+        if is_marked(expected) and value == unmarked(expected):
+            # clearing a mark: the row must still hold the verified token and the value the verified bytes
+            def clear_mark() -> bool:
+                current = cache.get(key, default=None)
+                return current == value and self._marks.take(key, token_of(expected))
+
+            res = await self._call(clear_mark)
+            if res is True:
+                return True
 
         def op() -> bool:
             now = time.time()
@@ -218,6 +223,7 @@ class DiskTier:
         cache = self._cache
 
         def op() -> int:
+            self._marks.clear(prefix)
             if prefix is None:
                 return int(cache.clear())
             doomed = [k for k in cache.iterkeys() if isinstance(k, str) and k.startswith(prefix)]
@@ -251,3 +257,5 @@ class DiskTier:
                 await asyncio.wait_for(task, 2.0)
         with contextlib.suppress(Exception):
             self._cache.close()
+        with contextlib.suppress(Exception):
+            self._marks.close()

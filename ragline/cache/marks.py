@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 from typing import Final
 
-__all__ = ["MARK", "MARK_LEN", "is_marked", "mark", "new_token", "unmarked"]
+__all__ = ["MARK", "MARK_LEN", "is_marked", "mark", "new_token", "token_of", "unmarked"]
 
 MARK: Final = b"\x00rlm"
 """Can never start a real value: answers and retrievals are JSON objects (``{``)."""
@@ -37,6 +37,11 @@ def new_token() -> bytes:
 
 def is_marked(value: bytes) -> bool:
     return value.startswith(MARK)
+
+
+def token_of(value: bytes) -> bytes:
+    """The token of a marked value (call only when :func:`is_marked`)."""
+    return value[len(MARK) : MARK_LEN]
 
 
 def unmarked(value: bytes) -> bytes:

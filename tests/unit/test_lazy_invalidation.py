@@ -180,3 +180,21 @@ async def test_a_failed_reverification_runs_retrieval_once(make_settings: Callab
         assert again.cache.kind == "miss" and rag.cache is not None
         assert rag.cache.counter("reverify_dropped") == 2
         assert store.dense - before == 1
+
+
+async def test_disk_marks_follow_writes_deletes_and_clears(tmp_path: Path) -> None:
+    l3 = DiskTier(tmp_path / "l3", max_bytes=1 << 24)
+    t = new_token()
+    await l3.set_many({"rl:v1:a:answer:1": b"{1}", "rl:v1:b:answer:2": b"{2}"}, 60.0)
+    await l3.mark_many(["rl:v1:a:answer:1", "rl:v1:b:answer:2", "rl:v1:a:answer:absent"], t)
+    assert await l3.get_many(["rl:v1:a:answer:absent"]) == {}  # a mark never makes a value
+    await l3.set_many({"rl:v1:a:answer:1": b"{fresh}"}, 60.0)  # a fresh value carries no old mark
+    assert await l3.get_many(["rl:v1:a:answer:1"]) == {"rl:v1:a:answer:1": b"{fresh}"}
+    await l3.clear("rl:v1:b:")
+    await l3.set_many({"rl:v1:b:answer:2": b"{2}"}, 60.0)
+    assert await l3.get_many(["rl:v1:b:answer:2"]) == {"rl:v1:b:answer:2": b"{2}"}
+    await l3.mark_many(["rl:v1:b:answer:2"], t)
+    await l3.delete_many(["rl:v1:b:answer:2"])
+    await l3.set_many({"rl:v1:b:answer:2": b"{2}"}, 60.0)
+    assert not is_marked((await l3.get_many(["rl:v1:b:answer:2"]))["rl:v1:b:answer:2"])
+    await l3.close()
