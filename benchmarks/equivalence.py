@@ -32,6 +32,9 @@ from ragline.embed.local import LocalEmbedder
 from ragline.ingest.loaders import iter_documents
 
 
+# Self-contained on purpose: this script must import the ragline that PYTHONPATH names (an old checkout), and
+# benchmarks/_common.py puts *this* checkout first on sys.path, so neither its load_beir nor churn.py's
+# MemoEmbedder (which imports it) can be used here. The memo file format is the same as churn.py's.
 class Memo:
     """The real model behind a text → vector memo saved as ``PATH.json`` (texts) + ``PATH.npy``."""
 

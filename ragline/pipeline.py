@@ -291,7 +291,7 @@ class AsyncRAG:
     ) -> tuple[bytes, CacheInfo]:
         """The answer as pre-serialised JSON (answer, sources, usage, model) plus how it was served.
         An exact L1 hit is validation, a memoised key and a dict lookup: nothing is built or awaited."""
-        cache = self.cache
+        cache, key = self.cache, None
         if cache is not None and not history and cache_mode == "default" and self._cache_answers:
             # a query asked before was validated then: its memoised key and one L1 lookup
             key = cache.known_answer_key(tenant, query, self._default_k if k is None else k)
@@ -299,11 +299,12 @@ class AsyncRAG:
             if body is not None:
                 return body, CACHE_L1
         q = build_query(self.settings, query, k, tenant, history, cache_mode, timings is not None)
-        key = self._answer_key(q)
-        if key is not None and q.cache_mode == "default":
-            body = self.cache.get_l1(key)  # type: ignore[union-attr]  # a key implies a cache
-            if body is not None:
-                return body, CACHE_L1
+        if key is None:  # not seen before: build the key and look in L1 once
+            key = self._answer_key(q)
+            if key is not None and q.cache_mode == "default":
+                body = self.cache.get_l1(key)  # type: ignore[union-attr]  # a key implies a cache
+                if body is not None:
+                    return body, CACHE_L1
         r = await self._answer(q, key, timings, self._complete, l1_checked=True)
         return r.body, r.info
 

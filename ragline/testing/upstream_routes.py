@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -39,13 +40,10 @@ from ragline.testing.upstream_wire import (
 class OpenAIRoutes:
     """``/v1/chat/completions`` and ``/v1/embeddings`` as the fake serves them."""
 
+    # supplied by the server class that mixes this in (FakeUpstream)
     config: UpstreamConfig
-
-    def _count(self, route: str, outcome: str, body: dict[str, Any] | None) -> None:
-        raise NotImplementedError
-
-    def _draw_fault(self, route: str) -> Fault | None:
-        raise NotImplementedError
+    _count: Callable[[str, str, dict[str, Any] | None], None]
+    _draw_fault: Callable[[str], Fault | None]
 
     async def _fail(
         self, fault: Fault, route: str, body: dict[str, Any], stream: bool, receive: Receive, send: Send

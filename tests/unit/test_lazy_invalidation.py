@@ -112,14 +112,13 @@ async def test_a_marked_entry_whose_evidence_changed_is_recomputed(make_settings
 async def test_marked_retrieval_entries_are_reverified(make_settings: Callable[..., Settings]) -> None:
     async with AsyncRAG(make_settings(), embedder=HashEmbedder(), llm=ScriptedLLM()) as rag:
         await rag.ingest(DOCS)
-        hits = await rag.search("green tea caffeine", k=2)
+        await rag.search("green tea caffeine", k=2)
         assert rag.cache is not None
         await rag.ingest([Document("coffee", "Coffee has more caffeine than green tea.")])
         again = await rag.search("green tea caffeine", k=2)
         fresh = await rag.search("green tea caffeine", k=2, cache_mode="bypass")
         assert [h.chunk_id for h in again] == [h.chunk_id for h in fresh]
-        assert rag.cache.counter("reverify_on_read") >= 1
-        assert hits  # the first answer was cached and then re-verified, not silently reused
+        assert rag.cache.counter("reverify_on_read") >= 1  # the cached ranking was re-verified, not reused
 
 
 async def test_marks_survive_a_restart(make_settings: Callable[..., Settings]) -> None:
