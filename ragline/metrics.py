@@ -58,7 +58,10 @@ CACHE_MARKED = Counter(
     "ragline_cache_marked_total", "Cache entries a corpus change marked for re-verification on their next read"
 )
 CACHE_REVERIFY = Counter(
-    "ragline_cache_reverify_total", "Marked entries re-verified on read, by outcome (kept or dropped)", ["outcome"]
+    "ragline_cache_reverify_total",
+    "Entries verified on read, by outcome: kept or dropped (re-verified by retrieval), unaffected (no change "
+    "touched their keyword terms since their stamp: no retrieval)",
+    ["outcome"],
 )
 CACHE_REVERIFY_SECONDS = Histogram(
     "ragline_cache_reverify_seconds",

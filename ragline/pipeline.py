@@ -295,14 +295,14 @@ class AsyncRAG:
         if cache is not None and not history and cache_mode == "default" and self._cache_answers:
             # a query asked before was validated then: its memoised key and one L1 lookup
             key = cache.known_answer_key(tenant, query, self._default_k if k is None else k)
-            body = cache.get_l1(key) if key is not None else None
+            body = cache.get_l1(key, tenant) if key is not None else None
             if body is not None:
                 return body, CACHE_L1
         q = build_query(self.settings, query, k, tenant, history, cache_mode, timings is not None)
         if key is None:  # not seen before: build the key and look in L1 once
             key = self._answer_key(q)
             if key is not None and q.cache_mode == "default":
-                body = self.cache.get_l1(key)  # type: ignore[union-attr]  # a key implies a cache
+                body = self.cache.get_l1(key, q.tenant)  # type: ignore[union-attr]  # a key implies a cache
                 if body is not None:
                     return body, CACHE_L1
         r = await self._answer(q, key, timings, self._complete, l1_checked=True)
@@ -374,7 +374,7 @@ class AsyncRAG:
         cache, inv = self.cache, self._invalidation
         assert cache is not None and inv is not None
         if not skip_l1:
-            body = cache.get_l1(key)
+            body = cache.get_l1(key, tenant)
             if body is not None:
                 return Result(body, CACHE_L1)
         found, tier = await inv.read(key, tenant, skip_l1=True)

@@ -42,6 +42,7 @@ from typing import Final, Protocol
 import numpy as np
 import orjson
 
+from ragline.cache.clock import TermClock
 from ragline.types import Vectors
 
 __all__ = ["EPS", "DenseRows", "DepRecord", "DepsIndex", "batched", "dense_hits", "dense_matrix"]
@@ -124,6 +125,16 @@ class DepsIndex(Protocol):
     @property
     def has_local_only(self) -> bool:
         """True while some records exist only in this instance's fallback index."""
+        ...
+
+    @property
+    def clock(self) -> TermClock | None:
+        """The term clock keyword changes are checked against at read time (:mod:`ragline.cache.clock`);
+        None: keyword changes are found through the term → entries index and marked at change time."""
+        ...
+
+    async def advance(self, tenant: str, terms: Iterable[str]) -> None:
+        """Advance :attr:`clock` for one change touching ``terms`` (only called when there is a clock)."""
         ...
 
     async def add(self, rec: DepRecord, expires: float) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
+from ragline.cache.clock import TermClock
 from ragline.cache.deps import DenseRows, DepRecord, batched
 from ragline.types import Vectors
 
@@ -31,7 +32,14 @@ CREATE INDEX IF NOT EXISTS chunk_deps_entry ON chunk_deps (entry_key);
 CREATE TABLE IF NOT EXISTS term_deps (tenant TEXT NOT NULL, term TEXT NOT NULL, entry_key TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS term_deps_idx ON term_deps (tenant, term);
 CREATE INDEX IF NOT EXISTS term_deps_entry ON term_deps (entry_key);
+CREATE TABLE IF NOT EXISTS term_clock (
+    tenant TEXT NOT NULL, term TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (tenant, term)
+) WITHOUT ROWID;
 """
+_CLOCK_UPSERT: Final = (
+    "INSERT INTO term_clock VALUES (?,?,?) ON CONFLICT (tenant, term) DO UPDATE SET seq = excluded.seq"
+)
+"""One row per (tenant, term): the last change that touched the term; term '' holds the tenant's reading."""
 
 
 class SqliteDeps:
@@ -101,6 +109,19 @@ class SqliteDeps:
                 for r in self._db.execute(f"SELECT DISTINCT tenant FROM entries WHERE entry_key IN ({marks})", batch)
             )
         return out
+
+    def clock_rows(self) -> list[tuple[str, str, int]]:
+        with self._lock:
+            rows = self._db.execute("SELECT tenant, term, seq FROM term_clock")
+            return [(t, term, int(seq)) for t, term, seq in rows]
+
+    def clock_advance(self, tenant: str, seq: int, terms: Sequence[str]) -> None:
+        """Persist one change of the term clock (the clock is never cleared: see :mod:`ragline.cache.clock`)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(_CLOCK_UPSERT, [(tenant, t, seq) for t in terms if t])
+            self._db.execute(_CLOCK_UPSERT, (tenant, "", seq))
+            self._db.execute("COMMIT")
 
     def has(self, key: str) -> bool:
         with self._lock:
@@ -192,6 +213,16 @@ class DependencyIndex:
 
     def __init__(self, path: Path) -> None:
         self.store = SqliteDeps(path)
+        self.clock: TermClock | None = TermClock(self.store.clock_rows())
+        """Keyword changes are checked at read time against this clock (:mod:`ragline.cache.clock`)."""
+
+    async def advance(self, tenant: str, terms: Iterable[str]) -> None:
+        """One change touched ``terms``: the clock moves at once (in memory, so the next read sees
+        it), then the change is persisted for the stamps the L3 tier keeps across restarts."""
+        assert self.clock is not None
+        batch = sorted(set(terms))
+        seq = self.clock.advance(tenant, batch)
+        await asyncio.to_thread(self.store.clock_advance, tenant, seq, batch)
 
     async def add(self, rec: DepRecord, expires: float) -> bool:
         return await asyncio.to_thread(self.store.add, rec, expires)

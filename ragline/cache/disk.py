@@ -193,15 +193,24 @@ class DiskTier:
 
     async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
         cache = self._cache
-        if is_marked(expected) and value == unmarked(expected):
-            # clearing a mark: the row must still hold the verified token and the value the verified bytes
-            def clear_mark() -> bool:
-                current = cache.get(key, default=None)
-                return current == value and self._marks.take(key, token_of(expected))
+        if is_marked(expected):
+            # clearing a mark (and maybe restamping): the row must still hold the verified token and
+            # the value the verified bytes
+            base = unmarked(expected)
 
-            res = await self._call(clear_mark)
-            if res is True:
-                return True
+            def clear_mark() -> bool:
+                with cache.transact():
+                    current, expire_at = cache.get(key, default=None, expire_time=True)
+                    if current != base or not self._marks.take(key, token_of(expected)):
+                        return False
+                    if value != base:
+                        left = None if expire_at is None else expire_at - time.time()
+                        if left is not None and left <= 0:
+                            return False
+                        cache.set(key, value, expire=left)
+                    return True
+
+            return await self._call(clear_mark) is True
 
         def op() -> bool:
             now = time.time()

@@ -27,7 +27,7 @@ import numpy as np
 from ragline import metrics
 from ragline.cache.deps import DepRecord
 from ragline.cache.layer import CacheLayer, InvalidationReport
-from ragline.cache.marks import is_marked, unmarked
+from ragline.cache.marks import is_marked, payload, stamp_of
 from ragline.codec import retrieval_from_bytes, retrieval_to_bytes
 from ragline.context import same_evidence
 from ragline.retrieve import HybridRetriever
@@ -68,7 +68,9 @@ class Invalidation:
         tenant = dep.tenant if dep is not None else ""
         if self.generation(tenant) != gen:
             return
-        await self.cache.put(key, value, dep, semantic=semantic)
+        # same generation: no change of this process since the computation began, so no clock
+        # advance either (both move together in ``changed``): the reading now is the one it began at
+        await self.cache.put(key, value, dep, semantic=semantic, stamp=self.cache.reading(tenant))
         if self.generation(tenant) != gen:
             await self.cache.drop([key])
 
@@ -122,10 +124,15 @@ class Invalidation:
                 n += await self.cache.flush_llm(tenant)
             metrics.INVALIDATIONS.labels("flush").inc(n)
             return
+        terms = removed_terms | self.terms(added)
+        clock = self.cache.clock
         with metrics.stage("invalidate"):
-            terms = removed_terms | self.terms(added)
             if self.mode == "eager":
                 report = await self.apply(tenant, removed, vectors, terms)
+            elif clock is not None:
+                # keyword effects are checked when an entry is read (ragline.cache.clock): O(terms) here
+                await self.cache.deps.advance(tenant, terms)
+                report = await self.mark(tenant, removed, vectors, set())
             else:
                 report = await self.mark(tenant, removed, vectors, terms)
         for cause, n in report.causes.items():
@@ -177,31 +184,65 @@ class Invalidation:
         return report
 
     async def read(self, key: str, tenant: str, skip_l1: bool = False) -> tuple[bytes | None, str | None]:
-        """An answer or retrieval entry from the cache, re-verified first if a change marked it
-        (``skip_l1``: L1 was read already; only a marked L1 copy is taken from there)."""
-        marked = self.cache.marked_l1(key) if skip_l1 else None
-        if marked is not None:
-            clean = await self.verify_marked(key, tenant, marked)
-            return (clean, "l1") if clean is not None else (None, None)
-        body, tier = await self.cache.get(key, skip_l1=skip_l1)
-        if body is None or not is_marked(body):
-            return body, tier
-        clean = await self.verify_marked(key, tenant, body)
+        """An answer or retrieval entry from the cache as served, verified first if a change may
+        have moved its evidence (``skip_l1``: L1 was read already; only an L1 copy that needs
+        verification is taken from there)."""
+        cache = self.cache
+        tier: str | None = "l1"
+        if skip_l1:
+            body = cache.l1_to_verify(key, tenant)
+            if body is None:
+                body, tier = await cache.get(key, skip_l1=True)
+        else:
+            body, tier = await cache.get(key)
+        if body is None:
+            return None, None
+        if cache.fresh(body, tenant):
+            return payload(body), tier
+        clean = await self.verify(key, tenant, body)
         return (clean, tier) if clean is not None else (None, None)
 
-    async def verify_marked(self, key: str, tenant: str, marked: bytes) -> bytes | None:
-        """Re-verify a marked entry: retrieval from its stored query vector (no embedding, no LLM).
+    async def verify(self, key: str, tenant: str, body: bytes) -> bytes | None:
+        """Serve ``body`` only once its evidence is known to be current.
+
+        A marked entry is re-verified by retrieval.  An unmarked one stamped before the tenant's
+        last keyword change checks its recorded terms against the clock first: untouched, it is
+        served as is (its L1 copy restamped); touched, it is re-verified like a marked one."""
+        cache = self.cache
+        clock = cache.clock
+        if clock is not None and not is_marked(body):
+            reading = cache.reading(tenant)
+            cache.count("clock_checked")
+            recs = await cache.deps.records(tenant, [key])
+            if not recs:  # no record: no change could ever find it, so it must not be served
+                await cache.drop([key])
+                return None
+            if not clock.changed_since(tenant, recs[0].terms, stamp_of(body) or 0):
+                cache.count("clock_unaffected")
+                metrics.CACHE_REVERIFY.labels("unaffected").inc()
+                await cache.restamp_l1(key, body, reading)
+                return payload(body)
+            return await self.verify_marked(key, tenant, body, recs)
+        return await self.verify_marked(key, tenant, body)
+
+    async def verify_marked(
+        self, key: str, tenant: str, marked: bytes, recs: list[DepRecord] | None = None
+    ) -> bytes | None:
+        """Re-verify an entry by retrieval from its stored query vector (no embedding, no LLM).
 
         Same evidence: the refreshed record is stored first (so a later change sees the new
-        candidates), then the mark is cleared by compare-and-set, in every tier and so on every
-        instance; the clean value is served.  Changed evidence: the entry is dropped everywhere.
-        A newer change that re-marked the entry meanwhile makes the compare-and-set fail: the
-        value now in the cache is read once more (another caller may have cleared it)."""
+        candidates), then the mark is cleared (and the value restamped with the clock reading
+        taken before the retrieval) by compare-and-set, in every tier and so on every instance;
+        the clean value is served.  Changed evidence: the entry is dropped everywhere.  A newer
+        change that re-marked the entry meanwhile makes the compare-and-set fail: the value now
+        in the cache is read once more (another caller may have cleared it)."""
         cache = self.cache
         t0 = time.perf_counter()
         for _attempt in range(2):
             cache.count("reverify_on_read")
-            recs = await cache.deps.records(tenant, [key])
+            reading = cache.reading(tenant)
+            if recs is None:
+                recs = await cache.deps.records(tenant, [key])
             new = await self.reverify(recs[0]) if recs else None
             if new is not None and _moved(recs[0], new) and not await cache.deps.add(new, time.time() + cache.ttl):
                 new = None  # its record reached only this instance: other instances could not guard it
@@ -210,15 +251,15 @@ class Invalidation:
                 cache.count("reverify_dropped")
                 metrics.CACHE_REVERIFY.labels("dropped").inc()
                 return None
-            if await cache.unmark(key, marked):
+            if await cache.unmark(key, marked, reading):
                 cache.count("reverify_kept")
                 metrics.CACHE_REVERIFY.labels("kept").inc()
                 metrics.CACHE_REVERIFY_SECONDS.observe(time.perf_counter() - t0)
-                return unmarked(marked)
+                return payload(marked)
             current, _ = await cache.get(key)
-            if current is None or not is_marked(current):
-                return current
-            marked = current
+            if current is None or cache.fresh(current, tenant):
+                return payload(current) if current is not None else None
+            marked, recs = current, None
         return None
 
     async def apply(

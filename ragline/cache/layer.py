@@ -40,20 +40,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-import orjson
 
-from ragline.cache import guards
 from ragline.cache.deps import DepRecord, DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.cache.deps_sqlite import DependencyIndex
 from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenant_prefix
-from ragline.cache.marks import MARK, is_marked, new_token, unmarked
+from ragline.cache.marks import MARK, STAMP, STAMP_LEN, new_token, stamped, unmarked
 from ragline.cache.redis import RedisTier
 from ragline.cache.semantic import SemanticIndex
+from ragline.cache.semantic_match import semantic_match
 from ragline.cache.singleflight import DistributedSingleFlight
 from ragline.cache.tiered import TieredCache, build_cache
 from ragline.config import Settings
-from ragline.context import same_evidence
 from ragline.types import Vectors
 
 T = TypeVar("T")
@@ -75,6 +73,8 @@ COUNTERS: tuple[str, ...] = (
     "reverify_on_read",
     "reverify_kept",
     "reverify_dropped",
+    "clock_checked",
+    "clock_unaffected",
 )
 """What ``stats()["counters"]`` reports (every one present, from 0)."""
 
@@ -114,6 +114,9 @@ class CacheLayer:
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
         self._tiers_get_l1 = self.tiers.get_l1  # bound once: the exact-hit path
         self.deps: DepsIndex = _deps_index(settings)
+        self.clock = self.deps.clock if self.cs.invalidation == "lazy" else None
+        """With a clock, answer and retrieval values are stamped (:mod:`ragline.cache.clock`)."""
+        self._clock_now: dict[str, int] | None = self.clock.now if self.clock is not None else None
         self._reconcile_task: asyncio.Task[None] | None = None
         self.semantic = SemanticIndex(dim)
         self.embedder_id = embedder_id
@@ -219,27 +222,57 @@ class CacheLayer:
         return temperature == 0.0 or self.cs.cache_nonzero_temperature
 
     # -- read / write ----------------------------------------------------------
-    def get_l1(self, key: str) -> bytes | None:
-        """The hot path: an unmarked L1 value (a marked one must be re-verified: see ``get``)."""
+    def get_l1(self, key: str, tenant: str) -> bytes | None:
+        """The hot path: an L1 value that needs no verification, as served (``None`` for a marked
+        value, and with a term clock for one stamped before the tenant's last keyword change)."""
         body = self._tiers_get_l1(key)
-        # MARK starts with a zero byte, which no answer or retrieval value (JSON) does
-        return body if body and body[0] else None
+        if not body:
+            return None
+        now = self._clock_now
+        if now is None:  # MARK starts with a zero byte, which no answer or retrieval value (JSON) does
+            return body if body[0] else None
+        if body.startswith(STAMP) and int.from_bytes(body[4:STAMP_LEN], "big") >= now.get(tenant, 0):
+            return body[STAMP_LEN:]
+        return None
 
-    def marked_l1(self, key: str) -> bytes | None:
-        """The L1 value of ``key`` if a change marked it (not counted as a lookup)."""
+    def l1_to_verify(self, key: str, tenant: str) -> bytes | None:
+        """The L1 value of ``key`` if :meth:`get_l1` would not serve it (marked, or stamped before a
+        keyword change): not counted as a lookup."""
         l1 = self.tiers.l1
         body = l1.get(key) if l1 is not None else None
-        return body if body is not None and body.startswith(MARK) else None
+        if body is None:
+            return None
+        if body.startswith(MARK) or (self._clock_now is not None and not self.fresh(body, tenant)):
+            return body
+        return None
+
+    def fresh(self, body: bytes, tenant: str) -> bool:
+        """Unmarked and, with a term clock, stamped at the tenant's current reading."""
+        if body.startswith(MARK):
+            return False
+        now = self._clock_now
+        if now is None:
+            return True
+        return body.startswith(STAMP) and int.from_bytes(body[4:STAMP_LEN], "big") >= now.get(tenant, 0)
+
+    def reading(self, tenant: str) -> int:
+        """The tenant's term-clock reading (0 without a clock)."""
+        return self._clock_now.get(tenant, 0) if self._clock_now is not None else 0
 
     async def get(self, key: str, skip_l1: bool = False) -> tuple[bytes | None, str | None]:
         """``(value, tier)``; the value may carry a mark (:mod:`ragline.cache.marks`): answer and
         retrieval readers go through :meth:`ragline.cache.invalidation.Invalidation.read`."""
         return await self.tiers.get_with_tier(key, skip_l1=skip_l1)
 
-    async def put(self, key: str, value: bytes, dep: DepRecord | None = None, semantic: bool = False) -> None:
+    async def put(
+        self, key: str, value: bytes, dep: DepRecord | None = None, semantic: bool = False, stamp: int | None = None
+    ) -> None:
         """Store an entry in every tier; with ``dep``, register it for invalidation first
-        (so there is no window in which a cached entry is invisible to invalidation)."""
+        (so there is no window in which a cached entry is invisible to invalidation).  With a term
+        clock, an entry with ``dep`` is stamped with ``stamp`` (the reading it was computed at)."""
         if dep is not None:
+            if self._clock_now is not None:
+                value = stamped(value, self.reading(dep.tenant) if stamp is None else stamp)
             shared = await self.deps.add(dep, time.time() + self.ttl)
             if semantic and self.cs.semantic:
                 self.semantic.add(dep.tenant, self.fingerprint, key, dep.query, dep.qvec)
@@ -280,43 +313,8 @@ class CacheLayer:
     async def semantic_match(
         self, tenant: str, query: str, qvec: Vectors, context_ids: Sequence[str], exclude: str | None = None
     ) -> tuple[bytes, float, str] | None:
-        """A cached answer for a *different* query that may serve this one, or None.
-
-        Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
-        then retrieval verification: its context must hold the same chunks as this
-        query's freshly retrieved one (:func:`~ragline.context.same_evidence`).
-        Returns (stored body, similarity, matched query).
-        """
-        if not self.cs.semantic:
-            return None
-        cands = self.semantic.candidates(tenant, self.fingerprint, qvec, self.cs.semantic_threshold)
-        if not cands:
-            return None
-        feats = guards.extract_features(query)
-        for c in cands:
-            if c.answer_key == exclude:
-                continue
-            if self.cs.semantic_guards:
-                ok, _ = guards.guards_pass(feats, guards.extract_features(c.query), self.cs.semantic_guard_checks)
-                if not ok:
-                    self.counters["semantic_rejected_guard"] += 1
-                    continue
-            body, _tier = await self.get(c.answer_key)
-            if body is None:
-                self.semantic.remove([c.answer_key])
-                continue
-            if is_marked(body):  # a change may have moved its evidence: only verification can serve it
-                if not self.cs.semantic_verify_retrieval:
-                    continue
-                body = unmarked(body)
-            if self.cs.semantic_verify_retrieval:
-                cached_ctx = [s["chunk_id"] for s in orjson.loads(body)["sources"]]
-                if not same_evidence(cached_ctx, context_ids):
-                    self.counters["semantic_rejected_verify"] += 1
-                    continue
-            self.counters["semantic_hits"] += 1
-            return body, c.similarity, c.query
-        return None
+        """A cached answer for a *different* query that may serve this one (:mod:`ragline.cache.semantic_match`)."""
+        return await semantic_match(self, tenant, query, qvec, context_ids, exclude)
 
     # -- invalidation ------------------------------------------------------------------
     async def mark(self, keys: Sequence[str]) -> bytes:
@@ -325,9 +323,19 @@ class CacheLayer:
         await self.tiers.mark_many(list(keys), token)
         return token
 
-    async def unmark(self, key: str, marked: bytes) -> bool:
-        """Clear the mark of ``key`` if it still holds exactly ``marked`` (no newer change marked it)."""
-        return await self.tiers.replace(key, marked, unmarked(marked))
+    async def unmark(self, key: str, marked: bytes, reading: int) -> bool:
+        """Clear the mark of ``key`` (and, with a term clock, restamp it with ``reading``, taken
+        before its verification began) if it still holds exactly ``marked`` (no newer change marked it)."""
+        clean = stamped(marked, reading) if self._clock_now is not None else unmarked(marked)
+        return await self.tiers.replace(key, marked, clean)
+
+    async def restamp_l1(self, key: str, body: bytes, reading: int) -> None:
+        """An unmarked entry whose terms no change touched since its stamp: its L1 copy gets
+        ``reading`` (compare-and-set, so a concurrent mark wins); the slower tiers keep their stamp
+        (a read from them checks the terms again: cheap, and no write per read)."""
+        l1 = self.tiers.l1
+        if l1 is not None:
+            await l1.replace(key, body, stamped(body, reading))
 
     async def flush_llm(self, tenant: str) -> int:
         """Drop a tenant's LLM responses (``invalidation: flush_all``, a baseline)."""

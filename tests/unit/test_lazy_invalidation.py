@@ -83,7 +83,7 @@ async def test_a_change_marks_without_retrieval_and_a_read_reverifies(
         assert cache.counter("invalidation_marked") >= 1
         assert cache.counter("reverify_on_read") == 0 and cache.counter("invalidation_checked") == 0
         key = cache.answer_key("default", Q, 1, ())
-        assert cache.get_l1(key) is None  # the hot path never hands out a marked value
+        assert cache.get_l1(key, "default") is None  # the hot path never hands out an unverified value
         body, info = await rag.ask_body(Q)
         assert info.kind == "exact" and not is_marked(body)
         assert cache.counter("reverify_kept") == 1 and llm.calls == calls

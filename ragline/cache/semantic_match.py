@@ -1,0 +1,63 @@
+"""Semantic lookup: a verified cached answer to a *different* query that serves this one (DESIGN.md §3.3).
+
+Separate from :class:`~ragline.cache.layer.CacheLayer` only to keep that class small; it reads the
+layer's semantic index, tiers and counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ragline.cache import guards
+from ragline.cache.marks import payload
+from ragline.context import same_evidence
+from ragline.types import Vectors
+
+if TYPE_CHECKING:
+    from ragline.cache.layer import CacheLayer
+
+__all__ = ["semantic_match"]
+
+
+async def semantic_match(
+    layer: CacheLayer, tenant: str, query: str, qvec: Vectors, context_ids: Sequence[str], exclude: str | None = None
+) -> tuple[bytes, float, str] | None:
+    """A cached answer for a *different* query that may serve this one, or None.
+
+    Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
+    then retrieval verification: its context must hold the same chunks as this
+    query's freshly retrieved one (:func:`~ragline.context.same_evidence`).
+    Returns (stored body, similarity, matched query).
+    """
+    if not layer.cs.semantic:
+        return None
+    cands = layer.semantic.candidates(tenant, layer.fingerprint, qvec, layer.cs.semantic_threshold)
+    if not cands:
+        return None
+    feats = guards.extract_features(query)
+    for c in cands:
+        if c.answer_key == exclude:
+            continue
+        if layer.cs.semantic_guards:
+            ok, _ = guards.guards_pass(feats, guards.extract_features(c.query), layer.cs.semantic_guard_checks)
+            if not ok:
+                layer.counters["semantic_rejected_guard"] += 1
+                continue
+        body, _tier = await layer.get(c.answer_key)
+        if body is None:
+            layer.semantic.remove([c.answer_key])
+            continue
+        if not layer.cs.semantic_verify_retrieval and not layer.fresh(body, tenant):
+            continue  # a change may have moved its evidence: only verification can serve it
+        body = payload(body)
+        if layer.cs.semantic_verify_retrieval:
+            cached_ctx = [s["chunk_id"] for s in orjson.loads(body)["sources"]]
+            if not same_evidence(cached_ctx, context_ids):
+                layer.counters["semantic_rejected_verify"] += 1
+                continue
+        layer.counters["semantic_hits"] += 1
+        return body, c.similarity, c.query
+    return None

@@ -1,0 +1,131 @@
+"""The term clock: a change advances it in O(terms); a read checks its entry's terms (DESIGN.md §3.1).
+
+Fast: AsyncRAG with HashEmbedder + ScriptedLLM, L1 + L3, no services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ragline.cache.clock import TermClock
+from ragline.cache.marks import is_marked, mark, new_token, payload, stamp_of, stamped, unmarked
+from ragline.config import Settings
+from ragline.pipeline import AsyncRAG
+from ragline.testing import HashEmbedder, ScriptedLLM
+from ragline.types import Document
+
+DOCS = [
+    Document("paris", "Paris is the capital of France. The Eiffel Tower opened in 1889.", "Paris"),
+    Document("cats", "Domestic cats sleep for sixteen hours a day and purr when content.", "Cats"),
+    Document("tea", "Green tea contains caffeine and antioxidants called catechins.", "Tea"),
+    Document("rome", "Rome was founded on seven hills beside the river Tiber.", "Rome"),
+    Document("owls", "Owls hunt at night and swallow their prey whole.", "Owls"),
+    Document("bees", "Honey bees dance to tell the hive where flowers bloom.", "Bees"),
+]
+Q = "When did the Eiffel Tower open?"
+UNRELATED = Document("zinc", "Zinc galvanises steel against rust.", "Zinc")  # no term of Q
+RELATED = Document("tower", "Tower cranes lift steel beams on building sites.", "Cranes")  # shares "tower"
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    def make(**cache: Any) -> Settings:
+        return Settings(
+            data_dir=tmp_path / "data",
+            cache={"enabled": True, "redis_url": None, "semantic": False, **cache},
+            retrieval={"k": 1, "candidates": 3},
+            context={"max_sources": 1},
+        )
+
+    return make
+
+
+def test_clock_advances_per_change_and_answers_per_term() -> None:
+    c = TermClock([("t", "", 4), ("t", "tower", 3), ("t", "cat", 4)])
+    assert c.now["t"] == 4 and c.terms("t") == 2
+    assert c.changed_since("t", ["tower"], 2) and not c.changed_since("t", ["tower"], 3)
+    assert not c.changed_since("t", ["paris"], 0) and not c.changed_since("other", ["tower"], 0)
+    assert c.advance("t", ["paris"]) == 5 and c.changed_since("t", ["paris", "x"], 4)
+    assert not c.changed_since("t", ["tower", "cat"], 4)
+
+
+def test_stamps_sit_under_marks_and_never_reach_a_client() -> None:
+    v = b'{"answer": "x"}'
+    s = stamped(v, 7)
+    assert s[0] == 0 and stamp_of(s) == 7 and payload(s) == v and stamp_of(v) is None
+    m = mark(s, new_token())
+    assert is_marked(m) and stamp_of(m) == 7 and payload(m) == v and unmarked(m) == s
+    assert stamp_of(stamped(m, 9)) == 9 and not is_marked(stamped(m, 9))  # restamping clears the mark
+
+
+async def test_a_keyword_change_costs_no_marks_and_an_untouched_entry_needs_no_retrieval(
+    make_settings: Callable[..., Settings],
+) -> None:
+    llm = ScriptedLLM()
+    async with AsyncRAG(make_settings(), embedder=HashEmbedder(), llm=llm) as rag:
+        await rag.ingest(DOCS)
+        first = await rag.ask(Q)
+        cache = rag.cache
+        assert cache is not None and cache.clock is not None
+        key = cache.answer_key("default", Q, 1, ())
+        assert cache.get_l1(key, "default") is not None
+        before = cache.clock.now["default"]
+        await rag.ingest([UNRELATED])
+        assert cache.clock.now["default"] == before + 1
+        assert cache.counter("invalidation_marked") == 0  # nothing entered the dense lists, no term marks
+        assert cache.get_l1(key, "default") is None  # stamped before the change: checked first
+        body, info = await rag.ask_body(Q)
+        assert info.kind == "exact" and body[0] == ord("{")
+        assert cache.counter("clock_checked") == 1 and cache.counter("clock_unaffected") == 1
+        assert cache.counter("reverify_on_read") == 0 and llm.calls == 1
+        assert cache.get_l1(key, "default") == body  # restamped: the hot path serves it again
+        assert (await rag.ask(Q)).text == first.text and cache.counter("clock_checked") == 1
+
+
+async def test_an_entry_whose_terms_changed_is_reverified_by_retrieval(
+    make_settings: Callable[..., Settings],
+) -> None:
+    llm = ScriptedLLM()
+    async with AsyncRAG(make_settings(), embedder=HashEmbedder(), llm=llm) as rag:
+        await rag.ingest(DOCS)
+        first = await rag.ask(Q)
+        cache = rag.cache
+        assert cache is not None
+        await rag.ingest([RELATED])
+        again = await rag.ask(Q)
+        assert cache.counter("reverify_on_read") >= 1 and cache.counter("clock_unaffected") == 0
+        assert again.cache.kind == "exact" and again.sources == first.sources and llm.calls == 1
+        # the new document takes the only source: the entry is dropped and recomputed
+        await rag.ingest([Document("paris", "The Eiffel Tower did open in 1889; when did the tower open? 1889.")])
+        changed = await rag.ask(Q)
+        assert changed.cache.kind == "miss" and llm.calls == 2
+
+
+async def test_the_clock_survives_a_restart_with_the_l3_stamps(make_settings: Callable[..., Settings]) -> None:
+    async with AsyncRAG(make_settings(), embedder=HashEmbedder(), llm=ScriptedLLM()) as rag:
+        await rag.ingest(DOCS)
+        await rag.ask(Q)
+        await rag.ingest([RELATED])  # the entry's stamp is now older than the clock
+        assert rag.cache is not None and rag.cache.clock is not None
+        now = rag.cache.clock.now["default"]
+    llm = ScriptedLLM()
+    async with AsyncRAG(make_settings(), embedder=HashEmbedder(), llm=llm) as rag:
+        assert rag.cache is not None and rag.cache.clock is not None
+        assert rag.cache.clock.now["default"] == now and rag.cache.clock.terms("default") > 0
+        hit = await rag.ask(Q)
+        assert hit.cache.kind == "exact" and llm.calls == 0 and rag.cache.counter("reverify_on_read") >= 1
+
+
+@pytest.mark.parametrize("mode", ["eager", "flush"])
+async def test_only_lazy_mode_stamps(make_settings: Callable[..., Settings], mode: str) -> None:
+    async with AsyncRAG(make_settings(invalidation=mode), embedder=HashEmbedder(), llm=ScriptedLLM()) as rag:
+        await rag.ingest(DOCS)
+        await rag.ask(Q)
+        assert rag.cache is not None and rag.cache.clock is None
+        key = rag.cache.answer_key("default", Q, 1, ())
+        body = rag.cache.get_l1(key, "default")
+        assert body is not None and body[0] == ord("{")
