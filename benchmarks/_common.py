@@ -232,6 +232,8 @@ COUNTERS = (
     "reverify_on_read",
     "reverify_kept",
     "reverify_dropped",
+    "clock_checked",
+    "clock_unaffected",
     "llm_calls_saved",
 )
 

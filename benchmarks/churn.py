@@ -118,7 +118,9 @@ def _mutate(doc: Document, round_no: int) -> Document:
 def _served_as(kind: str, d: dict[str, int]) -> str:
     """How one query was served: the latency class it is reported under."""
     if kind == "exact":
-        return "reverified_hit" if d["reverify_kept"] > 0 else "exact_hit"
+        if d["reverify_kept"] > 0:
+            return "reverified_hit"
+        return "clock_checked_hit" if d["clock_unaffected"] > 0 else "exact_hit"
     if kind == "semantic":
         return "semantic_hit"
     return "miss_after_reverify" if d["reverify_dropped"] > 0 else "miss"
@@ -353,7 +355,8 @@ def run(
         "work_rule": "cpu_s: process CPU seconds (all threads, time.process_time) during the rounds' ingests, "
         "deletes and queries; the base ingest and the staleness checks are excluded. llm_calls: calls that "
         "reached the (extractive) LLM during the rounds, staleness checks excluded",
-        "latency_rule": "per query, by how it was served: exact_hit (no re-verification), reverified_hit "
+        "latency_rule": "per query, by how it was served: exact_hit (no re-verification), clock_checked_hit "
+        "(an exact hit whose terms the term clock showed untouched: no retrieval), reverified_hit "
         "(an exact hit during which reverify_kept increased), semantic_hit, miss, miss_after_reverify "
         "(reverify_dropped increased)",
         "previous_ragline_hit_rate": {str(k): v for k, v in previous.items()} or None,

@@ -207,6 +207,8 @@ def serve(
     host = host or settings.server.host
     port = settings.server.port if port is None else port
     workers = workers or settings.server.workers
+    if workers > 1:
+        _multiprocess_metrics()
     err.print(f"ragline serving {settings.data_dir} on http://{host}:{port}  (docs: /docs)")
     uvicorn.run(
         "ragline.server.app:create_app",
@@ -217,6 +219,22 @@ def serve(
         log_level=settings.log_level.lower(),
         access_log=False,
     )
+
+
+def _multiprocess_metrics() -> None:
+    """Workers are separate processes, each with its own counters: prometheus-client's multiprocess
+    mode has every worker write its samples to files in one directory, and ``/metrics`` (whichever
+    worker answers) sums them.  A directory the user set is used as it is; otherwise a fresh one,
+    removed at exit (stale files from an earlier run would be summed in)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="ragline-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # inherited by the workers uvicorn spawns
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
 def _usage_error(message: str) -> typer.Exit:

@@ -26,8 +26,9 @@ HTTP_DURATION = Histogram(
 STAGE_DURATION = Histogram(
     "ragline_stage_duration_seconds", "Pipeline stage duration", ["stage"], buckets=_LATENCY_BUCKETS
 )
-DOCUMENTS = Gauge("ragline_documents_indexed", "Documents in the store (all tenants)")
-CHUNKS = Gauge("ragline_chunks_indexed", "Chunks in the store (all tenants)")
+# with several workers each sets these from the store it reads: the merged value is the largest
+DOCUMENTS = Gauge("ragline_documents_indexed", "Documents in the store (all tenants)", multiprocess_mode="max")
+CHUNKS = Gauge("ragline_chunks_indexed", "Chunks in the store (all tenants)", multiprocess_mode="max")
 INGESTED = Counter("ragline_ingest_documents_total", "Documents ingested by outcome", ["outcome"])
 EMBEDDED = Counter("ragline_embedded_texts_total", "Texts sent to the embedding model")
 LLM_TOKENS = Counter("ragline_llm_tokens_total", "LLM tokens used", ["kind"])

@@ -8,13 +8,14 @@ other routes take pydantic bodies (:mod:`ragline.server.schemas`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Header, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from starlette.responses import Response, StreamingResponse
 
 from ragline import metrics
@@ -170,11 +171,24 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
                 status = "degraded"  # still serving: the cache fails open to the other tiers
         return _json({"status": status, "components": components})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    registry = _metrics_registry()
+
+    @app.get("/metrics", summary="Prometheus metrics (summed over every worker with --workers N)")
     async def prometheus() -> Response:
         if pipeline.cache is not None:
             pipeline.cache.flush_metrics()
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _metrics_registry() -> CollectorRegistry:
+    """The default registry, or with several workers (``PROMETHEUS_MULTIPROC_DIR``, set by ``ragline
+    serve``) a registry that merges every worker's sample files: counters and histograms are sums
+    over the workers, each gauge merged as its ``multiprocess_mode`` says."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 async def _sse(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> AsyncIterator[bytes]:
