@@ -20,7 +20,8 @@ from ragline.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from ragline.pipeline import RAG, AsyncRAG
+from ragline.facade import RAG
+from ragline.pipeline import AsyncRAG
 from ragline.types import Answer, CacheInfo, Chunk, Document, Hit, IngestReport, Usage
 
 __version__ = "0.1.0"

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -20,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from ragline import metrics, plugins
+from ragline.cache.clock import TermClock
 from ragline.cache.invalidation import CachedRetriever, Invalidation
 from ragline.cache.layer import CacheLayer
 from ragline.codec import (
@@ -38,6 +38,7 @@ from ragline.embed.cached import CachedEmbedder
 from ragline.embed.local import resolve_model_dir
 from ragline.errors import InvalidInput
 from ragline.ingest.chunking import Chunker
+from ragline.ingest.follow import Follower
 from ragline.ingest.indexer import Indexer, Progress
 from ragline.ingest.loaders import iter_documents
 from ragline.llm.base import LLM
@@ -61,7 +62,7 @@ from ragline.types import (
 )
 from ragline.validate import build_query
 
-__all__ = ["RAG", "AsyncRAG", "CacheMode", "Progress", "Query"]
+__all__ = ["AsyncRAG", "CacheMode", "Progress", "Query"]
 
 T = TypeVar("T")
 Timings = dict[str, float]
@@ -133,11 +134,14 @@ class AsyncRAG:
         self._generate: CachedLLM | None = None
         self._indexer: Indexer | None = None
         self._invalidation: Invalidation | None = None
+        self._follower: Follower | None = None
+        self._count_tokens: Callable[[str], int] = len
         self.cache: CacheLayer | None = None
         self._cache_answers = False
         self._default_k = self.settings.retrieval.k
         """Deterministic generation only, unless ``cache.cache_nonzero_temperature`` (DESIGN.md §3.4)."""
         self._start_lock = asyncio.Lock()
+        self._sync_lock = asyncio.Lock()
         self.ready = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -155,25 +159,7 @@ class AsyncRAG:
         return self
 
     def _build(self) -> None:
-        s = self.settings
-        emb, self._chunker, self._store, self._llm = _load(s, self._embedder, self._store, self._llm)
-        self._embedder = emb
-        retriever = HybridRetriever(self._store, s.retrieval)
-        if s.cache.enabled:
-            self.cache = CacheLayer(s, emb.dim, emb.id, self._llm.id, prompt_version=PROMPT_VERSION)
-            # decided once, not per request (the exact-hit path reads a bool)
-            self._cache_answers = self.cache.cacheable_llm(s.llm.temperature)
-            self._invalidation = Invalidation(
-                self.cache, retriever, self._context_of, self._store.analyze, mode=s.cache.invalidation
-            )
-        self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
-        self._embed = CachedEmbedder(
-            emb, self.cache, max_batch=s.embedder.batch_size, max_wait_ms=s.embedder.micro_batch_wait_ms
-        )
-        self._generate = CachedLLM(self._llm, self.cache, s.llm)
-        self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation)
-        # chunk texts recur across requests (and every re-verification packs again): count each once
-        self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)
+        _wire(self)
 
     async def aclose(self) -> None:
         if self._embed is not None:
@@ -185,6 +171,11 @@ class AsyncRAG:
         if self._store is not None:
             await asyncio.to_thread(self._store.close)
         self.ready = False
+
+    async def catch_up(self) -> None:
+        """Apply what other processes committed to this corpus here (:mod:`ragline.ingest.follow`)."""
+        if self._follower is not None:
+            await self._follower.catch_up()
 
     async def __aenter__(self) -> AsyncRAG:
         return await self.start()
@@ -204,7 +195,9 @@ class AsyncRAG:
         """Upsert documents by id; unchanged ones cost a hash, changed ones replace their chunks."""
         await self.start()
         assert self._indexer is not None
+        await self.catch_up()
         report = await self._indexer.ingest(docs, tenant, progress)
+        await self.catch_up()  # other processes' changes applied while this one waited for the tenant
         _update_gauges(self._store)
         return report
 
@@ -219,7 +212,9 @@ class AsyncRAG:
         """Delete documents by id; NotFound if none of them exists. Returns removed chunk ids."""
         await self.start()
         assert self._indexer is not None
+        await self.catch_up()
         removed = await self._indexer.delete(doc_ids, tenant)
+        await self.catch_up()
         _update_gauges(self._store)
         return removed
 
@@ -276,6 +271,7 @@ class AsyncRAG:
             self.settings, query, k, tenant, (), cache_mode, timings is not None, doc_level, mmr, candidates
         )
         await self.start()
+        await self.catch_up()
         return await self._retrieve(q, qvec, timings, q.cache_mode)
 
     # -- ask: the query flow (DESIGN.md §2) ----------------------------------------
@@ -291,7 +287,9 @@ class AsyncRAG:
     ) -> tuple[bytes, CacheInfo]:
         """The answer as pre-serialised JSON (answer, sources, usage, model) plus how it was served.
         An exact L1 hit is validation, a memoised key and a dict lookup: nothing is built or awaited."""
-        cache, key = self.cache, None
+        cache, key, follower = self.cache, None, self._follower
+        if follower is not None and follower.behind():
+            await follower.catch_up()  # another process changed the corpus: its invalidations first
         if cache is not None and not history and cache_mode == "default" and self._cache_answers:
             # a query asked before was validated then: its memoised key and one L1 lookup
             key = cache.known_answer_key(tenant, query, self._default_k if k is None else k)
@@ -329,6 +327,8 @@ class AsyncRAG:
         self, q: Query, key: str | None, t: Timings | None, deliver: Deliver, l1_checked: bool = False
     ) -> Result:
         """Steps 1–2; a miss runs steps 3–8 once per key, however many callers ask at once."""
+        await self.start()
+        await self.catch_up()
         cache = self.cache
         if key is None or cache is None:  # answers are not cached (no cache, bypass, sampling)
             return await self._miss(q, None, t, deliver)
@@ -344,7 +344,7 @@ class AsyncRAG:
 
     async def _miss(self, q: Query, key: str | None, t: Timings | None, deliver: Deliver) -> Result:
         inv = self._invalidation
-        gen = inv.generation(q.tenant) if inv is not None else 0
+        gen = inv.generation(q.tenant) if inv is not None else (0, 0)
         qvec = await self.embed_query(q.text, q.tenant, t)  # 3 embed
         r = await self._retrieve(q, qvec, t, "bypass" if q.cache_mode == "bypass" else "default")  # 4 retrieve
         sources, messages = await self._context(q.text, q.tenant, r.hits, q.history, t)  # 5 context
@@ -502,6 +502,37 @@ async def _relay(
     )
 
 
+def _wire(self: AsyncRAG) -> None:
+    """Build every component from the settings (blocking: model load, store open)."""
+    s = self.settings
+    emb, self._chunker, self._store, self._llm = _load(s, self._embedder, self._store, self._llm)
+    self._embedder = emb
+    retriever = HybridRetriever(self._store, s.retrieval)
+    if s.cache.enabled:
+        self.cache = CacheLayer(s, emb.dim, emb.id, self._llm.id, prompt_version=PROMPT_VERSION)
+        # decided once, not per request (the exact-hit path reads a bool)
+        self._cache_answers = self.cache.cacheable_llm(s.llm.temperature)
+        self._invalidation = Invalidation(
+            self.cache,
+            retriever,
+            self._context_of,
+            self._store.analyze,
+            mode=s.cache.invalidation,
+            version=self._store.version,
+            synced=self._store.synced_version,
+        )
+        self.cache.attach_clock(TermClock(self._store.clock_rows()))
+    self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
+    self._embed = CachedEmbedder(
+        emb, self.cache, max_batch=s.embedder.batch_size, max_wait_ms=s.embedder.micro_batch_wait_ms
+    )
+    self._generate = CachedLLM(self._llm, self.cache, s.llm)
+    self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation)
+    self._follower = Follower(self._store, self._invalidation, functools.partial(_update_gauges, self._store))
+    # chunk texts recur across requests (and every re-verification packs again): count each once
+    self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)
+
+
 def _load(
     s: Settings, embedder: Embedder | None, store: Store | None, llm: LLM | None
 ) -> tuple[Embedder, Chunker, Store, LLM]:
@@ -523,51 +554,3 @@ def _update_gauges(store: Store | None) -> None:
         st = store.stats()
         metrics.DOCUMENTS.set(st["documents"])
         metrics.CHUNKS.set(st["chunks"])
-
-
-class RAG:
-    """Synchronous facade over AsyncRAG, running its own event loop in a thread."""
-
-    def __init__(self, settings: Settings | None = None, **components: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ragline-loop", daemon=True)
-        self._thread.start()
-        self.aio = AsyncRAG(settings, **components)
-        self._run(self.aio.start())
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def ingest(self, docs: Iterable[Document], tenant: str = DEFAULT_TENANT) -> IngestReport:
-        return self._run(self.aio.ingest(docs, tenant))
-
-    def ingest_paths(self, paths: Sequence[str | Path], tenant: str = DEFAULT_TENANT) -> IngestReport:
-        return self._run(self.aio.ingest_paths(paths, tenant))
-
-    def delete(self, doc_ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[str]:
-        return self._run(self.aio.delete(doc_ids, tenant))
-
-    def search(
-        self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, doc_level: bool = False
-    ) -> list[Hit]:
-        return self._run(self.aio.search(query, k, tenant, doc_level=doc_level))
-
-    def ask(
-        self, query: str, k: int | None = None, tenant: str = DEFAULT_TENANT, history: Sequence[Message] = ()
-    ) -> Answer:
-        return self._run(self.aio.ask(query, k, tenant, history=history))
-
-    def stats(self, tenant: str | None = None) -> dict[str, int]:
-        return self.aio.stats(tenant)
-
-    def close(self) -> None:
-        if self._loop.is_running():
-            self._run(self.aio.aclose())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-
-    def __enter__(self) -> RAG:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -67,6 +67,22 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class Change:
+    """One committed corpus change, as every process serving the corpus learns of it.
+
+    The store's change log holds one per ``upsert`` or ``delete``; ``seq`` orders them across
+    tenants and processes.  ``removed`` and ``added`` name only chunks whose content changed: a
+    replacing chunk with the same id, text, title and metadata is no change to any retrieval.
+    ``terms`` are the keyword terms of every removed and added chunk (their idf moved)."""
+
+    seq: int
+    tenant: str
+    removed: tuple[str, ...]
+    added: tuple[str, ...]
+    terms: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Hit:
     """One retrieved chunk with its fused score and per-retriever rank/score.
 

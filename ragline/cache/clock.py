@@ -18,9 +18,11 @@ Dense effects (a new chunk close enough to enter an entry's dense list) and remo
 still found at change time through their precise indexes and marked; only the keyword side, whose
 affected set is unbounded, moves to read time.
 
-The clock never goes back (a tenant clear keeps it): a value stamped before a clear must never look
-newer than the clock. Persistence is the caller's (the SQLite dependency index keeps one row per
-tenant and term), so stamps in the L3 tier stay meaningful across restarts.
+Readings are the store's change-log seqs (:mod:`ragline.store.changelog`), and the store writes
+the clock's rows in each change's own transaction: every process serving one corpus (workers, a CLI
+ingest, a restart reading its L3) agrees on every reading, and a stamp written by one is exact for
+all.  The clock never goes back (a cache clear keeps it): a value stamped before a clear must never
+look newer than the clock.
 """
 
 from __future__ import annotations
@@ -33,31 +35,37 @@ __all__ = ["TermClock"]
 class TermClock:
     """Per tenant: a change counter (:attr:`now`) and, per keyword term, the last change that touched it."""
 
-    __slots__ = ("_terms", "now")
+    __slots__ = ("_floor", "_terms", "now")
 
     def __init__(self, rows: Iterable[tuple[str, str, int]] = ()) -> None:
         self.now: dict[str, int] = {}
         """tenant → clock reading; the hot path reads it directly (absent: 0)."""
         self._terms: dict[str, dict[str, int]] = {}
+        self._floor: dict[str, int] = {}
+        """tenant → a reading before which nothing is known (every older stamp counts as touched)."""
         for tenant, term, seq in rows:
             if term:
                 self._terms.setdefault(tenant, {})[term] = seq
             else:
                 self.now[tenant] = max(self.now.get(tenant, 0), seq)
 
-    def advance(self, tenant: str, terms: Iterable[str]) -> int:
-        """Record one change touching ``terms``; returns the new reading."""
-        seq = self.now.get(tenant, 0) + 1
+    def advance(self, tenant: str, terms: Iterable[str], seq: int) -> None:
+        """Record change ``seq`` touching ``terms`` (``"*"``: every term, e.g. after a reload)."""
         table = self._terms.setdefault(tenant, {})
         for t in terms:
-            table[t] = seq
-        self.now[tenant] = seq
-        return seq
+            if t == "*":
+                self._floor[tenant] = max(self._floor.get(tenant, 0), seq)
+            elif seq > table.get(t, 0):
+                table[t] = seq
+        if seq > self.now.get(tenant, 0):
+            self.now[tenant] = seq
 
     def changed_since(self, tenant: str, terms: Iterable[str], stamp: int) -> bool:
         """Did a change after reading ``stamp`` touch one of ``terms``?"""
         if stamp >= self.now.get(tenant, 0):
             return False
+        if stamp < self._floor.get(tenant, 0):
+            return True
         table = self._terms.get(tenant)
         if not table:
             return False

@@ -42,7 +42,6 @@ from typing import Final, Protocol
 import numpy as np
 import orjson
 
-from ragline.cache.clock import TermClock
 from ragline.types import Vectors
 
 __all__ = ["EPS", "DenseRows", "DepRecord", "DepsIndex", "batched", "dense_hits", "dense_matrix"]
@@ -127,16 +126,6 @@ class DepsIndex(Protocol):
         """True while some records exist only in this instance's fallback index."""
         ...
 
-    @property
-    def clock(self) -> TermClock | None:
-        """The term clock keyword changes are checked against at read time (:mod:`ragline.cache.clock`);
-        None: keyword changes are found through the term → entries index and marked at change time."""
-        ...
-
-    async def advance(self, tenant: str, terms: Iterable[str]) -> None:
-        """Advance :attr:`clock` for one change touching ``terms`` (only called when there is a clock)."""
-        ...
-
     async def add(self, rec: DepRecord, expires: float) -> bool:
         """Register (or replace) ``rec``; True if every instance that reads the entry's tiers can see it."""
         ...
@@ -212,6 +201,8 @@ class DenseRows:
         self.pos = {k: i for i, k in enumerate(keys)}
         self.vecs = vecs if len(keys) else np.zeros((16, dim), np.float32)
         self.cut = cut if len(keys) else np.zeros(16, np.float32)
+        self.ver = 0
+        """The dependency index's change counter this matrix reflects (the SQLite index's ``dense_log``)."""
 
     def upsert(self, rec: DepRecord) -> None:
         if rec.qvec.shape != (self.dim,):

@@ -88,7 +88,6 @@ import numpy as np
 from redis.asyncio import Redis
 
 from ragline.cache.breaker import CircuitBreaker
-from ragline.cache.clock import TermClock
 from ragline.cache.deps import DepRecord, batched, dense_hits
 from ragline.cache.deps_sqlite import DependencyIndex
 from ragline.cache.keys import KEY_ROOT, SCHEMA_VERSION
@@ -347,15 +346,6 @@ class RedisDependencyIndex:
     @property
     def lookup_failures(self) -> int:
         return self._lookup_failures
-
-    @property
-    def clock(self) -> TermClock | None:
-        """None: across instances keyword changes are still marked at change time through the shared
-        term → entries sets (a shared term clock is not built yet: docs/NOTES.md)."""
-        return None
-
-    async def advance(self, tenant: str, terms: Iterable[str]) -> None:
-        """Nothing to advance: without a clock the layer never calls this."""
 
     @property
     def healthy(self) -> bool:

@@ -9,13 +9,13 @@ serves as the local fallback of :class:`~ragline.cache.deps_redis.RedisDependenc
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
-from ragline.cache.clock import TermClock
 from ragline.cache.deps import DenseRows, DepRecord, batched
 from ragline.types import Vectors
 
@@ -32,14 +32,12 @@ CREATE INDEX IF NOT EXISTS chunk_deps_entry ON chunk_deps (entry_key);
 CREATE TABLE IF NOT EXISTS term_deps (tenant TEXT NOT NULL, term TEXT NOT NULL, entry_key TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS term_deps_idx ON term_deps (tenant, term);
 CREATE INDEX IF NOT EXISTS term_deps_entry ON term_deps (entry_key);
-CREATE TABLE IF NOT EXISTS term_clock (
-    tenant TEXT NOT NULL, term TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (tenant, term)
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dense_log (
+    ver INTEGER PRIMARY KEY AUTOINCREMENT, origin TEXT NOT NULL, tenant TEXT NOT NULL, entry_key TEXT NOT NULL
+);
 """
-_CLOCK_UPSERT: Final = (
-    "INSERT INTO term_clock VALUES (?,?,?) ON CONFLICT (tenant, term) DO UPDATE SET seq = excluded.seq"
-)
-"""One row per (tenant, term): the last change that touched the term; term '' holds the tenant's reading."""
+_DENSE_LOG_KEEP: Final = 200_000
+"""Rows of ``dense_log`` kept; a process further behind rebuilds its matrix from the records."""
 
 
 class SqliteDeps:
@@ -61,6 +59,13 @@ class SqliteDeps:
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self._dense: dict[str, DenseRows] = {}
+        # Other processes serving this data dir (workers, a CLI ingest) add and remove records too:
+        # every add and remove appends (tenant, key) to dense_log, and before a dense check the
+        # matrix applies the rows other processes appended since (their records re-read), so a
+        # change finds every process's entries, not only this one's.
+        self._origin = secrets.token_hex(8)
+        self._data_version = self._version()
+        self._writes = 0
 
     def add(self, rec: DepRecord, expires: float) -> bool:
         with self._lock:
@@ -75,6 +80,7 @@ class SqliteDeps:
             db.executemany(
                 "INSERT INTO term_deps VALUES (?,?,?)", [(rec.tenant, t, rec.entry_key) for t in set(rec.terms)]
             )
+            self._log([(rec.tenant, rec.entry_key)])
             db.execute("COMMIT")
             rows = self._dense.get(rec.tenant)
             if rows is not None:
@@ -92,36 +98,66 @@ class SqliteDeps:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            tenants = self._tenants_of(keys)
+            owners = self._tenants_of(keys)
             self._remove(keys)
+            self._log(owners)
             self._db.execute("COMMIT")
-            for t in tenants:
+            for t in {t for t, _ in owners}:
                 rows = self._dense.get(t)
                 if rows is not None:
                     rows.remove(keys)
 
-    def _tenants_of(self, keys: Sequence[str]) -> set[str]:
-        out: set[str] = set()
+    def _tenants_of(self, keys: Sequence[str]) -> list[tuple[str, str]]:
+        """(tenant, key) of the keys that have a record."""
+        out: list[tuple[str, str]] = []
         for batch in batched(list(keys), 500):
             marks = ",".join("?" * len(batch))
-            out.update(
-                r[0]
-                for r in self._db.execute(f"SELECT DISTINCT tenant FROM entries WHERE entry_key IN ({marks})", batch)
+            out.extend(
+                (str(t), str(k))
+                for t, k in self._db.execute(
+                    f"SELECT tenant, entry_key FROM entries WHERE entry_key IN ({marks})", batch
+                )
             )
         return out
 
-    def clock_rows(self) -> list[tuple[str, str, int]]:
-        with self._lock:
-            rows = self._db.execute("SELECT tenant, term, seq FROM term_clock")
-            return [(t, term, int(seq)) for t, term, seq in rows]
+    def _log(self, rows: list[tuple[str, str]]) -> None:
+        """(tenant, key) whose record was written or removed, for other processes' dense matrices
+        (in the caller's transaction); ``key`` "" means the tenant was cleared."""
+        self._db.executemany("INSERT INTO dense_log (origin, tenant, entry_key) VALUES (?,?,?)",
+                             [(self._origin, t, k) for t, k in rows])  # fmt: skip
+        self._writes += 1
+        if self._writes % 1000 == 0:
+            self._db.execute(
+                "DELETE FROM dense_log WHERE ver < (SELECT max(ver) FROM dense_log) - ?", (_DENSE_LOG_KEEP,)
+            )
 
-    def clock_advance(self, tenant: str, seq: int, terms: Sequence[str]) -> None:
-        """Persist one change of the term clock (the clock is never cleared: see :mod:`ragline.cache.clock`)."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(_CLOCK_UPSERT, [(tenant, t, seq) for t in terms if t])
-            self._db.execute(_CLOCK_UPSERT, (tenant, "", seq))
-            self._db.execute("COMMIT")
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _last_ver(self) -> int:
+        row = self._db.execute("SELECT max(ver) FROM dense_log").fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def _refresh(self, tenant: str, rows: DenseRows) -> DenseRows | None:
+        """Apply what other processes logged since ``rows`` was current; None: rebuild instead
+        (this process is further behind than the log reaches, or the tenant was cleared)."""
+        first = self._db.execute("SELECT min(ver) FROM dense_log").fetchone()[0]
+        if first is not None and int(first) > rows.ver + 1:
+            return None
+        found = self._db.execute(
+            "SELECT ver, entry_key FROM dense_log WHERE ver > ? AND tenant = ? AND origin != ? ORDER BY ver",
+            (rows.ver, tenant, self._origin),
+        ).fetchall()
+        if any(k == "" for _, k in found):
+            return None
+        keys = list(dict.fromkeys(str(k) for _, k in found))
+        recs = {r.entry_key: r for r in self.records(tenant, keys)}
+        rows.remove([k for k in keys if k not in recs])
+        for k in keys:
+            if k in recs:
+                rows.upsert(recs[k])
+        rows.ver = self._last_ver()
+        return rows
 
     def has(self, key: str) -> bool:
         with self._lock:
@@ -168,9 +204,15 @@ class SqliteDeps:
         dim = vectors.shape[1]
         with self._lock:
             rows = self._dense.get(tenant)
+            version = self._version()
+            if rows is not None and rows.dim == dim and version != self._data_version:
+                rows = self._refresh(tenant, rows)  # another process wrote records
             if rows is None or rows.dim != dim:  # built once, then kept in step by add/remove
+                ver = self._last_ver()
                 found = self._db.execute("SELECT entry_key, record FROM entries WHERE tenant=?", (tenant,))
                 rows = self._dense[tenant] = DenseRows((DepRecord.from_bytes(k, tenant, r) for k, r in found), dim)
+                rows.ver = ver
+            self._data_version = version
             return rows.entered(vectors)
 
     def tenant_keys(self, tenant: str) -> list[str]:
@@ -187,14 +229,17 @@ class SqliteDeps:
 
     def clear(self, tenant: str | None = None) -> None:
         with self._lock:
-            if tenant is None:
-                for table in ("entries", "chunk_deps", "term_deps"):
+            tenants = (
+                [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM entries")] if tenant is None else [tenant]
+            )
+            for table in ("entries", "chunk_deps", "term_deps"):
+                if tenant is None:
                     self._db.execute(f"DELETE FROM {table}")
-                self._dense.clear()
-            else:
-                for table in ("entries", "chunk_deps", "term_deps"):
+                else:
                     self._db.execute(f"DELETE FROM {table} WHERE tenant=?", (tenant,))
-                self._dense.pop(tenant, None)
+            self._log([(t, "") for t in tenants])
+            for t in tenants:
+                self._dense.pop(t, None)
 
     def close(self) -> None:
         with self._lock:
@@ -213,16 +258,6 @@ class DependencyIndex:
 
     def __init__(self, path: Path) -> None:
         self.store = SqliteDeps(path)
-        self.clock: TermClock | None = TermClock(self.store.clock_rows())
-        """Keyword changes are checked at read time against this clock (:mod:`ragline.cache.clock`)."""
-
-    async def advance(self, tenant: str, terms: Iterable[str]) -> None:
-        """One change touched ``terms``: the clock moves at once (in memory, so the next read sees
-        it), then the change is persisted for the stamps the L3 tier keeps across restarts."""
-        assert self.clock is not None
-        batch = sorted(set(terms))
-        seq = self.clock.advance(tenant, batch)
-        await asyncio.to_thread(self.store.clock_advance, tenant, seq, batch)
 
     async def add(self, rec: DepRecord, expires: float) -> bool:
         return await asyncio.to_thread(self.store.add, rec, expires)

@@ -26,15 +26,19 @@ import numpy as np
 
 from ragline import metrics
 from ragline.cache.deps import DepRecord
+from ragline.cache.eager import recheck
 from ragline.cache.layer import CacheLayer, InvalidationReport
 from ragline.cache.marks import is_marked, payload, stamp_of
 from ragline.codec import retrieval_from_bytes, retrieval_to_bytes
 from ragline.context import same_evidence
 from ragline.retrieve import HybridRetriever
-from ragline.types import CacheMode, Chunk, Hit, Retrieval, Vectors
+from ragline.types import CacheMode, Change, Chunk, Hit, Retrieval, Vectors
 
 _FRESH_S = 1.0
 _FRESH_MAX = 256
+
+Generation = tuple[int, int]
+"""What :meth:`Invalidation.generation` returns: (this process's changes of a tenant, store version)."""
 
 Pack = Callable[[str, str, list[Hit]], Awaitable[list[Hit]]]
 """(tenant, query, hits) → the answer context built from them, as a fresh request would."""
@@ -49,29 +53,41 @@ class Invalidation:
         analyze: Callable[[str], list[str]],
         *,
         mode: str = "lazy",
+        version: Callable[[], int] = lambda: 0,
+        synced: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``version`` and ``synced``: the store's (:meth:`~ragline.store.base.Store.version`, the one
+        this process's indexes reflect), so no result computed across another process's change is cached."""
         self.cache = cache
+        self._version = version
+        self._synced = synced
         self.retriever = retriever
         self.pack = pack
         self.analyze = analyze
         self.mode = mode
         """``cache.invalidation``: lazy (mark, re-verify on read), eager, flush or flush_all."""
         self._generation: dict[str, int] = {}
-        self._fresh: dict[tuple[str, str, int, bool, bool, int | None], tuple[int, float, Retrieval]] = {}
+        self._fresh: dict[tuple[str, str, int, bool, bool, int | None], tuple[Generation, float, Retrieval]] = {}
 
     # -- generation guard ------------------------------------------------------
-    def generation(self, tenant: str) -> int:
-        return self._generation.get(tenant, 0)
+    def generation(self, tenant: str) -> Generation:
+        """Taken when a computation begins: this process's changes of ``tenant`` and the store
+        version its indexes reflect."""
+        return self._generation.get(tenant, 0), self._synced()
 
-    async def put(self, gen: int, key: str, value: bytes, dep: DepRecord | None, semantic: bool = False) -> None:
+    def _unchanged(self, tenant: str, gen: Generation) -> bool:
+        """No change of this process, and none published by any process, since ``gen`` was taken."""
+        return self._generation.get(tenant, 0) == gen[0] and self._version() == gen[1]
+
+    async def put(self, gen: Generation, key: str, value: bytes, dep: DepRecord | None, semantic: bool = False) -> None:
         """Cache a result computed at corpus generation ``gen`` — unless the corpus changed since."""
         tenant = dep.tenant if dep is not None else ""
-        if self.generation(tenant) != gen:
+        if not self._unchanged(tenant, gen):
             return
         # same generation: no change of this process since the computation began, so no clock
         # advance either (both move together in ``changed``): the reading now is the one it began at
         await self.cache.put(key, value, dep, semantic=semantic, stamp=self.cache.reading(tenant))
-        if self.generation(tenant) != gen:
+        if not self._unchanged(tenant, gen):
             await self.cache.drop([key])
 
     # -- dependency records ------------------------------------------------------
@@ -113,28 +129,37 @@ class Invalidation:
         return out
 
     # -- changes -------------------------------------------------------------------
-    async def changed(
-        self, tenant: str, removed: list[str], added: list[Chunk], vectors: Vectors | None, removed_terms: set[str]
-    ) -> None:
-        """Drop exactly the cached entries this change could alter (DESIGN.md §3.1)."""
+    async def changed(self, change: Change, vectors: Vectors | None, *, foreign: bool = False) -> None:
+        """Drop exactly the cached entries ``change`` could alter (DESIGN.md §3.1); ``vectors`` are
+        those of ``change.added``, in order.
+
+        ``foreign``: another process wrote the change (and invalidated in the tiers it shares with
+        this one); it is applied here too, because this process's L1 holds copies the other cannot
+        reach, and because a read here must not find an L3 entry the writer has not marked yet.
+        Marks and drops are idempotent, so doing both is safe; eager re-checks are the writer's."""
+        tenant = change.tenant
         self._generation[tenant] = self._generation.get(tenant, 0) + 1
+        if "*" in change.removed:  # the store reloaded everything: nothing cached can be trusted
+            n = await self.cache.flush_results(tenant)
+            metrics.INVALIDATIONS.labels("flush").inc(n)
+            return
         if self.mode in ("flush", "flush_all"):
             n = await self.cache.flush_results(tenant)
             if self.mode == "flush_all":
                 n += await self.cache.flush_llm(tenant)
             metrics.INVALIDATIONS.labels("flush").inc(n)
             return
-        terms = removed_terms | self.terms(added)
+        terms = set(change.terms)
         clock = self.cache.clock
+        removed = list(change.removed)
         with metrics.stage("invalidate"):
-            if self.mode == "eager":
-                report = await self.apply(tenant, removed, vectors, terms)
-            elif clock is not None:
+            if clock is not None:
                 # keyword effects are checked when an entry is read (ragline.cache.clock): O(terms) here
-                await self.cache.deps.advance(tenant, terms)
-                report = await self.mark(tenant, removed, vectors, set())
+                clock.advance(tenant, terms, change.seq)
+            if self.mode == "eager" and not foreign:
+                report = await recheck(self, tenant, removed, vectors, terms)
             else:
-                report = await self.mark(tenant, removed, vectors, terms)
+                report = await self.mark(tenant, removed, vectors, set() if clock is not None else terms)
         for cause, n in report.causes.items():
             metrics.INVALIDATIONS.labels(cause).inc(n)
 
@@ -262,66 +287,6 @@ class Invalidation:
             marked, recs = current, None
         return None
 
-    async def apply(
-        self, tenant: str, removed_ids: Iterable[str], new_vectors: Vectors | None, changed_terms: set[str]
-    ) -> InvalidationReport:
-        """Apply one ingest/delete to the cache: drop exactly the entries whose context changed.
-
-        ``changed_terms``: the keyword terms of every added and removed chunk.
-        """
-        cache = self.cache
-        report = InvalidationReport()
-        removed = set(removed_ids)
-        failures = cache.deps.lookup_failures
-        by_chunk = await cache.deps.by_chunks(tenant, removed) if removed else set()
-        dense = (
-            await cache.deps.dense_entered(tenant, new_vectors)
-            if new_vectors is not None and len(new_vectors)
-            else set()
-        )
-        by_term = await cache.deps.by_terms(tenant, changed_terms) if changed_terms else set()
-        by_term -= by_chunk | dense
-        affected = by_chunk | dense | by_term
-        if not affected:
-            await cache.flush_if_incomplete(tenant, failures, report)
-            return report
-        records = await cache.deps.records(tenant, affected)
-        drop: list[str] = []
-        refreshed: list[DepRecord] = []
-        for rec in records:
-            report.checked += 1
-            if removed.intersection(rec.context_ids):
-                cause = "deleted_context"
-            else:
-                new = await self.reverify(rec)
-                if new is not None:
-                    refreshed.append(new)
-                    report.kept += 1
-                    continue
-                cause = (
-                    "removed_candidate"
-                    if rec.entry_key in by_chunk
-                    else ("dense_entry" if rec.entry_key in dense else "keyword_entry")
-                )
-            drop.append(rec.entry_key)
-            drop.extend(rec.extra_keys)
-            report.causes[cause] = report.causes.get(cause, 0) + 1
-        for rec in refreshed:
-            if not await cache.deps.add(rec, time.time() + cache.ttl):
-                # its new dependencies reached only this instance's index: other instances
-                # could not invalidate it in the shared tier, so it goes
-                drop.append(rec.entry_key)
-                drop.extend(rec.extra_keys)
-                report.kept -= 1
-                report.causes["deps_unavailable"] = report.causes.get("deps_unavailable", 0) + 1
-        await cache.drop(drop)
-        report.dropped = len(drop)
-        await cache.flush_if_incomplete(tenant, failures, report)
-        cache.counters["invalidation_checked"] += report.checked
-        cache.counters["invalidation_dropped"] += report.dropped
-        cache.counters["invalidation_kept"] += report.kept
-        return report
-
     async def fresh_retrieval(
         self,
         tenant: str,
@@ -417,7 +382,7 @@ class CachedRetriever:
             if body is not None:
                 return retrieval_from_bytes(body)
         inv = self.invalidation
-        gen = inv.generation(tenant) if inv is not None else 0
+        gen = inv.generation(tenant) if inv is not None else (0, 0)
         vec = qvec if isinstance(qvec, np.ndarray) else await qvec()
         with metrics.stage("retrieve", timings):
             if inv is not None:  # right after a failed re-verification: its retrieval, not a second one

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ragline.cache.clock import TermClock
 from ragline.cache.deps import DepRecord, DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.cache.deps_sqlite import DependencyIndex
@@ -114,9 +115,9 @@ class CacheLayer:
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
         self._tiers_get_l1 = self.tiers.get_l1  # bound once: the exact-hit path
         self.deps: DepsIndex = _deps_index(settings)
-        self.clock = self.deps.clock if self.cs.invalidation == "lazy" else None
+        self.clock: TermClock | None = None
         """With a clock, answer and retrieval values are stamped (:mod:`ragline.cache.clock`)."""
-        self._clock_now: dict[str, int] | None = self.clock.now if self.clock is not None else None
+        self._clock_now: dict[str, int] | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
         self.semantic = SemanticIndex(dim)
         self.embedder_id = embedder_id
@@ -134,6 +135,15 @@ class CacheLayer:
         self._answer_keys: dict[tuple[str, str, int], str] = {}
         """(tenant, raw query, k) → answer key of history-less requests (keys are pure functions of these)."""
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    def attach_clock(self, clock: TermClock) -> bool:
+        """Check keyword changes at read time against the store's term clock, where that is exact:
+        lazy invalidation with this machine's dependency index (the Redis-shared index still marks
+        at change time: docs/NOTES.md).  Returns whether the clock is used."""
+        if self.cs.invalidation != "lazy" or isinstance(self.deps, RedisDependencyIndex):
+            return False
+        self.clock, self._clock_now = clock, clock.now
+        return True
 
     async def start(self) -> None:
         await self.tiers.start()
@@ -236,8 +246,7 @@ class CacheLayer:
         return None
 
     def l1_to_verify(self, key: str, tenant: str) -> bytes | None:
-        """The L1 value of ``key`` if :meth:`get_l1` would not serve it (marked, or stamped before a
-        keyword change): not counted as a lookup."""
+        """The L1 value of ``key`` if :meth:`get_l1` would not serve it (not counted as a lookup)."""
         l1 = self.tiers.l1
         body = l1.get(key) if l1 is not None else None
         if body is None:
@@ -255,8 +264,7 @@ class CacheLayer:
             return True
         return body.startswith(STAMP) and int.from_bytes(body[4:STAMP_LEN], "big") >= now.get(tenant, 0)
 
-    def reading(self, tenant: str) -> int:
-        """The tenant's term-clock reading (0 without a clock)."""
+    def reading(self, tenant: str) -> int:  # the tenant's term-clock reading (0 without a clock)
         return self._clock_now.get(tenant, 0) if self._clock_now is not None else 0
 
     async def get(self, key: str, skip_l1: bool = False) -> tuple[bytes | None, str | None]:

@@ -5,18 +5,19 @@ Documents are validated, hashed and chunked in batches of about
 hash; a changed one reuses the vectors of its replaced chunks, then the
 embedding cache, and embeds only what is left, once per unique text.  Each
 batch is one atomic upsert, overlapped with the embedding of the next batch.
-After each commit, the cache is told exactly what changed (see
-:mod:`ragline.cache.invalidation`).  Writers are serialised by one lock.
+After each commit, the cache is told exactly what changed, as the store logged
+it for every process (see :mod:`ragline.cache.invalidation`).  Writers of this
+pipeline are serialised by one lock; across processes the store serialises the
+writers of each tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-import orjson
 
 from ragline import metrics
 from ragline.config import Settings
@@ -25,7 +26,7 @@ from ragline.errors import InvalidInput, NotFound
 from ragline.ingest.chunking import Chunker, doc_hash
 from ragline.ingest.loaders import validate_document
 from ragline.store.base import Store
-from ragline.types import Chunk, Document, IngestReport, Vectors
+from ragline.types import Change, Chunk, Document, IngestReport, Vectors
 
 Progress = Callable[[int], None]
 """Called with the number of documents just processed (for progress bars)."""
@@ -38,11 +39,7 @@ BATCH_CHUNKS = 256
 class ChangeListener(Protocol):
     """What the indexer tells the cache (:class:`~ragline.cache.invalidation.Invalidation`)."""
 
-    def terms(self, chunks: Iterable[Chunk]) -> set[str]: ...
-
-    async def changed(
-        self, tenant: str, removed: list[str], added: list[Chunk], vectors: Vectors | None, removed_terms: set[str]
-    ) -> None: ...
+    async def changed(self, change: Change, vectors: Vectors | None, *, foreign: bool = False) -> None: ...
 
 
 class Indexer:
@@ -83,12 +80,10 @@ class Indexer:
                     # the same document again: compare against what the pending commit writes
                     await pending
                     pending = None
-                prepared, old_ids, same, old_terms = await self._prepare(batch, tenant, counts)
+                prepared = await self._prepare(batch, tenant, counts)
                 if pending is not None:
                     await pending
-                pending = asyncio.create_task(
-                    self._commit(tenant, prepared, old_ids, same, old_terms, len(batch), progress)
-                )
+                pending = asyncio.create_task(self._commit(tenant, prepared, len(batch), progress))
                 pending_ids = ids
             if pending is not None:
                 await pending
@@ -108,12 +103,10 @@ class Indexer:
                     if len(missing) == 1
                     else f"none of the {len(missing)} document ids exist"
                 )
-            ids = [c for st in states.values() for c in st.chunk_ids]
-            gone = await asyncio.to_thread(store.chunks, tenant, ids) if self.changes is not None else {}
-            removed = await asyncio.to_thread(store.delete, tenant, list(states))
-            if self.changes is not None:
-                await self.changes.changed(tenant, removed, [], None, self.changes.terms(gone.values()))
-        return removed
+            change = await asyncio.to_thread(store.delete, tenant, list(states))
+            if self.changes is not None and change.seq:
+                await self.changes.changed(change, None)
+        return list(change.removed)
 
     async def chunk_ids(self, tenant: str, doc_id: str) -> list[str]:
         """The chunk ids of one document; NotFound if there is no such document."""
@@ -124,16 +117,13 @@ class Indexer:
 
     async def _prepare(
         self, batch: list[tuple[Document, str, list[Chunk]]], tenant: str, counts: dict[str, int]
-    ) -> tuple[Prepared, list[str], set[str], set[str]]:
+    ) -> Prepared:
         """Drop unchanged documents, reuse known vectors, embed the rest once per unique text.
 
         Vectors come, cheapest first, from the replaced chunks of the same
-        document, the embedding cache, then the model.  Returns the prepared
-        documents, the chunk ids they replace, and the ids of replacing chunks
-        identical to the chunk they replace (same id, text, title and metadata).
-        Those are no change to any retrieval, so invalidation skips them: editing
-        the end of a document leaves answers grounded in its start cached.  Last,
-        the keyword terms of the replaced chunks that did change.
+        document, the embedding cache, then the model.  (Which replacing chunks are
+        identical to the ones they replace, and so no change to any retrieval, the
+        store decides inside its write: see :class:`~ragline.types.Change`.)
         """
         store = self.store
         states = await asyncio.to_thread(store.doc_state, tenant, [d.id for d, _, _ in batch])
@@ -156,24 +146,11 @@ class Indexer:
                 metrics.INGESTED.labels("added").inc()
             changed.append((doc, h, chunks))
         known: dict[str, Vectors] = {}
-        same: set[str] = set()
-        removed_terms: set[str] = set()
         if old_chunk_ids:
             old = await asyncio.to_thread(store.chunks, tenant, old_chunk_ids)
             ids = list(old)
             vecs = await asyncio.to_thread(store.vectors, tenant, ids)
             known = {old[c].content_hash: vecs[i] for i, c in enumerate(ids)}
-            for _, _, chunks in changed:
-                for ch in chunks:
-                    prev = old.get(ch.id)
-                    if (
-                        prev is not None
-                        and prev.content_hash == ch.content_hash
-                        and _json_eq(prev.metadata, ch.metadata)
-                    ):
-                        same.add(ch.id)
-            if self.changes is not None:
-                removed_terms = self.changes.terms(c for cid, c in old.items() if cid not in same)
         todo: dict[str, str] = {}
         for _, _, chunks in changed:
             for ch in chunks:
@@ -192,36 +169,17 @@ class Indexer:
                 else np.zeros((0, self.embedder.dim), np.float32)
             )
             out.append((doc, h, chunks, vec))
-        return out, old_chunk_ids, same, removed_terms
+        return out
 
-    async def _commit(
-        self,
-        tenant: str,
-        prepared: Prepared,
-        old_ids: list[str],
-        same: set[str],
-        old_terms: set[str],
-        n_docs: int,
-        progress: Progress | None,
-    ) -> None:
+    async def _commit(self, tenant: str, prepared: Prepared, n_docs: int, progress: Progress | None) -> None:
         if prepared:
-            await asyncio.to_thread(self.store.upsert, tenant, prepared)
+            change = await asyncio.to_thread(self.store.upsert, tenant, prepared)
             if self.changes is not None:
-                added = [(c, v) for _, _, cs, vs in prepared for c, v in zip(cs, vs, strict=True) if c.id not in same]
-                await self.changes.changed(
-                    tenant,
-                    [c for c in old_ids if c not in same],
-                    [c for c, _ in added],
-                    np.stack([v for _, v in added]) if added else None,
-                    old_terms,
-                )
+                added = set(change.added)
+                vecs = [v for _, _, cs, vs in prepared for c, v in zip(cs, vs, strict=True) if c.id in added]
+                await self.changes.changed(change, np.stack(vecs) if vecs else None)
         if progress is not None:
             progress(n_docs)
-
-
-def _json_eq(a: Any, b: Any) -> bool:
-    """JSON equality (``1``, ``1.0`` and ``true`` differ, unlike Python's ``==``)."""
-    return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
 
 
 def doc_batches(

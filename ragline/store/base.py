@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ragline.types import Chunk, Document, Scored, Vectors
+from ragline.types import Change, Chunk, Document, Scored, Vectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,12 +36,32 @@ class Store(Protocol):
 
     def search_keyword(self, tenant: str, query: str, k: int) -> list[Scored]: ...
 
-    def upsert(self, tenant: str, docs: list[tuple[Document, str, list[Chunk], Vectors]]) -> None:
-        """Replace each (document, doc content hash, chunks, chunk vectors) atomically."""
+    def upsert(self, tenant: str, docs: list[tuple[Document, str, list[Chunk], Vectors]]) -> Change:
+        """Replace each (document, doc content hash, chunks, chunk vectors) atomically; returns the
+        change as every process serving this corpus will learn of it."""
         ...
 
-    def delete(self, tenant: str, doc_ids: list[str]) -> list[str]:
-        """Delete documents; returns the chunk ids that were removed."""
+    def delete(self, tenant: str, doc_ids: list[str]) -> Change:
+        """Delete documents (unknown ids are skipped); ``Change.removed`` names their chunks."""
+        ...
+
+    # -- one corpus, many processes -------------------------------------------
+    def version(self) -> int:
+        """A number every committed change of any process moves; cheap enough for the exact-hit path."""
+        ...
+
+    def synced_version(self) -> int:
+        """The :meth:`version` this process's indexes reflect (they differ: call :meth:`sync`)."""
+        ...
+
+    def sync(self) -> list[Change]:
+        """Catch up with the changes other processes committed since the last call, and return them:
+        the caller's caches must drop what they invalidated."""
+        ...
+
+    def clock_rows(self) -> list[tuple[str, str, int]]:
+        """(tenant, keyword term, seq of the last change that touched it) for the term clock
+        (:mod:`ragline.cache.clock`); term ``""`` holds each tenant's last change."""
         ...
 
     # -- read helpers every store shares --------------------------------------

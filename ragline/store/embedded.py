@@ -1,19 +1,27 @@
 """Embedded store: SQLite docstore + usearch HNSW + tantivy BM25, one directory.
 
-Design (DESIGN.md §5):
+Design (DESIGN.md §5, §6):
 
 * **SQLite (WAL) is the source of truth.**  Documents, chunks and the chunk
-  vectors (float32 BLOBs) are written in one transaction per ``upsert``: an
-  ingest lands whole or not at all.
-* **The dense (usearch) and keyword (tantivy) indexes are derived.**  Each
-  tenant has its own pair of indexes, so isolation holds by construction, not
-  by filters.  usearch supports ``remove`` (a FAISS HNSW index cannot), and
-  tantivy adds and deletes incrementally (measured 0.07 s per 1,000 docs at
-  100k, against a 12 s full rebuild for bm25s).
-* **Crash safety without re-embedding.**  A write sets a ``dirty`` marker in
-  the same SQLite transaction; a clean ``close`` saves the indexes and clears
-  it.  If the process died in between, the next open rebuilds both indexes
-  from the vectors and texts in SQLite — no embedding work.
+  vectors (float32 BLOBs) are written in one transaction per ``upsert``, with
+  the change-log row that describes them: an ingest lands whole or not at all.
+* **The dense (usearch) and keyword (tantivy) indexes are derived**
+  (:mod:`ragline.store.tenant_index`).  Each tenant has its own pair, so
+  isolation holds by construction, not by filters.  usearch supports ``remove``
+  (a FAISS HNSW index cannot), and tantivy adds and deletes incrementally
+  (measured 0.07 s per 1,000 docs at 100k, against a 12 s full rebuild for bm25s).
+* **Many processes, one data dir** (:mod:`ragline.store.changelog`): uvicorn
+  workers, a CLI ingest into a live data dir, a second server.  :meth:`EmbeddedStore.version`
+  says (in a fraction of a microsecond) whether another process published a
+  change; :meth:`EmbeddedStore.sync` applies it and hands it to the caller, whose
+  caches must drop what it invalidated.
+* **Crash safety without re-embedding.**  Opening checks each derived index
+  against SQLite (same keys, same document count) and rebuilds the one that
+  disagrees from the stored vectors and texts; a writer that died before
+  publishing its change has it re-applied by the next writer of that tenant.
+* **The term clock's rows** (table ``term_clock``, :mod:`ragline.cache.clock`):
+  per keyword term, the seq of the last change that touched it, written in the
+  change's own transaction, so every process reads the same clock.
 
 The integer key shared by all three is the chunk's SQLite ``rowid``.
 """
@@ -21,22 +29,24 @@ The integer key shared by all three is the chunk's SQLite ``rowid``.
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Final
 
 import numpy as np
 import orjson
-import tantivy
-from usearch.index import Index
 
 from ragline.errors import InvalidInput, StoreError
 from ragline.store.base import DocState
-from ragline.types import Chunk, Document, Scored, Vectors
+from ragline.store.changelog import CHANGES_SCHEMA, ChangeLog, LoggedChange, SeqFile, TenantLocks
+from ragline.store.tenant_index import TenantIndex
+from ragline.store.writes import analyze, delete_rows, keyword_query_text, upsert_rows
+from ragline.types import Change, Chunk, Document, Scored, Vectors
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,86 +64,57 @@ CREATE TABLE IF NOT EXISTS chunks (
     UNIQUE (tenant, chunk_id)
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks (tenant, doc_id);
+CREATE TABLE IF NOT EXISTS term_clock (
+    tenant TEXT NOT NULL, term TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (tenant, term)
+) WITHOUT ROWID;
 """
+_CLOCK_UPSERT: Final = (
+    "INSERT INTO term_clock VALUES (?,?,?) ON CONFLICT (tenant, term) DO UPDATE SET seq = excluded.seq"
+)
+_STALE_PENDING_S: Final = 30.0
+"""A change left unpublished this long is a dead writer's: a reader repairs it (a live writer holds the
+tenant lock, so the repair just waits for it)."""
 
-_QUERY_SYNTAX = re.compile(r"[^\w]+", re.UNICODE)
 _TENANT_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-_ANALYZER = (
-    tantivy.TextAnalyzerBuilder(tantivy.Tokenizer.simple())
-    .filter(tantivy.Filter.remove_long(40))
-    .filter(tantivy.Filter.lowercase())
-    .filter(tantivy.Filter.stemmer("english"))
-    .build()
-)
-"""The same analysis as tantivy's ``en_stem`` tokenizer used by the keyword index."""
-
-
-def analyze(text: str) -> list[str]:
-    """Index terms of ``text`` exactly as the keyword index sees them."""
-    return list(_ANALYZER.analyze(text))
-
-
-def keyword_query_text(query: str) -> str:
-    """Strip tantivy query syntax so any user text is a plain disjunction of terms.
-
-    Lower-casing also disarms the AND/OR/NOT operators.
-    """
-    return _QUERY_SYNTAX.sub(" ", query).lower().strip()
-
-
-class _TenantIndexes:
-    """The dense and keyword index of one tenant plus the key→chunk-id map."""
-
-    def __init__(self, root: Path, dim: int) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.dense_path = root / "dense.usearch"
-        self.keyword_dir = root / "keyword"
-        self.dim = dim
-        self.dense = Index(ndim=dim, metric="cos", dtype="f32", connectivity=16, expansion_add=128, expansion_search=64)
-        self.keyword_dir.mkdir(exist_ok=True)
-        sb = tantivy.SchemaBuilder()
-        sb.add_integer_field("key", stored=True, indexed=True, fast=True)
-        sb.add_text_field("body", stored=False, tokenizer_name="en_stem")
-        self.schema = sb.build()
-        self.keyword = tantivy.Index(self.schema, path=str(self.keyword_dir), reuse=True)
-        self.writer: Any = None
-        self.key_to_chunk: dict[int, str] = {}
-        self.lock = threading.RLock()
-
-    def keyword_writer(self) -> Any:
-        if self.writer is None:
-            self.writer = self.keyword.writer(heap_size=64_000_000, num_threads=1)
-        return self.writer
-
-
 class EmbeddedStore:
-    """The default, single-machine Store.  Thread-safe; blocking (run in threads)."""
+    """The default, single-machine Store.  Thread-safe; blocking (run in threads); any number of
+    processes may open one data dir (see the module docstring)."""
 
     def __init__(self, data_dir: Path, dim: int) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self._db_lock = threading.RLock()
-        self._db = sqlite3.connect(self.data_dir / "store.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.data_dir / "store.sqlite3", check_same_thread=False, isolation_level=None, timeout=30.0
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db.executescript(_SCHEMA + CHANGES_SCHEMA)
         stored_dim = self._meta("dim")
         if stored_dim is not None and int(stored_dim) != dim:
             raise StoreError(
                 f"the store in {self.data_dir} holds {stored_dim}-dim vectors but the embedder gives "
                 f"{dim}; use another data_dir or re-ingest into an empty one"
             )
-        self._set_meta("dim", str(dim))
-        self._tenants: dict[str, _TenantIndexes] = {}
-        dirty = self._meta("dirty") == "1"
+        if stored_dim is None:
+            self._set_meta("dim", str(dim))
+        self._origin = secrets.token_hex(8)
+        """Names this store's own rows in the change log (they are applied when written)."""
+        self._locks = TenantLocks()
+        self._seq = SeqFile(self.data_dir / "changes.seq")
+        self._sync_lock = threading.RLock()
+        self._synced = self._seq.read()
+        self._scanned = ChangeLog.last(self._db)
+        """Every row up to here is either reflected in the indexes or listed in ``_pending``."""
+        self._pending: dict[int, float] = {}
+        """seq → when first seen unpublished."""
+        self._unreported: list[Change] = []
+        self._tenants: dict[str, TenantIndex] = {}
         for (tenant,) in self._db.execute("SELECT DISTINCT tenant FROM chunks").fetchall():
-            self._open_tenant(tenant, rebuild=dirty)
-        if dirty:
-            self._set_meta("dirty", "0")
+            self._open_tenant(tenant, repair=True)
 
     # -- internals -------------------------------------------------------
     def _meta(self, key: str) -> str | None:
@@ -151,184 +132,193 @@ class EmbeddedStore:
             raise InvalidInput(f"invalid tenant {tenant!r}: use 1-64 of A-Z a-z 0-9 _ . -")
         return self.data_dir / "tenants" / tenant
 
-    def _open_tenant(self, tenant: str, rebuild: bool = False) -> _TenantIndexes:
+    def _open_tenant(self, tenant: str, repair: bool) -> TenantIndex:
+        """Load a tenant's indexes, rebuilding what disagrees with SQLite.  ``repair`` (takes the tenant's
+        writer lock: never under ``_sync_lock``) also fixes the keyword index; without it that is left
+        to the next writer (a live one may be between its rows and its tantivy commit)."""
         root = self._tenant_dir(tenant)
-        ti = _TenantIndexes(root, self.dim)
-        rows = self._db.execute("SELECT key, chunk_id FROM chunks WHERE tenant=?", (tenant,)).fetchall()
-        ti.key_to_chunk = {int(k): str(c) for k, c in rows}
-        if not rebuild and ti.dense_path.exists():
-            ti.dense.load(str(ti.dense_path))
-            rebuild = len(ti.dense) != len(ti.key_to_chunk)
-        else:
-            rebuild = rebuild or bool(rows)
-        if rebuild:
-            self._rebuild(tenant, ti)
+        ti = TenantIndex(root, self.dim)
+        with self._db_lock:
+            dense_ok, keyword_ok = ti.load(self._db, tenant)
+            if not dense_ok:
+                ti.rebuild_dense(self._db, tenant)
+        if repair:
+            with self._locks.hold(root):
+                self._repair(tenant, ti)
+                with self._db_lock:
+                    _, keyword_ok = ti.load(self._db, tenant) if not keyword_ok else (True, True)
+                    if not keyword_ok:
+                        ti.rebuild_keyword(self._db, tenant)
         self._tenants[tenant] = ti
         return ti
 
-    def _rebuild(self, tenant: str, ti: _TenantIndexes) -> None:
-        """Recreate both indexes of a tenant from SQLite (after a crash); no embedding."""
-        ti.dense.reset()  # type: ignore[no-untyped-call]
-        ti.dense = Index(
-            ndim=self.dim, metric="cos", dtype="f32", connectivity=16, expansion_add=128, expansion_search=64
-        )
-        w = ti.keyword_writer()
-        w.delete_all_documents()
-        cur = self._db.execute("SELECT key, title, text, vector FROM chunks WHERE tenant=?", (tenant,))
-        while batch := cur.fetchmany(2048):
-            keys = np.fromiter((int(r[0]) for r in batch), dtype=np.uint64, count=len(batch))
-            vecs = np.frombuffer(b"".join(r[3] for r in batch), dtype=np.float32).reshape(-1, self.dim)
-            ti.dense.add(keys, vecs)
-            for r in batch:
-                w.add_document(tantivy.Document(key=int(r[0]), body=f"{r[1]}\n{r[2]}"))
-        w.commit()
-        ti.keyword.reload()
+    def _repair(self, tenant: str, ti: TenantIndex) -> None:
+        """Under the tenant's writer lock: publish the rows of writers that died before publishing
+        (their SQLite rows landed; their tantivy commit may not have)."""
+        with self._db_lock:
+            dead = ChangeLog.pending(self._db, tenant)
+        repaired = False
+        for row in dead:
+            if row.origin == self._origin:
+                continue  # this process's own write in flight on another thread: not dead
+            with ti.lock, self._db_lock:
+                ti.rewrite_keyword(self._db, list(row.removed_keys) + list(row.added_keys))
+                ChangeLog.publish(self._db, row.change.seq)
+            self._seq.raise_to(self._seq.read() + 1)
+            repaired = True
+        if repaired:
+            self._follow()  # now published: applied here (dense, key map) and reported like any other
 
-    def _tenant(self, tenant: str) -> _TenantIndexes | None:
+    def _tenant(self, tenant: str) -> TenantIndex | None:
         ti = self._tenants.get(tenant)
         if ti is None:
             self._tenant_dir(tenant)  # validates the name
         return ti
 
+    # -- keeping in step with other processes ----------------------------
+    def version(self) -> int:
+        """Bumped by every publish of any process (a shared-memory read, no system call)."""
+        return self._seq.read()
+
+    def synced_version(self) -> int:
+        """The :meth:`version` the indexes reflect."""
+        return self._synced
+
+    def sync(self) -> list[Change]:
+        """Apply every change other processes published since the last call, and return them (the
+        caller drops what they invalidated from its own caches).  Cheap when nothing changed."""
+        if self._seq.read() != self._synced or self._pending:
+            self._follow()
+            stale = [t for t, since in self._pending_tenants().items() if time.monotonic() - since > _STALE_PENDING_S]
+            for tenant in stale:
+                with self._locks.hold(self._tenant_dir(tenant)):
+                    ti = self._tenants.get(tenant) or self._open_tenant(tenant, repair=False)
+                    self._repair(tenant, ti)
+                self._follow()
+        with self._sync_lock:
+            out, self._unreported = self._unreported, []
+        return out
+
+    def _follow(self) -> None:
+        with self._sync_lock:
+            version = self._seq.read()  # before reading the log: a publish after this bumps it again
+            with self._db_lock:
+                first = ChangeLog.first_after(self._db, self._scanned)
+                rows = ChangeLog.since(self._db, self._scanned, set(self._pending))
+            if first is not None and first > self._scanned + 1 and self._scanned > 0:
+                self._reload_all(first)
+                rows = [r for r in rows if r.change.seq >= first]
+            for row in rows:
+                self._follow_row(row)
+            self._synced = version
+
+    def _follow_row(self, row: LoggedChange) -> None:
+        seq = row.change.seq
+        self._scanned = max(self._scanned, seq)
+        if row.origin == self._origin:
+            self._pending.pop(seq, None)
+            return  # applied when it was written
+        if not row.published:
+            self._pending.setdefault(seq, time.monotonic())
+            return
+        self._pending.pop(seq, None)
+        tenant = row.change.tenant
+        ti = self._tenants.get(tenant)
+        if ti is None:
+            ti = self._open_tenant(tenant, repair=False)  # already holds this row's chunks
+        else:
+            with ti.lock, self._db_lock:
+                ti.follow(self._db, row.removed_keys, row.added_keys)
+        self._unreported.append(row.change)
+
+    def _pending_tenants(self) -> dict[str, float]:
+        """tenant → when its oldest pending row was first seen."""
+        with self._sync_lock:
+            pending = dict(self._pending)
+        with self._db_lock:
+            found = ChangeLog.tenants_of(self._db, list(pending))
+        out: dict[str, float] = {}
+        for seq, tenant in found.items():
+            out[tenant] = min(out.get(tenant, float("inf")), pending[seq])
+        return out
+
+    def _reload_all(self, first: int) -> None:
+        """The log was trimmed past what this process applied: reload every tenant from SQLite and
+        report one change per tenant that names every term, so the caller drops all it cached."""
+        with self._db_lock:
+            tenants = [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM chunks").fetchall()]
+        for tenant in set(tenants) | set(self._tenants):
+            self._open_tenant(tenant, repair=False)
+            self._unreported.append(Change(first, tenant, ("*",), ("*",), ("*",)))
+        self._pending.clear()
+
+    def clock_rows(self) -> list[tuple[str, str, int]]:
+        """(tenant, term, seq) of the term clock; term ``""`` holds the tenant's last change."""
+        with self._db_lock:
+            return [(t, term, int(seq)) for t, term, seq in self._db.execute("SELECT * FROM term_clock")]
+
     # -- Store protocol --------------------------------------------------
     def search_dense(self, tenant: str, vector: Vectors, k: int) -> list[Scored]:
         ti = self._tenant(tenant)
-        if ti is None or k <= 0:
-            return []
-        with ti.lock:
-            if len(ti.dense) == 0:
-                return []
-            m = ti.dense.search(vector.reshape(-1), min(k, len(ti.dense)))
-            keys, dists = m.keys, m.distances
-            k2c = ti.key_to_chunk
-            out = [
-                Scored(k2c[int(key)], 1.0 - float(d)) for key, d in zip(keys, dists, strict=False) if int(key) in k2c
-            ]
-        out.sort(key=_rank_order)  # equal scores: a stable order that does not depend on index layout
-        return out
+        return ti.search_dense(vector, k) if ti is not None and k > 0 else []
 
     def search_keyword(self, tenant: str, query: str, k: int) -> list[Scored]:
         ti = self._tenant(tenant)
         text = keyword_query_text(query)
-        if ti is None or not text or k <= 0:
-            return []
-        q, _errors = ti.keyword.parse_query_lenient(text, ["body"])
-        searcher = ti.keyword.searcher()
-        res = searcher.search(q, k)
-        out: list[Scored] = []
-        k2c = ti.key_to_chunk
-        for score, addr in res.hits:
-            key = searcher.doc(addr)["key"][0]
-            cid = k2c.get(int(key))
-            if cid is not None:
-                out.append(Scored(cid, float(score)))
-        # tantivy orders equal scores by segment and doc address, which change when segments
-        # merge in the background: order ties by chunk id so one index state gives one ranking
-        out.sort(key=_rank_order)
-        return out
+        return ti.search_keyword(text, k) if ti is not None and text and k > 0 else []
 
-    def upsert(self, tenant: str, docs: list[tuple[Document, str, list[Chunk], Vectors]]) -> None:
+    def upsert(self, tenant: str, docs: list[tuple[Document, str, list[Chunk], Vectors]]) -> Change:
         if not docs:
-            return
-        ti = self._tenant(tenant) or self._open_tenant(tenant)
-        with self._db_lock, ti.lock:
-            db = self._db
-            old_keys: list[int] = []
-            new_rows: list[tuple[int, str, str, Vectors]] = []
-            try:
-                now = time.time()
-                db.execute("BEGIN IMMEDIATE")
-                self._set_meta("dirty", "1")
-                for doc, doc_hash, chunks, vecs in docs:
-                    if len(chunks) != len(vecs):
-                        raise StoreError(f"document {doc.id!r}: {len(chunks)} chunks but {len(vecs)} vectors")
-                    old_keys.extend(
-                        int(r[0])
-                        for r in db.execute("SELECT key FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc.id))
-                    )
-                    db.execute("DELETE FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc.id))
-                    db.execute(
-                        "INSERT INTO documents(tenant, doc_id, content_hash, title, source, metadata, updated_at) "
-                        "VALUES(?,?,?,?,?,?,?) ON CONFLICT(tenant, doc_id) DO UPDATE SET "
-                        "content_hash=excluded.content_hash, title=excluded.title, source=excluded.source, "
-                        "metadata=excluded.metadata, updated_at=excluded.updated_at",
-                        (tenant, doc.id, doc_hash, doc.title, doc.source, orjson.dumps(doc.metadata), now),
-                    )
-                    for ch, vec in zip(chunks, vecs, strict=True):
-                        cur = db.execute(
-                            "INSERT INTO chunks(tenant, chunk_id, doc_id, ordinal, text, title, content_hash, "
-                            "metadata, vector) VALUES(?,?,?,?,?,?,?,?,?)",
-                            (
-                                tenant,
-                                ch.id,
-                                ch.doc_id,
-                                ch.ordinal,
-                                ch.text,
-                                ch.title,
-                                ch.content_hash,
-                                orjson.dumps(ch.metadata),
-                                np.ascontiguousarray(vec, np.float32).tobytes(),
-                            ),
-                        )
-                        new_rows.append((int(cur.lastrowid or 0), ch.id, ch.index_text, vec))
-                db.execute("COMMIT")
-            except BaseException as exc:
-                db.execute("ROLLBACK")
-                if isinstance(exc, StoreError):
-                    raise
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(f"store write failed and was rolled back: {exc}") from exc
-                raise
-            self._apply_index_changes(ti, old_keys, new_rows)
+            return Change(0, tenant, (), (), ())
+        root = self._tenant_dir(tenant)
+        with self._locks.hold(root):
+            self._follow()  # every earlier change of this tenant is published: apply it first
+            ti = self._tenants.get(tenant) or self._open_tenant(tenant, repair=False)
+            self._repair(tenant, ti)
+            with ti.lock:
+                with self._db_lock:
+                    old_keys, new_rows, change = upsert_rows(self._db, tenant, docs, self._log)
+                ti.write(old_keys, new_rows)
+            return self._publish(change.seq, change)
 
-    def _apply_index_changes(
-        self, ti: _TenantIndexes, old_keys: list[int], new_rows: list[tuple[int, str, str, Vectors]]
-    ) -> None:
-        w = ti.keyword_writer()
-        for key in old_keys:
-            ti.key_to_chunk.pop(key, None)
-            if ti.dense.contains(key):
-                ti.dense.remove(key)
-            w.delete_documents_by_term("key", key)
-        if new_rows:
-            keys = np.array([r[0] for r in new_rows], dtype=np.uint64)
-            ti.dense.add(keys, np.stack([r[3] for r in new_rows]).astype(np.float32))
-            for key, cid, body, _ in new_rows:
-                ti.key_to_chunk[key] = cid
-                w.add_document(tantivy.Document(key=key, body=body))
-        w.commit()
-        # Finish background segment merges before anyone searches: merges purge deleted docs,
-        # which changes BM25 statistics.  Left running, they would change rankings at a random
-        # later moment, with no write to invalidate cached results against.
-        w.wait_merging_threads()
-        ti.writer = None
-        ti.keyword.reload()
+    def _log(
+        self,
+        tenant: str,
+        removed_keys: list[int],
+        added_keys: list[int],
+        removed: list[str],
+        added: list[str],
+        terms: list[str],
+    ) -> int:
+        """The change-log row and the term clock, in the caller's transaction."""
+        db = self._db
+        seq = ChangeLog.append(db, tenant, self._origin, removed_keys, added_keys, removed, added, terms)
+        db.executemany(_CLOCK_UPSERT, [(tenant, t, seq) for t in terms if t])
+        db.execute(_CLOCK_UPSERT, (tenant, "", seq))
+        if seq % 256 == 0:
+            ChangeLog.trim(db)
+        return seq
 
-    def delete(self, tenant: str, doc_ids: list[str]) -> list[str]:
+    def _publish(self, seq: int, change: Change) -> Change:
+        with self._db_lock:
+            ChangeLog.publish(self._db, seq)
+        self._seq.raise_to(self._seq.read() + 1)
+        return change
+
+    def delete(self, tenant: str, doc_ids: list[str]) -> Change:
         ti = self._tenant(tenant)
         if ti is None or not doc_ids:
-            return []
-        with self._db_lock, ti.lock:
-            db = self._db
-            removed: list[tuple[int, str]] = []
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                self._set_meta("dirty", "1")
-                for doc_id in doc_ids:
-                    removed.extend(
-                        (int(k), str(c))
-                        for k, c in db.execute(
-                            "SELECT key, chunk_id FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id)
-                        )
-                    )
-                    db.execute("DELETE FROM chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))
-                    db.execute("DELETE FROM documents WHERE tenant=? AND doc_id=?", (tenant, doc_id))
-                db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                db.execute("ROLLBACK")
-                raise StoreError(f"store delete failed and was rolled back: {exc}") from exc
-            self._apply_index_changes(ti, [k for k, _ in removed], [])
-            return [c for _, c in removed]
+            return Change(0, tenant, (), (), ())
+        with self._locks.hold(self._tenant_dir(tenant)):
+            self._follow()
+            self._repair(tenant, ti)
+            with ti.lock:
+                with self._db_lock:
+                    done = delete_rows(self._db, tenant, doc_ids, self._log)
+                if done is None:
+                    return Change(0, tenant, (), (), ())
+                ti.write(done[0], [])
+            return self._publish(done[1].seq, done[1])
 
     def doc_state(self, tenant: str, doc_ids: list[str]) -> dict[str, DocState]:
         out: dict[str, DocState] = {}
@@ -410,29 +400,21 @@ class EmbeddedStore:
         return sorted(self._tenants)
 
     def close(self) -> None:
-        """Persist the dense indexes and clear the dirty marker (a clean shutdown)."""
+        """Persist the dense indexes (a clean shutdown makes the next open fast; a crash costs only
+        a rebuild from SQLite)."""
         with self._db_lock:
             for ti in self._tenants.values():
                 with ti.lock:
-                    tmp = ti.dense_path.with_suffix(".tmp")
-                    ti.dense.save(str(tmp))
-                    tmp.replace(ti.dense_path)
-                    if ti.writer is not None:
-                        ti.writer.commit()
-                        ti.writer.wait_merging_threads()
-                        ti.writer = None
-            self._set_meta("dirty", "0")
+                    ti.save()
             self._db.close()
+        self._seq.close()
 
     def drop_all(self) -> None:
         """Remove every tenant's data (used by tests and `ragline cache clear --all`)."""
         self.close()
         shutil.rmtree(self.data_dir / "tenants", ignore_errors=True)
-        (self.data_dir / "store.sqlite3").unlink(missing_ok=True)
-
-
-def _rank_order(s: Scored) -> tuple[float, str]:
-    return (-s.score, s.chunk_id)
+        for name in ("store.sqlite3", "store.sqlite3-wal", "store.sqlite3-shm", "changes.seq"):
+            (self.data_dir / name).unlink(missing_ok=True)
 
 
 def _batched(items: list[str], n: int) -> Iterable[list[str]]:

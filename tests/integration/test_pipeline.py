@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from ragline import RAG
 from ragline.config import Settings
 from ragline.embed.local import LocalEmbedder
 from ragline.errors import InvalidInput, NotFound, PayloadTooLarge, UnsupportedFile
-from ragline.pipeline import RAG, AsyncRAG
+from ragline.pipeline import AsyncRAG
 from ragline.types import Document
 
 DOCS = [

@@ -286,3 +286,24 @@ def test_dense_rows_follow_adds_replacements_and_removes() -> None:
     assert rows.entered(e[1][None, :]) == {f"k{i}" for i in range(1, 40)}
     rows.upsert(r("open", e[3], None))  # a list that was not full: any new vector enters
     assert "open" in rows.entered(e[0][None, :])
+
+
+async def test_dense_checks_see_records_another_process_wrote(tmp_path: Path) -> None:
+    """Two indexes on one file stand in for two processes (workers, a CLI ingest): each one's dense
+    check must find the other's entries, added or removed after its matrix was built."""
+    a, b = DependencyIndex(tmp_path / "deps.sqlite3"), DependencyIndex(tmp_path / "deps.sqlite3")
+    try:
+        await a.add(rec("first", vec=E0, dc=0.5), later())
+        assert await b.dense_entered("t1", E0[None, :]) == {rec("first").entry_key}  # b's matrix is built
+        other = E1
+        await a.add(rec("second", vec=other, dc=0.5), later())
+        assert await b.dense_entered("t1", other[None, :]) == {rec("second").entry_key}
+        await a.remove([rec("second").entry_key])
+        assert await b.dense_entered("t1", other[None, :]) == set()
+        await b.add(rec("third", vec=other, dc=0.5), later())
+        assert await a.dense_entered("t1", other[None, :]) == {rec("third").entry_key}
+        await a.clear("t1")
+        assert await b.dense_entered("t1", E0[None, :]) == set()
+    finally:
+        await a.close()
+        await b.close()

@@ -49,8 +49,11 @@ def test_clock_advances_per_change_and_answers_per_term() -> None:
     assert c.now["t"] == 4 and c.terms("t") == 2
     assert c.changed_since("t", ["tower"], 2) and not c.changed_since("t", ["tower"], 3)
     assert not c.changed_since("t", ["paris"], 0) and not c.changed_since("other", ["tower"], 0)
-    assert c.advance("t", ["paris"]) == 5 and c.changed_since("t", ["paris", "x"], 4)
+    c.advance("t", ["paris"], 5)
+    assert c.now["t"] == 5 and c.changed_since("t", ["paris", "x"], 4)
     assert not c.changed_since("t", ["tower", "cat"], 4)
+    c.advance("t", ["*"], 6)  # a reload: every stamp before it counts as touched
+    assert c.changed_since("t", ["unseen"], 5) and not c.changed_since("t", ["unseen"], 6)
 
 
 def test_stamps_sit_under_marks_and_never_reach_a_client() -> None:
