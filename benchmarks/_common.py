@@ -234,6 +234,8 @@ COUNTERS = (
     "reverify_dropped",
     "clock_checked",
     "clock_unaffected",
+    "clock_gone",
+    "clock_recorded",
     "llm_calls_saved",
 )
 

@@ -533,6 +533,16 @@ def _wire(self: AsyncRAG) -> None:
     self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)
 
 
+def _clock(store: Store, window: int = 2048) -> TermClock:
+    """The term clock as the store's change log has it: every term's last change, and the last
+    ``window`` changes' removed and added chunks (an entry stamped before those is re-verified)."""
+    recent = store.recent_changes(window)
+    clock = TermClock(store.clock_rows(), floor=recent[0].seq - 1 if recent else 0)
+    for change in recent:
+        clock.record(change, store.vectors(change.tenant, list(change.added)) if change.added else None)
+    return clock
+
+
 def _load(
     s: Settings, embedder: Embedder | None, store: Store | None, llm: LLM | None
 ) -> tuple[Embedder, Chunker, Store, LLM]:

@@ -14,9 +14,13 @@ the last change that touched it:
   an older stamp checks the entry's recorded terms: untouched since the stamp, the entry is served
   and restamped, touched, it is re-verified by retrieval like a marked entry.
 
-Dense effects (a new chunk close enough to enter an entry's dense list) and removed candidates are
-still found at change time through their precise indexes and marked; only the keyword side, whose
-affected set is unbounded, moves to read time.
+The other two effects move to read time the same way: the clock keeps the recent changes of each
+tenant (removed chunk ids, added chunk vectors, by seq), and a read older than the clock also asks
+whether a chunk removed since its stamp was among the entry's candidates, and whether a chunk added
+since would enter its dense list (one small matrix product against the entry's query vector, the
+same cutoff test the change-time index used to run).  So a change costs O(its own size) whatever
+the size of the cache, and the work lands only on entries that are asked again.  A stamp older
+than the kept window (or than the process's start, for what it did not load) counts as touched.
 
 Readings are the store's change-log seqs (:mod:`ragline.store.changelog`), and the store writes
 the clock's rows in each change's own transaction: every process serving one corpus (workers, a CLI
@@ -27,50 +31,150 @@ look newer than the clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Final
 
-__all__ = ["TermClock"]
+import numpy as np
+
+from ragline.types import Change, Vectors
+
+__all__ = ["GONE", "MOVED", "UNAFFECTED", "TermClock"]
+
+EPS: Final = 1e-5
+"""Float32 index scores and the dense check's scores may differ in the last bits."""
+UNAFFECTED: Final = 0
+MOVED: Final = 1
+GONE: Final = 2
+MAX_VECTORS: Final = 8192
+"""Added-chunk vectors kept per tenant (12 MB at 384 dims); beyond, the oldest half is forgotten."""
+
+
+class _Recent:
+    """One tenant's changes after ``floor``: when each removed chunk id went, and the vectors of the
+    chunks added, in seq order."""
+
+    __slots__ = ("floor", "n", "removed", "seqs", "vecs")
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.removed: dict[str, int] = {}
+        self.seqs = np.zeros(0, np.int64)
+        self.vecs: Vectors | None = None
+        self.n = 0
+
+    def add(self, seq: int, removed: Iterable[str], vectors: Vectors | None) -> None:
+        for cid in removed:
+            self.removed[cid] = seq
+        if vectors is None or not len(vectors):
+            return
+        vectors = np.asarray(vectors, np.float32)
+        if self.vecs is None or self.vecs.shape[1] != vectors.shape[1]:
+            self.vecs, self.seqs, self.n = np.zeros((64, vectors.shape[1]), np.float32), np.zeros(64, np.int64), 0
+        need = self.n + len(vectors)
+        if need > len(self.vecs):  # grow by doubling: amortised O(1) per vector
+            size = max(need, 2 * len(self.vecs))
+            self.vecs = np.concatenate([self.vecs, np.zeros((size - len(self.vecs), self.vecs.shape[1]), np.float32)])
+            self.seqs = np.concatenate([self.seqs, np.zeros(size - len(self.seqs), np.int64)])
+        self.vecs[self.n : need] = vectors
+        self.seqs[self.n : need] = seq
+        self.n = need
+        if self.n > MAX_VECTORS:
+            self._forget(self.n // 2)
+
+    def _forget(self, k: int) -> None:
+        """Drop the oldest ``k`` vectors; everything up to their last seq becomes unknown."""
+        assert self.vecs is not None
+        self.floor = max(self.floor, int(self.seqs[k - 1]))
+        rest = self.n - k
+        self.vecs[:rest] = self.vecs[k : self.n]
+        self.seqs[:rest] = self.seqs[k : self.n]
+        self.n = rest
+        self.removed = {c: q for c, q in self.removed.items() if q > self.floor}
+
+    def entered(self, stamp: int, qvec: Vectors, cutoff: float | None) -> bool:
+        """Would a chunk added after ``stamp`` enter a dense list with this query vector and cutoff?"""
+        if self.vecs is None or self.n == 0:
+            return False
+        i0 = int(np.searchsorted(self.seqs[: self.n], stamp, side="right"))
+        if i0 >= self.n:
+            return False
+        if cutoff is None or qvec.shape != (self.vecs.shape[1],):
+            return True  # a list that was not full takes any new chunk (another dimension: unknown)
+        return bool(float((self.vecs[i0 : self.n] @ qvec).max()) >= cutoff - EPS)
 
 
 class TermClock:
-    """Per tenant: a change counter (:attr:`now`) and, per keyword term, the last change that touched it."""
+    """Per tenant: a change counter (:attr:`now`), per keyword term the last change that touched it,
+    and the recent changes' removed chunks and added vectors."""
 
-    __slots__ = ("_floor", "_terms", "now")
+    __slots__ = ("_floor", "_recent", "_terms", "now")
 
-    def __init__(self, rows: Iterable[tuple[str, str, int]] = ()) -> None:
+    def __init__(self, rows: Iterable[tuple[str, str, int]] = (), floor: int = 0) -> None:
+        """``rows``: (tenant, term, seq) from the store (term ``""``: the tenant's last change);
+        ``floor``: the seq after which :meth:`record` will be told every change (older stamps count
+        as touched: their removed and added chunks are not known here)."""
         self.now: dict[str, int] = {}
         """tenant → clock reading; the hot path reads it directly (absent: 0)."""
         self._terms: dict[str, dict[str, int]] = {}
-        self._floor: dict[str, int] = {}
-        """tenant → a reading before which nothing is known (every older stamp counts as touched)."""
+        self._floor = floor
+        self._recent: dict[str, _Recent] = {}
         for tenant, term, seq in rows:
             if term:
                 self._terms.setdefault(tenant, {})[term] = seq
             else:
                 self.now[tenant] = max(self.now.get(tenant, 0), seq)
 
-    def advance(self, tenant: str, terms: Iterable[str], seq: int) -> None:
-        """Record change ``seq`` touching ``terms`` (``"*"``: every term, e.g. after a reload)."""
+    def record(self, change: Change, vectors: Vectors | None) -> None:
+        """One change; ``vectors`` are those of ``change.added`` (``"*"`` in ``removed``: everything
+        changed, e.g. the store reloaded: every older stamp counts as touched)."""
+        tenant, seq = change.tenant, change.seq
+        recent = self._recent.get(tenant)
+        if recent is None:
+            recent = self._recent[tenant] = _Recent(self._floor)
+        if "*" in change.removed:
+            recent.floor = max(recent.floor, seq)
+        else:
+            recent.add(seq, change.removed, vectors)
         table = self._terms.setdefault(tenant, {})
-        for t in terms:
-            if t == "*":
-                self._floor[tenant] = max(self._floor.get(tenant, 0), seq)
-            elif seq > table.get(t, 0):
+        for t in change.terms:
+            if seq > table.get(t, 0):
                 table[t] = seq
         if seq > self.now.get(tenant, 0):
             self.now[tenant] = seq
 
-    def changed_since(self, tenant: str, terms: Iterable[str], stamp: int) -> bool:
-        """Did a change after reading ``stamp`` touch one of ``terms``?"""
+    def affected(
+        self,
+        tenant: str,
+        stamp: int,
+        terms: Iterable[str],
+        candidates: Sequence[str],
+        context: Sequence[str],
+        qvec: Vectors,
+        dense_cutoff: float | None,
+    ) -> int:
+        """What a change after reading ``stamp`` may have done to an entry with these keyword terms,
+        candidates, context, query vector and dense cutoff: :data:`UNAFFECTED` (serve it as it is),
+        :data:`MOVED` (re-verify it) or :data:`GONE` (a chunk of its context was removed or
+        rewritten: an updated chunk keeps its id, so only dropping the entry is exact)."""
         if stamp >= self.now.get(tenant, 0):
-            return False
-        if stamp < self._floor.get(tenant, 0):
-            return True
+            return UNAFFECTED
+        recent = self._recent.get(tenant)
+        if stamp < (recent.floor if recent is not None else self._floor):
+            return GONE  # what changed is not known here: its context may be among it
+        if recent is not None and recent.removed:
+            gone = recent.removed
+            if any(gone.get(c, 0) > stamp for c in context):
+                return GONE
+            if any(gone.get(c, 0) > stamp for c in candidates):
+                return MOVED
         table = self._terms.get(tenant)
-        if not table:
-            return False
-        get = table.get
-        return any(get(t, 0) > stamp for t in terms)
+        if table:
+            get = table.get
+            if any(get(t, 0) > stamp for t in terms):
+                return MOVED
+        if recent is not None and recent.entered(stamp, qvec, dense_cutoff):
+            return MOVED
+        return UNAFFECTED
 
     def terms(self, tenant: str) -> int:
         """How many distinct terms of ``tenant`` the clock holds (stats)."""

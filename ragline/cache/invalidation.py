@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import numpy as np
 
 from ragline import metrics
+from ragline.cache.clock import GONE, UNAFFECTED
 from ragline.cache.deps import DepRecord
 from ragline.cache.eager import recheck
 from ragline.cache.layer import CacheLayer, InvalidationReport
@@ -154,12 +155,14 @@ class Invalidation:
         removed = list(change.removed)
         with metrics.stage("invalidate"):
             if clock is not None:
-                # keyword effects are checked when an entry is read (ragline.cache.clock): O(terms) here
-                clock.advance(tenant, terms, change.seq)
+                # every effect is checked when an entry is read (ragline.cache.clock): O(change) here
+                clock.record(change, vectors)
+                self.cache.count("clock_recorded")
+                return
             if self.mode == "eager" and not foreign:
                 report = await recheck(self, tenant, removed, vectors, terms)
             else:
-                report = await self.mark(tenant, removed, vectors, set() if clock is not None else terms)
+                report = await self.mark(tenant, removed, vectors, terms)
         for cause, n in report.causes.items():
             metrics.INVALIDATIONS.labels(cause).inc(n)
 
@@ -231,8 +234,9 @@ class Invalidation:
         """Serve ``body`` only once its evidence is known to be current.
 
         A marked entry is re-verified by retrieval.  An unmarked one stamped before the tenant's
-        last keyword change checks its recorded terms against the clock first: untouched, it is
-        served as is (its L1 copy restamped); touched, it is re-verified like a marked one."""
+        last change asks the clock first whether a change since could have moved it (its terms,
+        candidates and dense cutoff against the changes' terms, removed and added chunks): no, it
+        is served as is (its L1 copy restamped); yes, it is re-verified like a marked one."""
         cache = self.cache
         clock = cache.clock
         if clock is not None and not is_marked(body):
@@ -242,11 +246,20 @@ class Invalidation:
             if not recs:  # no record: no change could ever find it, so it must not be served
                 await cache.drop([key])
                 return None
-            if not clock.changed_since(tenant, recs[0].terms, stamp_of(body) or 0):
+            rec = recs[0]
+            verdict = clock.affected(
+                tenant, stamp_of(body) or 0, rec.terms, rec.candidate_ids, rec.context_ids, rec.qvec, rec.dense_cutoff
+            )
+            if verdict == UNAFFECTED:
                 cache.count("clock_unaffected")
                 metrics.CACHE_REVERIFY.labels("unaffected").inc()
                 await cache.restamp_l1(key, body, reading)
                 return payload(body)
+            if verdict == GONE:
+                await cache.drop([key, *rec.extra_keys])
+                cache.count("clock_gone")
+                metrics.CACHE_REVERIFY.labels("dropped").inc()
+                return None
             return await self.verify_marked(key, tenant, body, recs)
         return await self.verify_marked(key, tenant, body)
 

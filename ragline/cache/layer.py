@@ -74,8 +74,10 @@ COUNTERS: tuple[str, ...] = (
     "reverify_on_read",
     "reverify_kept",
     "reverify_dropped",
+    "clock_recorded",
     "clock_checked",
     "clock_unaffected",
+    "clock_gone",
 )
 """What ``stats()["counters"]`` reports (every one present, from 0)."""
 

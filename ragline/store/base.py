@@ -59,6 +59,10 @@ class Store(Protocol):
         the caller's caches must drop what they invalidated."""
         ...
 
+    def recent_changes(self, limit: int) -> list[Change]:
+        """The last ``limit`` published changes, oldest first (what the term clock starts from)."""
+        ...
+
     def clock_rows(self) -> list[tuple[str, str, int]]:
         """(tenant, keyword term, seq of the last change that touched it) for the term clock
         (:mod:`ragline.cache.clock`); term ``""`` holds each tenant's last change."""

@@ -114,6 +114,12 @@ class ChangeLog:
         return rows
 
     @staticmethod
+    def recent(db: sqlite3.Connection, limit: int) -> list[Change]:
+        """The last ``limit`` published rows' changes, oldest first."""
+        rows = _rows(db.execute(f"{_SELECT} WHERE published = 1 ORDER BY seq DESC LIMIT ?", (limit,)))
+        return [r.change for r in reversed(rows)]
+
+    @staticmethod
     def tenants_of(db: sqlite3.Connection, seqs: list[int]) -> dict[int, str]:
         if not seqs:
             return {}

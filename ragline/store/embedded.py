@@ -109,8 +109,10 @@ class EmbeddedStore:
         self._synced = self._seq.read()
         self._scanned = ChangeLog.last(self._db)
         """Every row up to here is either reflected in the indexes or listed in ``_pending``."""
-        self._pending: dict[int, float] = {}
-        """seq → when first seen unpublished."""
+        self._pending: dict[int, float] = {
+            int(r[0]): time.monotonic() for r in self._db.execute("SELECT seq FROM changes WHERE published = 0")
+        }
+        """seq → when first seen unpublished (a writer in flight, or dead)."""
         self._unreported: list[Change] = []
         self._tenants: dict[str, TenantIndex] = {}
         for (tenant,) in self._db.execute("SELECT DISTINCT tenant FROM chunks").fetchall():
@@ -251,6 +253,10 @@ class EmbeddedStore:
             self._open_tenant(tenant, repair=False)
             self._unreported.append(Change(first, tenant, ("*",), ("*",), ("*",)))
         self._pending.clear()
+
+    def recent_changes(self, limit: int) -> list[Change]:
+        with self._db_lock:
+            return ChangeLog.recent(self._db, limit)
 
     def clock_rows(self) -> list[tuple[str, str, int]]:
         """(tenant, term, seq) of the term clock; term ``""`` holds the tenant's last change."""

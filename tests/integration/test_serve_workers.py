@@ -107,3 +107,58 @@ def test_metrics_are_summed_over_workers(two_workers: tuple[str, Path]) -> None:
     per_worker = _per_worker(prom, "/healthz")
     # the master process has a (zero) file too; both workers served some of the requests
     assert sum(per_worker.values()) == n and sum(v > 0 for v in per_worker.values()) == 2, per_worker
+
+
+DOCS = [
+    {"id": "paris", "title": "Paris", "text": "Paris is the capital of France. The Eiffel Tower opened in 1889."},
+    {"id": "cats", "title": "Cats", "text": "Domestic cats sleep for sixteen hours a day and purr when content."},
+    {"id": "tea", "title": "Tea", "text": "Green tea contains caffeine and antioxidants called catechins."},
+]
+Q = "When did the Eiffel Tower open?"
+
+
+def _fresh(url: str, path: str, body: dict[str, object]) -> dict[str, object]:
+    """One request on a new connection, so the two workers share the requests between them."""
+    r = httpx.post(url + path, json=body, timeout=30, headers={"connection": "close"})
+    assert r.status_code == 200, r.text
+    out: dict[str, object] = r.json()
+    return out
+
+
+def _evidence(answer: dict[str, object]) -> set[tuple[str, str]]:
+    sources = answer["sources"]
+    assert isinstance(sources, list)
+    return {(s["chunk_id"], s["text"]) for s in sources}
+
+
+def test_two_workers_and_a_cli_ingest_serve_one_corpus(two_workers: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = two_workers
+    _fresh(url, "/v1/documents", {"documents": DOCS[:1]})  # through one of the workers
+    with ThreadPoolExecutor(4) as pool:
+        found = list(
+            pool.map(lambda _: _fresh(url, "/v1/search", {"query": "Eiffel Tower", "cache": "bypass"}), range(100))
+        )
+    assert all(r["hits"] and r["hits"][0]["doc_id"] == "paris" for r in found)  # type: ignore[index]
+    _fresh(url, "/v1/documents", {"documents": DOCS[1:]})
+    for _ in range(8):  # cached in both workers' L1 (and the shared L3)
+        _fresh(url, "/v1/query", {"query": Q})
+    # a CLI ingest into the live data dir changes the evidence of the cached answer
+    newdocs = tmp_path / "newdocs"
+    newdocs.mkdir()
+    (newdocs / "paris.jsonl").write_text(
+        '{"_id": "paris", "title": "Paris", "text": "The Eiffel Tower opened in March 1889 after two years of work."}\n'
+        '{"_id": "owls", "title": "Owls", "text": "Owls hunt at night and swallow their prey whole."}\n'
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = [str(Path(sys.executable).parent / "ragline"), "ingest", str(newdocs), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    stale = 0
+    for _ in range(40):
+        served = _fresh(url, "/v1/query", {"query": Q})
+        fresh = _fresh(url, "/v1/query", {"query": Q, "cache": "bypass"})
+        stale += _evidence(served) != _evidence(fresh)
+        assert any("March" in text for _, text in _evidence(served))
+    assert stale == 0
+    hits = [_fresh(url, "/v1/search", {"query": "owls prey", "cache": "bypass"})["hits"] for _ in range(20)]
+    assert all(h and h[0]["doc_id"] == "owls" for h in hits)  # type: ignore[index]

@@ -67,7 +67,7 @@ async def test_memory_and_disk_tiers_mark_in_place_and_compare_and_set(tmp_path:
         await tier.close()
 
 
-async def test_a_change_marks_without_retrieval_and_a_read_reverifies(
+async def test_a_change_costs_no_retrieval_and_a_read_reverifies(
     make_settings: Callable[..., Settings],
 ) -> None:
     llm = ScriptedLLM()
@@ -78,9 +78,10 @@ async def test_a_change_marks_without_retrieval_and_a_read_reverifies(
         cache = rag.cache
         assert cache is not None
         calls = llm.calls
-        # a document sharing the query's terms but not its evidence: marked, nothing re-run yet
+        # a document sharing the query's terms but not its evidence: recorded by the clock, nothing
+        # looked up, marked or re-run yet (ragline.cache.clock)
         await rag.ingest([Document("shop", "Opening hours of the museum shop are posted at its door.")])
-        assert cache.counter("invalidation_marked") >= 1
+        assert cache.counter("clock_recorded") >= 1 and cache.counter("invalidation_marked") == 0
         assert cache.counter("reverify_on_read") == 0 and cache.counter("invalidation_checked") == 0
         key = cache.answer_key("default", Q, 1, ())
         assert cache.get_l1(key, "default") is None  # the hot path never hands out an unverified value
@@ -90,7 +91,7 @@ async def test_a_change_marks_without_retrieval_and_a_read_reverifies(
         assert (await rag.ask(Q)).cache.kind == "exact" and cache.counter("reverify_on_read") == 1  # cleared
 
 
-async def test_a_marked_entry_whose_evidence_changed_is_recomputed(make_settings: Callable[..., Settings]) -> None:
+async def test_an_entry_whose_evidence_changed_is_recomputed(make_settings: Callable[..., Settings]) -> None:
     llm = ScriptedLLM()
     async with AsyncRAG(make_settings(), embedder=HashEmbedder(), llm=llm) as rag:
         await rag.ingest(DOCS)
@@ -100,7 +101,7 @@ async def test_a_marked_entry_whose_evidence_changed_is_recomputed(make_settings
         calls = llm.calls
         better = Document("eiffel", "When did the Eiffel Tower open? The Eiffel Tower opened in 1889 in Paris.")
         await rag.ingest([better])
-        assert cache.counter("invalidation_marked") >= 1
+        assert cache.counter("clock_recorded") >= 1
         again = await rag.ask(Q)
         assert again.cache.kind == "miss" and llm.calls == calls + 1
         assert "eiffel" in {s.doc_id for s in again.sources} and again.sources != first.sources

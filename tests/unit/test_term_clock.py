@@ -9,14 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from ragline.cache.clock import TermClock
+from ragline.cache.clock import GONE, MAX_VECTORS, MOVED, UNAFFECTED, TermClock
 from ragline.cache.marks import is_marked, mark, new_token, payload, stamp_of, stamped, unmarked
 from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
 from ragline.testing import HashEmbedder, ScriptedLLM
-from ragline.types import Document
+from ragline.types import Change, Document
 
 DOCS = [
     Document("paris", "Paris is the capital of France. The Eiffel Tower opened in 1889.", "Paris"),
@@ -44,16 +45,35 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     return make
 
 
-def test_clock_advances_per_change_and_answers_per_term() -> None:
-    c = TermClock([("t", "", 4), ("t", "tower", 3), ("t", "cat", 4)])
+def test_clock_answers_per_term_candidate_context_and_vector() -> None:
+    e = np.eye(4, dtype=np.float32)
+    c = TermClock([("t", "", 4), ("t", "tower", 3), ("t", "cat", 4)], floor=4)
+
+    def verdict(stamp: int, terms: tuple[str, ...] = (), cands: tuple[str, ...] = (), ctx: tuple[str, ...] = (),
+                v: np.ndarray = e[0], cutoff: float | None = 0.9) -> int:  # fmt: skip
+        return c.affected("t", stamp, terms, cands, ctx, v, cutoff)
+
     assert c.now["t"] == 4 and c.terms("t") == 2
-    assert c.changed_since("t", ["tower"], 2) and not c.changed_since("t", ["tower"], 3)
-    assert not c.changed_since("t", ["paris"], 0) and not c.changed_since("other", ["tower"], 0)
-    c.advance("t", ["paris"], 5)
-    assert c.now["t"] == 5 and c.changed_since("t", ["paris", "x"], 4)
-    assert not c.changed_since("t", ["tower", "cat"], 4)
-    c.advance("t", ["*"], 6)  # a reload: every stamp before it counts as touched
-    assert c.changed_since("t", ["unseen"], 5) and not c.changed_since("t", ["unseen"], 6)
+    assert verdict(4, ("tower",)) == UNAFFECTED and verdict(3) == GONE  # before the floor: unknown
+    c.record(Change(5, "t", ("old#0",), ("new#0",), ("paris",)), e[1][None, :])
+    assert c.now["t"] == 5
+    assert verdict(4) == UNAFFECTED  # nothing of it reaches this entry
+    assert verdict(4, ("paris", "x")) == MOVED  # a shared term: its BM25 statistics moved
+    assert verdict(4, cands=("old#0",)) == MOVED and verdict(4, cands=("old#0",), ctx=("old#0",)) == GONE
+    assert verdict(4, v=e[1]) == MOVED and verdict(4, v=e[2]) == UNAFFECTED  # the new vector enters or not
+    assert verdict(4, v=e[2], cutoff=None) == MOVED  # a dense list that was not full takes anything
+    assert verdict(5, ("paris",), ("old#0",), ("old#0",), e[1]) == UNAFFECTED  # stamped after the change
+    c.record(Change(6, "t", ("*",), ("*",), ("*",)), None)  # the store reloaded: everything is unknown
+    assert verdict(5) == GONE and verdict(6) == UNAFFECTED
+
+
+def test_the_clock_forgets_old_vectors_and_then_knows_it() -> None:
+    c = TermClock()
+    v = np.eye(4, dtype=np.float32)[0][None, :]
+    for seq in range(1, MAX_VECTORS + 2):
+        c.record(Change(seq, "t", (), (f"c{seq}",), ()), v)
+    assert c.affected("t", 1, (), (), (), v[0], 0.5) == GONE  # its window no longer reaches back there
+    assert c.affected("t", MAX_VECTORS, (), (), (), -v[0], 0.5) == UNAFFECTED
 
 
 def test_stamps_sit_under_marks_and_never_reach_a_client() -> None:
