@@ -25,13 +25,14 @@ class Follower:
         self.changes = changes
         self.after = after
         self._lock = asyncio.Lock()
+        self._version = store.version  # bound once: behind() runs before every exact hit
+        self._synced = store.synced_version
         self.applied = 0
         """Changes of other processes applied so far."""
 
     def behind(self) -> bool:
         """Has another process published a change this one has not applied (or is one being applied)?"""
-        store = self.store
-        return store.version() != store.synced_version() or self._lock.locked()
+        return self._version() != self._synced() or self._lock.locked()
 
     async def catch_up(self) -> None:
         if not self.behind():
