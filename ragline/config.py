@@ -205,8 +205,11 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
-    store: Literal["embedded"] = "embedded"
+    store: Literal["embedded", "postgres"] = "embedded"
+    """embedded: SQLite + usearch + tantivy in ``data_dir`` (one machine, any number of processes);
+    postgres: PostgreSQL + pgvector at ``postgres_dsn``, shared by every instance."""
     postgres_dsn: SecretStr | None = None
+    postgres_pool_size: int = Field(8, ge=1, le=256)
 
     @classmethod
     def settings_customise_sources(

@@ -553,7 +553,9 @@ def _load(
     model_dir = Path(tok).parent if tok is not None else resolve_model_dir(EmbedderSettings().model)
     chunker = Chunker.from_model_dir(model_dir, s.chunk)
     if store is None:
-        store = plugins.load("ragline.stores", s.store)(s.data_dir, emb.dim)
+        factory = plugins.load("ragline.stores", s.store)
+        opener = getattr(factory, "from_settings", None)  # built-ins read their own settings
+        store = opener(s, emb.dim) if opener is not None else factory(s.data_dir, emb.dim)
     if llm is None:
         llm = plugins.load("ragline.llms", s.llm.provider)(s.llm)
     return emb, chunker, store, llm

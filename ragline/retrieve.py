@@ -100,9 +100,15 @@ class HybridRetriever:
     ) -> Retrieval:
         s = self.settings
         depth = max(candidates or s.candidates, k)
-        dense_task = asyncio.to_thread(self.store.search_dense, tenant, qvec, depth) if s.dense else _empty()
-        kw_task = asyncio.to_thread(self.store.search_keyword, tenant, query, depth) if s.keyword else _empty()
-        dense, keyword = await asyncio.gather(dense_task, kw_task)
+        both = getattr(self.store, "search_both", None)
+        if both is not None:  # a remote store: both candidate lists in one round trip
+            dense, keyword = await asyncio.to_thread(
+                both, tenant, qvec, query, depth if s.dense else 0, depth if s.keyword else 0
+            )
+        else:
+            dense_task = asyncio.to_thread(self.store.search_dense, tenant, qvec, depth) if s.dense else _empty()
+            kw_task = asyncio.to_thread(self.store.search_keyword, tenant, query, depth) if s.keyword else _empty()
+            dense, keyword = await asyncio.gather(dense_task, kw_task)
         fused = rrf([dense, keyword], s.rrf_k)
         dense_info = {x.chunk_id: (r, x.score) for r, x in enumerate(dense, start=1)}
         kw_info = {x.chunk_id: (r, x.score) for r, x in enumerate(keyword, start=1)}

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.redis_server",
     "tests.fixtures.upstream",
     "tests.fixtures.rag",
+    "tests.fixtures.postgres",
 ]

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import orjson
@@ -81,6 +81,11 @@ _TENANT_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 class EmbeddedStore:
     """The default, single-machine Store.  Thread-safe; blocking (run in threads); any number of
     processes may open one data dir (see the module docstring)."""
+
+    @classmethod
+    def from_settings(cls, settings: Any, dim: int) -> EmbeddedStore:
+        """The store in ``settings.data_dir`` (how the pipeline opens a store it was not given)."""
+        return cls(settings.data_dir, dim)
 
     def __init__(self, data_dir: Path, dim: int) -> None:
         self.data_dir = Path(data_dir)

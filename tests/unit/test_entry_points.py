@@ -17,7 +17,11 @@ from ragline.llm.base import LLM
 from ragline.store.base import Store
 
 PROTOCOLS: dict[str, type] = {"ragline.embedders": Embedder, "ragline.llms": LLM, "ragline.stores": Store}
-BUILT_IN = {"ragline.embedders": {"local"}, "ragline.llms": {"extractive", "openai"}, "ragline.stores": {"embedded"}}
+BUILT_IN = {
+    "ragline.embedders": {"local"},
+    "ragline.llms": {"extractive", "openai"},
+    "ragline.stores": {"embedded", "postgres"},
+}
 ALL = [(group, ep) for group in plugins.GROUPS for ep in entry_points(group=group)]
 
 
