@@ -1,6 +1,7 @@
 """Retrieval quality and speed on a BEIR dataset (default: ../shared/data/scifact).
 
     python benchmarks/quality.py [--data ../shared/data/scifact] [--out benchmarks/results] [--limit N] [--no-http]
+                                 [--store embedded|postgres]
 
 One run measures, on the same machine and corpus:
 
@@ -11,6 +12,10 @@ One run measures, on the same machine and corpus:
 * search latency p50/p99: in-process hybrid search without the query
   embedding, the query embedding alone, and ``POST /v1/search`` over HTTP
   against a ``ragline serve`` subprocess on 127.0.0.1.
+
+With ``--store postgres`` the same run then copies the embedded store (chunks and vectors, no
+re-embedding) into a PostgreSQL 16 + pgvector started with ``pgserver`` in a temporary folder, and
+measures the same quality and latency figures on it, side by side (``quality_postgres.json``).
 
 Writes ``quality.json`` and ``quality.png`` to the output folder.
 """
@@ -79,11 +84,11 @@ async def _evaluate(
     return results, {"hybrid_search_in_process": percentiles(lat_search), "query_embedding": percentiles(lat_embed)}
 
 
-def _http_latency(data_dir: Path, queries: list[str]) -> dict[str, float]:
+def _http_latency(data_dir: Path, queries: list[str], env_extra: dict[str, str] | None = None) -> dict[str, float]:
     import httpx
 
     port = free_port()
-    env = {**os.environ, "RAGLINE_DATA_DIR": str(data_dir), "RAGLINE_CACHE__ENABLED": "false"}
+    env = {**os.environ, "RAGLINE_DATA_DIR": str(data_dir), "RAGLINE_CACHE__ENABLED": "false", **(env_extra or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ragline.cli", "serve", "--port", str(port)],
         env=env,
@@ -117,7 +122,9 @@ def _http_latency(data_dir: Path, queries: list[str]) -> dict[str, float]:
         proc.wait(30)
 
 
-def run(data: Path, out_dir: Path, limit: int | None = None, http: bool = True) -> dict[str, Any]:
+def run(
+    data: Path, out_dir: Path, limit: int | None = None, http: bool = True, store: str = "embedded"
+) -> dict[str, Any]:
     data = data.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     queries, qrels = load_beir(data)
@@ -178,21 +185,66 @@ def run(data: Path, out_dir: Path, limit: int | None = None, http: bool = True) 
                 quality, latency = await _evaluate(rag, queries, qrels, depth)
                 report["quality"] = quality
                 report["latency"] = latency
+                if store == "postgres":
+                    report["postgres"] = await _postgres(rag, queries, qrels, depth, Path(tmp), http)
 
         asyncio.run(main())
         if http:
             report["latency"]["http_search"] = _http_latency(settings.data_dir, list(queries.values()))
     q = report["quality"]
+    if "postgres" in report:
+        pq = report["postgres"]["quality"]
+        report["postgres"]["ndcg10_minus_embedded"] = {
+            m: round(pq[m]["ndcg@10"] - q[m]["ndcg@10"], 4) for m in ("bm25", "dense", "hybrid", "hybrid_mmr")
+        }
+        report["checks_postgres"] = {
+            f"{m}_ndcg10_within_0.01": abs(d) <= 0.01
+            for m, d in report["postgres"]["ndcg10_minus_embedded"].items()
+            if m != "hybrid_mmr"
+        }
     report["checks"] = {
         "hybrid_beats_bm25": q["hybrid"]["ndcg@10"] > q["bm25"]["ndcg@10"],
         "hybrid_beats_dense": q["hybrid"]["ndcg@10"] > q["dense"]["ndcg@10"],
         "hybrid_ndcg10_at_least_0.69": q["hybrid"]["ndcg@10"] >= 0.69,
         "ingest_ratio_at_least_0.85": report["ingest"]["ratio_to_raw"] >= 0.85,
     }
-    (out_dir / "quality.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    _plot(report, out_dir / "quality.png")
+    name = "quality_postgres" if store == "postgres" else "quality"
+    (out_dir / f"{name}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    _plot(report, out_dir / f"{name}.png")
     _print(report)
     return report
+
+
+async def _postgres(
+    rag: AsyncRAG, queries: dict[str, str], qrels: dict[str, dict[str, int]], depth: int, tmp: Path, http: bool
+) -> dict[str, Any]:
+    """The same corpus in PostgreSQL (copied, not re-embedded), measured the same way."""
+    import pgserver
+
+    from ragline.store.embedded import EmbeddedStore
+    from ragline.store.migrate import copy_store
+    from ragline.store.postgres import PostgresStore
+
+    srv = pgserver.get_server(tmp / "pg", cleanup_mode="stop")
+    try:
+        dsn = srv.get_uri()
+        pg = PostgresStore(dsn, rag.embedder.dim)
+        src = rag.store
+        assert isinstance(src, EmbeddedStore)
+        t0 = time.perf_counter()
+        copied = await asyncio.to_thread(copy_store, src, pg)
+        copy_s = time.perf_counter() - t0
+        print(f"postgres: copied {copied} in {copy_s:.1f} s", flush=True)
+        settings = Settings(data_dir=tmp / "pgdata", store="postgres", postgres_dsn=dsn, cache={"enabled": False})
+        async with AsyncRAG(settings, embedder=rag.embedder, store=pg) as prag:
+            quality, latency = await _evaluate(prag, queries, qrels, depth)
+        out: dict[str, Any] = {"copy_s": round(copy_s, 1), "quality": quality, "latency": latency}
+        if http:
+            env = {"RAGLINE_STORE": "postgres", "RAGLINE_POSTGRES_DSN": dsn}
+            out["latency"]["http_search"] = _http_latency(tmp / "pgdata", list(queries.values()), env)
+        return out
+    finally:
+        srv.cleanup()
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -232,6 +284,14 @@ def _print(report: dict[str, Any]) -> None:
     for n, v in report["latency"].items():
         print(f"{n:<28} p50 {v['p50_ms']:.2f} ms  p99 {v['p99_ms']:.2f} ms")
     print("checks:", report["checks"])
+    if "postgres" in report:
+        pg = report["postgres"]
+        print("\npostgres (same corpus, same run):")
+        for m, v in pg["quality"].items():
+            print(f"{m:<12}{v['ndcg@10']:>10.4f}{v['recall@100']:>10.4f}  ({pg['ndcg10_minus_embedded'][m]:+.4f})")
+        for n, v in pg["latency"].items():
+            print(f"{n:<28} p50 {v['p50_ms']:.2f} ms  p99 {v['p99_ms']:.2f} ms")
+        print("checks:", report["checks_postgres"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,8 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--limit", type=int, default=None, help="only N corpus documents (relevant ones kept)")
     ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
+                    help="postgres: also measure the PostgreSQL store on the same corpus, same run")  # fmt: skip
     a = ap.parse_args(argv)
-    run(a.data, a.out, a.limit, http=not a.no_http)
+    run(a.data, a.out, a.limit, http=not a.no_http, store=a.store)
 
 
 if __name__ == "__main__":

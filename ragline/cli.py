@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -235,6 +236,48 @@ def _multiprocess_metrics() -> None:
     path = tempfile.mkdtemp(prefix="ragline-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # inherited by the workers uvicorn spawns
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+@app.command()
+def migrate(
+    to: Annotated[str, typer.Option("--to", help="the PostgreSQL DSN to copy into (or set RAGLINE_POSTGRES_DSN)")] = "",
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    batch: Annotated[int, typer.Option(help="documents per transaction")] = 64,
+) -> None:
+    """Copy an embedded data dir into PostgreSQL (schema created or migrated first); no re-embedding."""
+    from ragline.store.embedded import EmbeddedStore
+    from ragline.store.migrate import copy_store
+    from ragline.store.postgres import PostgresStore
+
+    settings = _settings(config, data_dir)
+    dsn = to or (settings.postgres_dsn.get_secret_value() if settings.postgres_dsn is not None else "")
+    if not dsn:
+        raise _usage_error("give the target with --to postgresql://... or RAGLINE_POSTGRES_DSN")
+    if not (settings.data_dir / "store.sqlite3").exists():
+        raise _usage_error(f"no embedded store in {settings.data_dir}")
+    meta = (
+        sqlite3.connect(settings.data_dir / "store.sqlite3")
+        .execute("SELECT value FROM meta WHERE key='dim'")
+        .fetchone()
+    )
+    dim = int(meta[0]) if meta else 384
+
+    def run() -> dict[str, int]:
+        src = EmbeddedStore(settings.data_dir, dim)
+        dst = PostgresStore(dsn, dim)
+        try:
+            return copy_store(src, dst, batch=batch, progress=lambda t, n: err.print(f"  {t}: {n} documents"))
+        finally:
+            src.close()
+            dst.close()
+
+    try:
+        copied = run()
+    except RaglineError as exc:
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    out.print(", ".join(f"{t}: {n} documents" for t, n in copied.items()) or "nothing to copy")
 
 
 def _usage_error(message: str) -> typer.Exit:

@@ -146,3 +146,27 @@ async def test_two_pipelines_on_one_database(pg_dsn: str, tmp_path: Path) -> Non
     finally:
         await a.aclose()
         await b.aclose()
+
+
+def test_ragline_migrate_copies_an_embedded_data_dir(pg_dsn: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ragline.cli import app
+
+    emb = EmbeddedStore(tmp_path / "data", EMB.dim)
+    emb.upsert("t", rows(list(TEXTS)))
+    emb.upsert("u", rows(["owls"]))
+    emb.close()
+    r = CliRunner().invoke(app, ["migrate", "--data-dir", str(tmp_path / "data"), "--to", pg_dsn])
+    assert r.exit_code == 0, r.output
+    pg = PostgresStore(pg_dsn, EMB.dim)
+    try:
+        assert pg.stats("t") == {"documents": 8, "chunks": 8} and pg.stats("u")["chunks"] == 1
+        assert pg.search_keyword("t", "caffeine tea", 1)[0].chunk_id == "tea#0"
+        assert pg.search_dense("u", EMB.embed([f"Owls\n{TEXTS['owls']}"])[0], 1)[0].chunk_id == "owls#0"
+        again = CliRunner().invoke(app, ["migrate", "--data-dir", str(tmp_path / "data"), "--to", pg_dsn])
+        assert again.exit_code == 0 and pg.stats("t")["chunks"] == 8  # running it twice changes nothing
+    finally:
+        pg.close()
+    bad = CliRunner().invoke(app, ["migrate", "--data-dir", str(tmp_path / "none"), "--to", pg_dsn])
+    assert bad.exit_code == 2 and "no embedded store" in bad.output
