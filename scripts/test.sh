@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# One command: install everything the tests need (Python extras, Debian redis-server,
-# llama.cpp server + SmolLM2 GGUF), run the static gates (layers, dependencies, format, lint,
+# One command: install everything the tests need (Python extras incl. pgserver for PostgreSQL +
+# pgvector, Debian redis-server, nginx, promtool and wrk, llama.cpp server + SmolLM2 GGUF), run the static gates (layers, dependencies, format, lint,
 # types; any failure fails the run) and then the whole suite (unit + integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "dev,bench,llama"
-if ! command -v redis-server >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null
-  else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  fi
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  ($sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 gate() { echo "== $*" >&2; "$@" || { echo "gate failed: $*" >&2; exit 1; }; }

@@ -4,19 +4,14 @@ against a data dir.  Both bounded to a few seconds; nothing here reads ../shared
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from ragline.cli import app
@@ -24,6 +19,7 @@ from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
 from ragline.server.app import create_app
 from ragline.testing import HashEmbedder, ScriptedLLM
+from tests.fixtures.http import ThreadedServer
 
 KEY = "bench-key-0123"
 DOCS = {
@@ -34,34 +30,6 @@ DOCS = {
     ]
 }
 QUERIES = "When did the Eiffel Tower open?\nHow long do cats sleep?\nWhat does green tea contain?\n"
-
-
-class ThreadedServer:
-    """uvicorn serving ``app`` on 127.0.0.1 (free port) in a daemon thread, with its lifespan."""
-
-    def __init__(self, asgi: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(asgi, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3)
-        )
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> ThreadedServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
 
 
 @pytest.fixture
