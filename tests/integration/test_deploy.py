@@ -39,20 +39,20 @@ def scrape(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("deploy") / "data", cache={"enabled": True, "redis_url": redis_server.url}
     )
-    with ThreadedServer(create_app(settings, AsyncRAG(settings, embedder=HashEmbedder(), llm=ScriptedLLM()))) as srv:
-        with httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
-            docs = [
-                {"id": "paris", "text": "The Eiffel Tower opened in 1889."},
-                {"id": "tea", "text": "Tea has caffeine."},
-            ]
-            assert c.post("/v1/documents", json={"documents": docs}).status_code == 200
-            for _ in range(2):
-                assert c.post("/v1/query", json={"query": "When did the Eiffel Tower open?"}).status_code == 200
-            assert c.post("/v1/search", json={"query": "tea"}).status_code == 200
-            assert c.post("/v1/query", json={"query": ""}).status_code == 400
-            assert c.post("/v1/documents", json={"documents": [{"id": "paris", "text": "It opened in 1889."}]})
+    app = create_app(settings, AsyncRAG(settings, embedder=HashEmbedder(), llm=ScriptedLLM()))
+    docs = [
+        {"id": "paris", "text": "The Eiffel Tower opened in 1889."},
+        {"id": "tea", "text": "Tea has caffeine."},
+    ]
+    with ThreadedServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30, trust_env=False) as c:
+        assert c.post("/v1/documents", json={"documents": docs}).status_code == 200
+        for _ in range(2):
             assert c.post("/v1/query", json={"query": "When did the Eiffel Tower open?"}).status_code == 200
-            return c.get("/metrics").text
+        assert c.post("/v1/search", json={"query": "tea"}).status_code == 200
+        assert c.post("/v1/query", json={"query": ""}).status_code == 400
+        assert c.post("/v1/documents", json={"documents": [{"id": "paris", "text": "It opened in 1889."}]})
+        assert c.post("/v1/query", json={"query": "When did the Eiffel Tower open?"}).status_code == 200
+        return c.get("/metrics").text
 
 
 def _exposed(text: str) -> set[str]:
