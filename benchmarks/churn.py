@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,13 @@ from _common import (
     DATA,
     RESULTS,
     after_change,
-    counter,
+    clean_env,
     counters,
     delta,
     extractive_llm,
+    free_port,
     percentiles,
+    process,
     resolve_mode,
 )
 
@@ -126,29 +130,64 @@ def _served_as(kind: str, d: dict[str, int]) -> str:
     return "miss_after_reverify" if d["reverify_dropped"] > 0 else "miss"
 
 
+async def _settle(rags: list[AsyncRAG], versions: list[int]) -> None:
+    """Every instance has heard of the change (PostgreSQL NOTIFY or the shared sequence file) and applied
+    it: what a client sees once a write through one instance is acknowledged and announced (milliseconds)."""
+    for rag, v in zip(rags, versions, strict=True):
+        deadline = time.monotonic() + 3.0
+        while rag.store.version() == v and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        await rag.catch_up()
+
+
+def _sum(rags: list[AsyncRAG]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rag in rags:
+        for k, v in counters(rag).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 async def run_workload(
-    settings: Settings, mode: str, embedder: MemoEmbedder, base: list[Document], rounds: list[dict[str, Any]]
+    settings: Settings,
+    mode: str,
+    embedder: MemoEmbedder,
+    base: list[Document],
+    rounds: list[dict[str, Any]],
+    peers: list[Settings] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
-    """One mode over the whole schedule; measurements exclude the base ingest and the staleness checks."""
+    """One mode over the whole schedule; measurements exclude the base ingest and the staleness checks.
+
+    ``peers``: more instances on the same corpus and caches (each its own L1): round r's changes go
+    through instance r mod n, query i of a round to instance i mod n."""
     hits = stale = served = order_only = semantic_hits = 0
     stale_examples: list[dict[str, Any]] = []
     ingest_s = query_s = ingest_cpu = query_cpu = 0.0
     latency: dict[str, list[float]] = {}
     llm = extractive_llm()
     setting = settings.cache.invalidation
-    async with AsyncRAG(settings, embedder=embedder, llm=llm) as rag:
+    async with contextlib.AsyncExitStack() as stack:
+        rags = [await stack.enter_async_context(AsyncRAG(s, embedder=embedder, llm=llm)) for s in [settings, *peers]]
+        rag = rags[0]
         await rag.ingest(base)
+        await _settle(rags[1:], [r.store.synced_version() for r in rags[1:]])
         llm.calls = 0
-        start = counters(rag)
-        for rnd in rounds:
+        start = _sum(rags)
+        for r_no, rnd in enumerate(rounds):
+            writer = rags[r_no % len(rags)]
+            others = [x for x in rags if x is not writer]
+            versions = [x.store.version() for x in others]
             t0, c0 = time.perf_counter(), time.process_time()
-            await rag.ingest(rnd["ingest"])
+            await writer.ingest(rnd["ingest"])
             if rnd["delete"]:
-                await rag.delete(rnd["delete"])
-            await after_change(rag, mode, setting)
+                await writer.delete(rnd["delete"])
+            for x in rags:
+                await after_change(x, mode, setting)
+            await _settle(others, versions)
             ingest_s += time.perf_counter() - t0
             ingest_cpu += time.process_time() - c0
-            for q in rnd["queries"]:
+            for q_no, q in enumerate(rnd["queries"]):
+                rag = rags[q_no % len(rags)]
                 before = counters(rag)
                 t0, c0 = time.perf_counter(), time.process_time()
                 ans = await rag.ask(q)
@@ -178,11 +217,15 @@ async def run_workload(
                         )
                 elif [h.chunk_id for h in fresh.sources] != [h.chunk_id for h in ans.sources]:
                     order_only += 1
-        work = delta(counters(rag), start)
-        all_counters = dict(rag.cache.counters) if rag.cache is not None else {}
-        saved = counter(rag, "llm_calls_saved") - start["llm_calls_saved"]
+        work = delta(_sum(rags), start)
+        all_counters: dict[str, int] = {}
+        for x in rags:
+            for k, v in (x.cache.counters if x.cache is not None else {}).items():
+                all_counters[k] = all_counters.get(k, 0) + v
+        saved = work["llm_calls_saved"]
     return {
         "mode": setting,
+        "instances": 1 + len(peers),
         "served": served,
         "hits": hits,
         "semantic_hits": semantic_hits,
@@ -300,6 +343,8 @@ def run(
     embeddings: Path | None = None,
     modes: tuple[str, ...] = MODES,
     embedder: MemoEmbedder | None = None,
+    instances: int = 1,
+    shared: Callable[[], tuple[str | None, str | None]] | None = None,
 ) -> dict[str, Any]:
     """Run the workload at each ``queries_per_round`` (the first is the headline) in each mode; write JSON + PNG.
 
@@ -349,6 +394,8 @@ def run(
         "zipf_s": zipf_s,
         "seed": seed,
         "modes": {m: {"invalidation": s, "how": note} for m, (s, note) in resolved.items()},
+        "instances": instances,
+        "store": "postgres (pgserver) + redis-server" if shared is not None else "embedded",
         "warmup_embedding_s": round(time.perf_counter() - t0, 1),
         "stale_rule": "a hit is stale when its sources differ from a cache-bypassing run's "
         "as a set of (chunk id, chunk text)",
@@ -371,9 +418,17 @@ def run(
         for name in modes:
             setting = resolved[name][0]
             with tempfile.TemporaryDirectory(prefix=f"ragline-churn-{name}-") as tmp:
-                settings = Settings(data_dir=Path(tmp), cache={"enabled": True, "invalidation": setting})
+                dsn, redis_url = shared() if shared is not None else (None, None)
+                nodes = [
+                    Settings(
+                        data_dir=Path(tmp) / (f"node{i}" if dsn else "data"),
+                        cache={"enabled": True, "invalidation": setting, "redis_url": redis_url},
+                        **({"store": "postgres", "postgres_dsn": dsn} if dsn else {}),
+                    )
+                    for i in range(instances)
+                ]
                 t1 = time.perf_counter()
-                res = asyncio.run(run_workload(settings, name, embedder, base, rounds))
+                res = asyncio.run(run_workload(nodes[0], name, embedder, base, rounds, nodes[1:]))
                 res["wall_s"] = round(time.perf_counter() - t1, 1)
                 w[name] = res
                 lat = res["latency_by_kind"]
@@ -506,6 +561,9 @@ def main(argv: list[str] | None = None) -> None:
         "OUT/churn_seeds/seedN/churn.json; a summary goes to OUT/churn_seeds/summary.json",
     )
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    ap.add_argument("--store", choices=["embedded", "postgres"], default="embedded",
+                    help="postgres: PostgreSQL (pgserver) + a redis-server shared by the instances")  # fmt: skip
+    ap.add_argument("--instances", type=int, default=1, help="instances on one corpus (round-robin queries)")
     a = ap.parse_args(argv)
     try:
         sweep = [int(x) for x in a.queries_per_round.split(",")]
@@ -519,21 +577,64 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--modes must be a subset of {','.join(MODES)}")
     embedder = MemoEmbedder(LocalEmbedder(EmbedderSettings()), a.embeddings)
     summary: dict[str, Any] = {}
-    for i, seed in enumerate(seeds):
-        out = a.out if i == 0 else a.out / "churn_seeds" / f"seed{seed}"
-        r = run(a.data, out, a.docs, a.batch, sweep, seed=seed, modes=modes, embedder=embedder)
-        summary[str(seed)] = {
-            "out": str(out / "churn.json"),
-            "checks": r["checks"],
-            "stale_hits": {str(w["queries_per_round"]): {n: w[n]["stale_hits"] for n in modes} for w in r["workloads"]},
-            "hit_rate": {str(w["queries_per_round"]): {n: w[n]["hit_rate"] for n in modes} for w in r["workloads"]},
-        }
+    with contextlib.ExitStack() as stack:
+        shared = stack.enter_context(_shared_services()) if a.store == "postgres" else None
+        for i, seed in enumerate(seeds):
+            out = a.out if i == 0 else a.out / "churn_seeds" / f"seed{seed}"
+            if shared is not None:
+                out = out / "postgres"
+            r = run(a.data, out, a.docs, a.batch, sweep, seed=seed, modes=modes, embedder=embedder,
+                    instances=a.instances, shared=shared)  # fmt: skip
+            summary[str(seed)] = {
+                "out": str(out / "churn.json"),
+                "checks": r["checks"],
+                "stale_hits": {
+                    str(w["queries_per_round"]): {n: w[n]["stale_hits"] for n in modes} for w in r["workloads"]
+                },
+                "hit_rate": {str(w["queries_per_round"]): {n: w[n]["hit_rate"] for n in modes} for w in r["workloads"]},
+            }
+    _write_summary(a.out, seeds, summary)
+
+
+def _write_summary(out_dir: Path, seeds: list[int], summary: dict[str, Any]) -> None:
     if len(seeds) > 1:
         summary["zero_stale_in_every_run"] = all(s["checks"]["zero_stale_hits"] for s in summary.values())
-        path = a.out / "churn_seeds" / "summary.json"
+        path = out_dir / "churn_seeds" / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         print(f"seeds {seeds}: zero stale in every run: {summary['zero_stale_in_every_run']} ({path})")
+
+
+@contextlib.contextmanager
+def _shared_services() -> Iterator[Callable[[], tuple[str | None, str | None]]]:
+    """A redis-server and PostgreSQL (pgserver) on this machine; each call: a fresh database and an
+    emptied Redis, so every mode starts from nothing."""
+    import secrets
+
+    import pgserver
+    import psycopg
+
+    with tempfile.TemporaryDirectory(prefix="ragline-churn-pg-") as tmp:
+        port = free_port()
+        with process(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                     clean_env(), Path(tmp) / "redis.log"):  # fmt: skip
+            srv = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="stop")
+            url = f"redis://127.0.0.1:{port}/0"
+
+            def fresh() -> tuple[str | None, str | None]:
+                import redis
+
+                redis.Redis.from_url(url).flushall()
+                name = "churn_" + secrets.token_hex(4)
+                with psycopg.connect(srv.get_uri(), autocommit=True) as c:
+                    c.execute(f"CREATE DATABASE {name}")
+                return srv.get_uri(name), url
+
+            try:
+                time.sleep(0.3)
+                yield fresh
+            finally:
+                srv.cleanup()
 
 
 if __name__ == "__main__":
