@@ -19,7 +19,9 @@ Everything is bounded: message size, keys per message, every Redis call
 (``asyncio.timeout``), the reconnect back-off, the callback's run time.  The
 subscriber task never lets an exception escape; ``stop()`` ends it.
 
-Wire format (orjson): ``{"o": origin, "k": [keys...]}`` or ``{"o": origin, "p": prefix}``.
+Wire format (orjson): ``{"o": origin, "k": [keys...]}`` or ``{"o": origin, "p": prefix}`` (drop), or
+``{"o": origin, "a": [keys...], "f": tag}`` (announce: answers other instances may add to their semantic
+index if their settings ``tag`` is the same).
 
 Clients come from :func:`ragline.cache.redis_conn.make_client`, like the L2 tier's
 and the dependency index's; the bus retries with its own capped back-off instead
@@ -51,6 +53,9 @@ __all__ = ["InvalidationBus", "OnInvalidate", "OnResync"]
 OnInvalidate = Callable[[list[str] | None, str | None], Awaitable[None]]
 """``await cb(keys, prefix)``: exactly one of the two is set."""
 OnResync = Callable[[], Awaitable[None]]
+OnAdded = Callable[[list[str], str], Awaitable[None]]
+"""``await cb(keys, tag)``: another instance cached these answers (for the semantic index); ``tag``
+names the settings they were computed under."""
 
 
 class InvalidationBus:
@@ -89,6 +94,7 @@ class InvalidationBus:
         self._pending: deque[bytes] = deque()
         self._on_invalidate: OnInvalidate | None = None
         self._on_resync: OnResync | None = None
+        self._on_added: OnAdded | None = None
         self._stopping = False
         self.connected = False
         # counters
@@ -139,6 +145,13 @@ class InvalidationBus:
                 break
         return ok
 
+    async def announce(self, keys: Sequence[str], tag: str) -> None:
+        """Tell the other instances these answers were cached (best effort: a lost announcement only
+        costs a semantic hit elsewhere, never a wrong or stale one)."""
+        if keys:
+            msg = {"o": self.instance_id, "a": list(keys[: self.max_keys_per_message]), "f": tag}
+            await self._send(orjson.dumps(msg))
+
     async def _send(self, message: bytes) -> bool:
         if self._publisher is None:
             self._publisher = self._client(max_connections=4)
@@ -178,10 +191,13 @@ class InvalidationBus:
 
     # -- subscribing ---------------------------------------------------------------------
 
-    def start(self, on_invalidate: OnInvalidate, on_resync: OnResync | None = None) -> None:
+    def start(
+        self, on_invalidate: OnInvalidate, on_resync: OnResync | None = None, on_added: OnAdded | None = None
+    ) -> None:
         """Start the subscriber task (idempotent).  Must be called inside the running loop."""
         self._on_invalidate = on_invalidate
         self._on_resync = on_resync
+        self._on_added = on_added
         self._stopping = False
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._subscribe_loop(), name="ragline-bus-subscriber")
@@ -264,6 +280,13 @@ class InvalidationBus:
             return  # our own event: already applied locally
         keys = msg.get("k")
         prefix = msg.get("p")
+        added, tag = msg.get("a"), msg.get("f")
+        if isinstance(added, list) and all(isinstance(k, str) and k.startswith(KEY_ROOT) for k in added):
+            if self._on_added is not None and isinstance(tag, str):
+                with contextlib.suppress(Exception):  # a missed announcement costs a semantic hit, no more
+                    async with asyncio.timeout(self.callback_timeout_s):
+                        await self._on_added(added[: self.max_keys_per_message], tag)
+            return
         if isinstance(prefix, str) and prefix.startswith(KEY_ROOT):
             args: tuple[list[str] | None, str | None] = (None, prefix)
         elif isinstance(keys, list) and all(isinstance(k, str) for k in keys):

@@ -49,7 +49,7 @@ from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenan
 from ragline.cache.marks import MARK, STAMP, STAMP_LEN, new_token, stamped, unmarked
 from ragline.cache.redis import RedisTier
 from ragline.cache.semantic import SemanticIndex
-from ragline.cache.semantic_match import semantic_match
+from ragline.cache.semantic_match import load_semantic, semantic_from_peer, semantic_match
 from ragline.cache.singleflight import DistributedSingleFlight
 from ragline.cache.tiered import TieredCache, build_cache
 from ragline.config import Settings
@@ -137,6 +137,7 @@ class CacheLayer:
         self._answer_keys: dict[tuple[str, str, int], str] = {}
         """(tenant, raw query, k) → answer key of history-less requests (keys are pure functions of these)."""
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.tiers.on_added = self._semantic_from_peer
 
     def attach_clock(self, clock: TermClock) -> bool:
         """Check keyword changes at read time against the store's term clock, where that is exact:
@@ -153,21 +154,11 @@ class CacheLayer:
         if isinstance(self.deps, RedisDependencyIndex) and self._reconcile_task is None:
             self._reconcile_task = asyncio.create_task(self._reconcile_local_only(), name="ragline-deps-reconcile")
 
+    async def _semantic_from_peer(self, keys: list[str], fingerprint: str) -> None:
+        await semantic_from_peer(self, keys, fingerprint)
+
     async def _load_semantic(self) -> None:
-        """Rebuild the in-process semantic index from the persistent dependency records."""
-        by_tenant: dict[str, list[str]] = {}
-        for key in await self.deps.all_keys():
-            if ":answer:" in key:
-                by_tenant.setdefault(key.split(":")[2], []).append(key)
-        recs: list[DepRecord] = []
-        for tenant, keys in by_tenant.items():  # one batched fetch per tenant (a round trip with Redis)
-            recs.extend(await self.deps.records(tenant, keys))
-
-        def add_all() -> None:  # ANN inserts are CPU work: off the event loop
-            for rec in recs:
-                self.semantic.add(rec.tenant, self.fingerprint, rec.entry_key, rec.query, rec.qvec)
-
-        await asyncio.to_thread(add_all)
+        await load_semantic(self)
 
     async def _reconcile_local_only(self, interval_s: float = 1.0) -> None:
         """Entries cached while the shared dependency index was unreachable are known to no other
@@ -286,6 +277,8 @@ class CacheLayer:
             shared = await self.deps.add(dep, time.time() + self.ttl)
             if semantic and self.cs.semantic:
                 self.semantic.add(dep.tenant, self.fingerprint, key, dep.query, dep.qvec)
+                if shared:
+                    await self.tiers.announce([key], self.fingerprint)  # other instances index it too
             if not shared:
                 await self._put_local_only(key, value)
                 return

@@ -6,6 +6,7 @@ layer's semantic index, tiers and counters.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,9 +18,10 @@ from ragline.context import same_evidence
 from ragline.types import Vectors
 
 if TYPE_CHECKING:
+    from ragline.cache.deps import DepRecord
     from ragline.cache.layer import CacheLayer
 
-__all__ = ["semantic_match"]
+__all__ = ["load_semantic", "semantic_from_peer", "semantic_match"]
 
 
 async def semantic_match(
@@ -61,3 +63,34 @@ async def semantic_match(
         layer.counters["semantic_hits"] += 1
         return body, c.similarity, c.query
     return None
+
+
+async def semantic_from_peer(layer: CacheLayer, keys: list[str], fingerprint: str) -> None:
+    """Another instance cached these answers: index them for semantic lookups here too, if they
+    were computed under the same settings (their records are in the shared dependency index)."""
+    if not layer.cs.semantic or fingerprint != layer.fingerprint:
+        return
+    by_tenant: dict[str, list[str]] = {}
+    for key in keys:
+        if ":answer:" in key:
+            by_tenant.setdefault(key.split(":")[2], []).append(key)
+    for tenant, ks in by_tenant.items():
+        for rec in await layer.deps.records(tenant, ks):
+            layer.semantic.add(rec.tenant, layer.fingerprint, rec.entry_key, rec.query, rec.qvec)
+
+
+async def load_semantic(layer: CacheLayer) -> None:
+    """Rebuild the in-process semantic index from the persistent dependency records."""
+    by_tenant: dict[str, list[str]] = {}
+    for key in await layer.deps.all_keys():
+        if ":answer:" in key:
+            by_tenant.setdefault(key.split(":")[2], []).append(key)
+    recs: list[DepRecord] = []
+    for tenant, keys in by_tenant.items():  # one batched fetch per tenant (a round trip with Redis)
+        recs.extend(await layer.deps.records(tenant, keys))
+
+    def add_all() -> None:  # ANN inserts are CPU work: off the event loop
+        for rec in recs:
+            layer.semantic.add(rec.tenant, layer.fingerprint, rec.entry_key, rec.query, rec.qvec)
+
+    await asyncio.to_thread(add_all)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +85,7 @@ class TieredCache:
         self.metrics = metrics
         self.remote_invalidations = 0
         self.resyncs = 0
+        self.on_added: Callable[[list[str], str], Awaitable[None]] | None = None  # set by the layer
         if metrics:
             cache_metrics.register(self)
 
@@ -291,9 +292,16 @@ class TieredCache:
         self.remote_invalidations += 1
         await self.invalidate_local(keys, prefix)
 
+    async def announce(self, keys: Sequence[str], tag: str) -> None:  # answers others may index (on_added)
+        if self.bus is not None:
+            await self.bus.announce(keys, tag)
+
+    async def _on_added(self, keys: list[str], tag: str) -> None:
+        if self.on_added is not None:
+            await self.on_added(keys, tag)
+
     async def _on_resync(self) -> None:
-        """The bus (re)connected after a gap: events may have been missed, so local
-        copies can no longer be trusted."""
+        """The bus (re)connected after a gap: events may have been missed, local copies are not trusted."""
         self.resyncs += 1
         if self.resync_clear_local:
             await self.invalidate_local(prefix=KEY_ROOT)
@@ -304,7 +312,7 @@ class TieredCache:
         """Start the invalidation subscriber (if a bus is attached) and the periodic
         metrics sync (if metrics are on).  Call once, in the app's event loop."""
         if self.bus is not None:
-            self.bus.start(self._on_remote, self._on_resync)
+            self.bus.start(self._on_remote, self._on_resync, self._on_added)
         if self.metrics and (self._metrics_task is None or self._metrics_task.done()):
             self._metrics_task = asyncio.create_task(
                 self._metrics_loop(metrics_interval_s), name="ragline-cache-metrics"

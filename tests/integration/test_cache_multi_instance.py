@@ -338,3 +338,23 @@ async def test_entries_cached_while_the_shared_index_is_down_stay_local_and_go_o
     finally:
         raw.close()
         deps_server.stop()
+
+
+async def test_an_answer_cached_on_one_instance_enters_the_others_semantic_index(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder, redis_url: str, tmp_path: Path
+) -> None:
+    sa = instance_settings(make_settings, tmp_path, "a", redis_url, semantic=True)
+    sb = instance_settings(make_settings, tmp_path, "b", redis_url, semantic=True)
+    async with AsyncRAG(sa, embedder=embedder) as a, AsyncRAG(sb, embedder=embedder) as b:
+        assert a.cache is not None and b.cache is not None
+        for bus in (a.cache.tiers.bus, b.cache.tiers.bus):
+            assert bus is not None and await bus.wait_connected()
+        for rag in (a, b):
+            await rag.ingest(DOCS)
+        before = len(b.cache.semantic)
+        assert (await a.ask(Q)).cache.kind == "miss"
+        key = a.cache.answer_key("default", Q, sa.retrieval.k, [])
+        await wait_until(lambda: len(b.cache.semantic) > before, timeout=2.0)  # announced over pub/sub
+        qvec = embedder.embed([Q])[0]
+        found = b.cache.semantic.candidates("default", b.cache.fingerprint, qvec, 0.9)
+        assert key in {c.answer_key for c in found}
