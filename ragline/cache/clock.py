@@ -40,13 +40,16 @@ from ragline.types import Change, Vectors
 
 __all__ = ["GONE", "MOVED", "UNAFFECTED", "TermClock"]
 
-EPS: Final = 1e-5
-"""Float32 index scores and the dense check's scores may differ in the last bits."""
+MARGIN: Final = 4e-3
+"""Vectors are kept in float16 (half the memory): a cosine from them may be off by ~1e-3, so a chunk
+counts as entering a dense list when it comes within this much of the cutoff (more re-verification,
+never less)."""
 UNAFFECTED: Final = 0
 MOVED: Final = 1
 GONE: Final = 2
-MAX_VECTORS: Final = 8192
-"""Added-chunk vectors kept per tenant (12 MB at 384 dims); beyond, the oldest half is forgotten."""
+MAX_VECTORS: Final = 32768
+"""Added-chunk vectors kept per tenant (24 MB at 384 dims in float16); beyond, the oldest half is
+forgotten. A bulk ingest larger than this makes entries stamped before it count as touched."""
 
 
 class _Recent:
@@ -69,13 +72,13 @@ class _Recent:
             return
         vectors = np.asarray(vectors, np.float32)
         if self.vecs is None or self.vecs.shape[1] != vectors.shape[1]:
-            self.vecs, self.seqs, self.n = np.zeros((64, vectors.shape[1]), np.float32), np.zeros(64, np.int64), 0
+            self.vecs, self.seqs, self.n = np.zeros((64, vectors.shape[1]), np.float16), np.zeros(64, np.int64), 0
         need = self.n + len(vectors)
         if need > len(self.vecs):  # grow by doubling: amortised O(1) per vector
             size = max(need, 2 * len(self.vecs))
-            self.vecs = np.concatenate([self.vecs, np.zeros((size - len(self.vecs), self.vecs.shape[1]), np.float32)])
+            self.vecs = np.concatenate([self.vecs, np.zeros((size - len(self.vecs), self.vecs.shape[1]), np.float16)])
             self.seqs = np.concatenate([self.seqs, np.zeros(size - len(self.seqs), np.int64)])
-        self.vecs[self.n : need] = vectors
+        self.vecs[self.n : need] = vectors.astype(np.float16)
         self.seqs[self.n : need] = seq
         self.n = need
         if self.n > MAX_VECTORS:
@@ -100,7 +103,8 @@ class _Recent:
             return False
         if cutoff is None or qvec.shape != (self.vecs.shape[1],):
             return True  # a list that was not full takes any new chunk (another dimension: unknown)
-        return bool(float((self.vecs[i0 : self.n] @ qvec).max()) >= cutoff - EPS)
+        sims = self.vecs[i0 : self.n].astype(np.float32) @ np.asarray(qvec, np.float32)
+        return bool(float(sims.max()) >= cutoff - MARGIN)
 
 
 class TermClock:
