@@ -159,6 +159,12 @@ class Invalidation:
                 clock.record(change, vectors)
                 self.cache.count("clock_recorded")
                 return
+            if foreign and self.cache.shared_deps:
+                # the writer marked the shared tier; marking it again here would put a second token
+                # on it that this instance's own copies no longer match: drop those copies instead
+                by_chunk, dense, by_term = await self._affected(tenant, set(removed), vectors, terms)
+                await self.cache.tiers.invalidate_local(sorted(by_chunk | dense | by_term))
+                return
             if self.mode == "eager" and not foreign:
                 report = await recheck(self, tenant, removed, vectors, terms)
             else:

@@ -117,6 +117,8 @@ class CacheLayer:
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
         self._tiers_get_l1 = self.tiers.get_l1  # bound once: the exact-hit path
         self.deps: DepsIndex = _deps_index(settings)
+        self.shared_deps = isinstance(self.deps, RedisDependencyIndex)
+        """Records (and marks in L2) are shared with other instances: their changes are theirs to mark."""
         self.clock: TermClock | None = None
         """With a clock, answer and retrieval values are stamped (:mod:`ragline.cache.clock`)."""
         self._clock_now: dict[str, int] | None = None
