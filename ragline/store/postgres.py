@@ -101,6 +101,7 @@ class PostgresStore:
             row = c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
         self._scanned = int(row[0]) if row else 0
         self._last_seen = self._scanned
+        self._seen_lock = threading.Lock()
         self._gaps: dict[int, float] = {}
         self._partitions: set[str] = set()
         self._sizes: dict[str, tuple[int, float]] = {}
@@ -119,16 +120,24 @@ class PostgresStore:
                     conn.execute(f"LISTEN {CHANNEL}")
                     backoff = 0.1
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=1.0, stop_after=64):
-                            self._version += 1
+                        for note in conn.notifies(timeout=1.0, stop_after=64):
+                            seq, _, origin = note.payload.partition(":")
+                            if origin != self._origin:  # this instance's own writes bumped it already
+                                self._seen(int(seq))
                         row = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
-                        if row and int(row[0]) != self._last_seen:
-                            self._last_seen = int(row[0])
-                            self._version += 1
+                        if row:
+                            self._seen(int(row[0]))  # a notification lost while disconnected
             except psycopg.Error:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 self._version += 1  # something may have been missed while disconnected
+
+    def _seen(self, seq: int) -> None:
+        """One bump per change, however it was heard of (a bump makes in-flight results uncacheable)."""
+        with self._seen_lock:
+            if seq > self._last_seen:
+                self._last_seen = seq
+                self._version += 1
 
     def version(self) -> int:
         return self._version
@@ -308,8 +317,10 @@ class PostgresStore:
             "ON CONFLICT (tenant, term) DO UPDATE SET seq = excluded.seq",
             (tenant, seq, [*terms, ""]),
         )
-        c.execute(f"NOTIFY {CHANNEL}, '{seq}'")
-        self._version += 1
+        c.execute(f"NOTIFY {CHANNEL}, '{seq}:{self._origin}'")
+        with self._seen_lock:
+            self._last_seen = max(self._last_seen, seq)
+            self._version += 1
         return Change(seq, tenant, tuple(removed), tuple(added), tuple(terms))
 
     # -- read helpers -----------------------------------------------------------------------
