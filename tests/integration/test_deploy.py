@@ -34,6 +34,8 @@ def _promtool() -> str:
 
 @pytest.fixture(scope="module")
 def scrape(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> str:
+    redis_server.resume()  # a fault test may have left it paused or stopped
+    redis_server.start()
     """/metrics of a server (L1 + Redis L2 + L3) after a little of everything: ingest, a miss, a hit,
     a search, a bad request."""
     settings = Settings(
