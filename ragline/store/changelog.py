@@ -6,10 +6,10 @@ key → chunk-id map, and above the store its caches).  Three small parts keep t
 * **The change log** (table ``changes`` in ``store.sqlite3``): one row per upsert or delete, written
   in the same transaction as the rows it describes, ``published`` once the writer's tantivy commit is
   done (a process that applied the row before that would search a keyword index without it).
-* **The sequence file** (``changes.seq``): 8 bytes, memory-mapped, the highest published seq.  A
-  reader compares it with the last seq it applied before every read, the exact-hit path included:
-  0.23 µs against 1.8 µs for ``PRAGMA data_version`` (measured on the 2-core machine).  Writers raise
-  it under ``flock`` and never lower it, so two writers finishing out of order cannot hide a change.
+* **The sequence file** (``changes.seq``): 8 bytes, memory-mapped, a count of publishes.  A reader
+  compares it with the value it last synced at before every read, the exact-hit path included:
+  0.23 µs against 1.8 µs for ``PRAGMA data_version`` (measured on the 2-core machine).  Every publish
+  increments it under ``flock`` (read and write together), so no publish can go unseen.
 * **A per-tenant writer lock** (``flock`` on ``tenants/<t>/.write.lock`` plus a thread lock): writers
   of one tenant take turns across processes, so their tantivy commits apply in log order; writers of
   different tenants never wait for each other (SQLite's own write lock is held only for the rows).
@@ -161,10 +161,9 @@ def _rows(cur: sqlite3.Cursor) -> list[LoggedChange]:
 
 
 class SeqFile:
-    """The highest published seq, in an 8-byte memory-mapped file every process of the data dir shares.
+    """A count of publishes, in an 8-byte memory-mapped file every process of the data dir shares.
 
-    Reading it is a slice of shared memory (no system call); raising it takes an exclusive
-    ``flock`` so it only ever grows."""
+    Reading it is a slice of shared memory (no system call); counting takes an exclusive ``flock``."""
 
     def __init__(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -181,17 +180,22 @@ class SeqFile:
             os.close(fd)
             raise
         self._fd = fd
+        self._thread_lock = threading.Lock()
 
     def read(self) -> int:
         return int.from_bytes(self._mm[:8], "little")
 
-    def raise_to(self, seq: int) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            if seq > self.read():
-                self._mm[:8] = seq.to_bytes(8, "little")
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def bump(self) -> int:
+        """Count one publish: read and write under the lock, so two processes publishing at once
+        move it twice (a reader that synced between them must see it move again)."""
+        with self._thread_lock:  # flock does not exclude threads sharing this descriptor
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                value = self.read() + 1
+                self._mm[:8] = value.to_bytes(8, "little")
+                return value
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._mm.close()

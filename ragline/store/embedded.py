@@ -171,7 +171,7 @@ class EmbeddedStore:
             with ti.lock, self._db_lock:
                 ti.rewrite_keyword(self._db, list(row.removed_keys) + list(row.added_keys))
                 ChangeLog.publish(self._db, row.change.seq)
-            self._seq.raise_to(self._seq.read() + 1)
+            self._seq.bump()
             repaired = True
         if repaired:
             self._follow()  # now published: applied here (dense, key map) and reported like any other
@@ -313,7 +313,7 @@ class EmbeddedStore:
     def _publish(self, seq: int, change: Change) -> Change:
         with self._db_lock:
             ChangeLog.publish(self._db, seq)
-        self._seq.raise_to(self._seq.read() + 1)
+        self._seq.bump()
         return change
 
     def delete(self, tenant: str, doc_ids: list[str]) -> Change:

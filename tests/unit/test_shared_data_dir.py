@@ -138,3 +138,23 @@ async def test_a_dead_writers_change_is_repaired_by_the_next_writer(tmp_path: Pa
     finally:
         s1.close()
         s2.close()
+
+
+def test_every_publish_moves_the_shared_counter(tmp_path: Path) -> None:
+    """Two handles on one sequence file (as two processes have), bumping at once: no bump is lost, so a
+    reader that synced between two publishes always sees the counter move again."""
+    import threading
+
+    from ragline.store.changelog import SeqFile
+
+    a, b = SeqFile(tmp_path / "changes.seq"), SeqFile(tmp_path / "changes.seq")
+    try:
+        threads = [threading.Thread(target=lambda s=s: [s.bump() for _ in range(500)]) for s in (a, b, a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert a.read() == b.read() == 2000
+    finally:
+        a.close()
+        b.close()
