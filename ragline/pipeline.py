@@ -521,13 +521,13 @@ def _wire(self: AsyncRAG) -> None:
             version=self._store.version,
             synced=self._store.synced_version,
         )
-        self.cache.attach_clock(TermClock(self._store.clock_rows()))
+        self.cache.attach_clock(_clock(self._store))
     self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
     self._embed = CachedEmbedder(
         emb, self.cache, max_batch=s.embedder.batch_size, max_wait_ms=s.embedder.micro_batch_wait_ms
     )
     self._generate = CachedLLM(self._llm, self.cache, s.llm)
-    self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation)
+    self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation, catch_up=self.catch_up)
     self._follower = Follower(self._store, self._invalidation, functools.partial(_update_gauges, self._store))
     # chunk texts recur across requests (and every re-verification packs again): count each once
     self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)

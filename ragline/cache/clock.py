@@ -67,7 +67,8 @@ class _Recent:
 
     def add(self, seq: int, removed: Iterable[str], vectors: Vectors | None) -> None:
         for cid in removed:
-            self.removed[cid] = seq
+            if seq > self.removed.get(cid, 0):
+                self.removed[cid] = seq
         if vectors is None or not len(vectors):
             return
         vectors = np.asarray(vectors, np.float32)
@@ -87,7 +88,7 @@ class _Recent:
     def _forget(self, k: int) -> None:
         """Drop the oldest ``k`` vectors; everything up to their last seq becomes unknown."""
         assert self.vecs is not None
-        self.floor = max(self.floor, int(self.seqs[k - 1]))
+        self.floor = max(self.floor, int(self.seqs[:k].max()))
         rest = self.n - k
         self.vecs[:rest] = self.vecs[k : self.n]
         self.seqs[:rest] = self.seqs[k : self.n]
@@ -98,12 +99,13 @@ class _Recent:
         """Would a chunk added after ``stamp`` enter a dense list with this query vector and cutoff?"""
         if self.vecs is None or self.n == 0:
             return False
-        i0 = int(np.searchsorted(self.seqs[: self.n], stamp, side="right"))
-        if i0 >= self.n:
+        # a mask, not a binary search: changes may be recorded out of seq order
+        after = np.nonzero(self.seqs[: self.n] > stamp)[0]
+        if not len(after):
             return False
         if cutoff is None or qvec.shape != (self.vecs.shape[1],):
             return True  # a list that was not full takes any new chunk (another dimension: unknown)
-        sims = self.vecs[i0 : self.n].astype(np.float32) @ np.asarray(qvec, np.float32)
+        sims = self.vecs[after].astype(np.float32) @ np.asarray(qvec, np.float32)
         return bool(float(sims.max()) >= cutoff - MARGIN)
 
 

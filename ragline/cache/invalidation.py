@@ -141,6 +141,8 @@ class Invalidation:
         tenant = change.tenant
         self._generation[tenant] = self._generation.get(tenant, 0) + 1
         if "*" in change.removed:  # the store reloaded everything: nothing cached can be trusted
+            if self.cache.clock is not None:
+                self.cache.clock.record(change, None)  # and stamps from before it count as touched
             n = await self.cache.flush_results(tenant)
             metrics.INVALIDATIONS.labels("flush").inc(n)
             return

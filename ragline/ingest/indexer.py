@@ -14,7 +14,7 @@ writers of each tenant.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -51,7 +51,11 @@ class Indexer:
         settings: Settings,
         changes: ChangeListener | None,
         batch_chunks: int = BATCH_CHUNKS,
+        catch_up: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``catch_up``: applies other processes' changes; a write first applies those it met (the
+        store applied them to its indexes), so the cache learns of every change in seq order."""
+        self.catch_up = catch_up
         self.store = store
         self.chunker = chunker
         self.embedder = embedder
@@ -104,6 +108,8 @@ class Indexer:
                     else f"none of the {len(missing)} document ids exist"
                 )
             change = await asyncio.to_thread(store.delete, tenant, list(states))
+            if self.catch_up is not None:
+                await self.catch_up()
             if self.changes is not None and change.seq:
                 await self.changes.changed(change, None)
         return list(change.removed)
@@ -174,6 +180,8 @@ class Indexer:
     async def _commit(self, tenant: str, prepared: Prepared, n_docs: int, progress: Progress | None) -> None:
         if prepared:
             change = await asyncio.to_thread(self.store.upsert, tenant, prepared)
+            if self.catch_up is not None:
+                await self.catch_up()
             if self.changes is not None:
                 added = set(change.added)
                 vecs = [v for _, _, cs, vs in prepared for c, v in zip(cs, vs, strict=True) if c.id in added]

@@ -165,14 +165,21 @@ class EmbeddedStore:
         with self._db_lock:
             dead = ChangeLog.pending(self._db, tenant)
         repaired = False
+        own: list[Change] = []
         for row in dead:
-            if row.origin == self._origin:
-                continue  # this process's own write in flight on another thread: not dead
+            # under the tenant's lock no writer of this tenant is in flight, in this process or another:
+            # a pending row of this process's own is a write whose index step failed after its commit
             with ti.lock, self._db_lock:
                 ti.rewrite_keyword(self._db, list(row.removed_keys) + list(row.added_keys))
+                if row.origin == self._origin:  # _follow skips own rows: apply and report it here
+                    ti.follow(self._db, row.removed_keys, row.added_keys)
+                    own.append(row.change)
                 ChangeLog.publish(self._db, row.change.seq)
             self._seq.bump()
             repaired = True
+        if own:
+            with self._sync_lock:  # after ti.lock is released: _follow takes _sync_lock first
+                self._unreported.extend(own)
         if repaired:
             self._follow()  # now published: applied here (dense, key map) and reported like any other
 
@@ -183,13 +190,12 @@ class EmbeddedStore:
         return ti
 
     # -- keeping in step with other processes ----------------------------
-    def version(self) -> int:
-        """Bumped by every publish of any process (a shared-memory read, no system call)."""
+    def version(self) -> int:  # bumped by every publish of any process (a shared-memory read)
         return self._seq.read()
 
     def synced_version(self) -> int:
-        """The :meth:`version` the indexes reflect."""
-        return self._synced
+        """The :meth:`version` the indexes reflect (-1 while a write's applied changes await :meth:`sync`)."""
+        return -1 if self._unreported else self._synced
 
     def sync(self) -> list[Change]:
         """Apply every change other processes published since the last call, and return them (the
@@ -214,7 +220,7 @@ class EmbeddedStore:
                 rows = ChangeLog.since(self._db, self._scanned, set(self._pending))
             if first is not None and first > self._scanned + 1 and self._scanned > 0:
                 self._reload_all(first)
-                rows = [r for r in rows if r.change.seq >= first]
+                rows = [r for r in rows if r.change.seq >= first or r.change.seq in self._pending]
             for row in rows:
                 self._follow_row(row)
             self._synced = version
@@ -238,8 +244,7 @@ class EmbeddedStore:
                 ti.follow(self._db, row.removed_keys, row.added_keys)
         self._unreported.append(row.change)
 
-    def _pending_tenants(self) -> dict[str, float]:
-        """tenant → when its oldest pending row was first seen."""
+    def _pending_tenants(self) -> dict[str, float]:  # tenant → when its oldest pending row was first seen
         with self._sync_lock:
             pending = dict(self._pending)
         with self._db_lock:
@@ -250,21 +255,18 @@ class EmbeddedStore:
         return out
 
     def _reload_all(self, first: int) -> None:
-        """The log was trimmed past what this process applied: reload every tenant from SQLite and
-        report one change per tenant that names every term, so the caller drops all it cached."""
+        """The log was trimmed past what this process applied: reload every tenant; report "*" changes."""
         with self._db_lock:
             tenants = [r[0] for r in self._db.execute("SELECT DISTINCT tenant FROM chunks").fetchall()]
         for tenant in set(tenants) | set(self._tenants):
             self._open_tenant(tenant, repair=False)
             self._unreported.append(Change(first, tenant, ("*",), ("*",), ("*",)))
-        self._pending.clear()
 
     def recent_changes(self, limit: int) -> list[Change]:
         with self._db_lock:
             return ChangeLog.recent(self._db, limit)
 
     def clock_rows(self) -> list[tuple[str, str, int]]:
-        """(tenant, term, seq) of the term clock; term ``""`` holds the tenant's last change."""
         with self._db_lock:
             return [(t, term, int(seq)) for t, term, seq in self._db.execute("SELECT * FROM term_clock")]
 
@@ -413,10 +415,10 @@ class EmbeddedStore:
     def close(self) -> None:
         """Persist the dense indexes (a clean shutdown makes the next open fast; a crash costs only
         a rebuild from SQLite)."""
+        for ti in list(self._tenants.values()):  # ti.lock before _db_lock, as every writer takes them
+            with ti.lock:
+                ti.save()
         with self._db_lock:
-            for ti in self._tenants.values():
-                with ti.lock:
-                    ti.save()
             self._db.close()
         self._seq.close()
 

@@ -130,20 +130,22 @@ class PostgresStore:
             except psycopg.Error:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-                self._version += 1  # something may have been missed while disconnected
+                with self._seen_lock:
+                    self._version += 1  # something may have been missed while disconnected
 
     def _seen(self, seq: int) -> None:
         """One bump per change, however it was heard of (a bump makes in-flight results uncacheable)."""
         with self._seen_lock:
-            if seq > self._last_seen:
-                self._last_seen = seq
+            if seq > self._last_seen or seq in self._gaps:  # a gap: a lower seq that committed late
+                self._last_seen = max(self._last_seen, seq)
                 self._version += 1
 
     def version(self) -> int:
         return self._version
 
     def synced_version(self) -> int:
-        return self._synced
+        """-1 while a seq skipped by a later one has not been seen (a slow commit): every read syncs."""
+        return -1 if self._gaps else self._synced
 
     def sync(self) -> list[Change]:
         """The changes other instances committed since the last call (nothing derived to update here:

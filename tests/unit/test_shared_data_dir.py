@@ -158,3 +158,34 @@ def test_every_publish_moves_the_shared_counter(tmp_path: Path) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_changes_a_write_applied_are_still_reported(tmp_path: Path) -> None:
+    """A write first applies what other processes published (its index operations must follow theirs);
+    until the caller syncs, the store says it is behind, so those changes still reach the caches."""
+    emb = HashEmbedder()
+    s1, s2 = EmbeddedStore(tmp_path, emb.dim), EmbeddedStore(tmp_path, emb.dim)
+    try:
+        theirs = s2.upsert("default", [_doc("owls", "Owls hunt at night.", emb)])
+        s1.upsert("default", [_doc("bees", "Bees dance.", emb)])  # applies s2's change on its way
+        assert s1.synced_version() != s1.version()
+        assert [c.seq for c in s1.sync()] == [theirs.seq] and s1.synced_version() == s1.version()
+    finally:
+        s1.close()
+        s2.close()
+
+
+def test_a_restarted_process_knows_what_recent_changes_removed(tmp_path: Path) -> None:
+    from ragline.cache.clock import GONE
+    from ragline.pipeline import _clock
+
+    emb = HashEmbedder()
+    s = EmbeddedStore(tmp_path, emb.dim)
+    try:
+        s.upsert("default", [_doc("owls", "Owls hunt at night.", emb)])
+        gone = s.delete("default", ["owls"])
+        clock = _clock(s)  # what a process starting now knows
+        v = emb.embed(["x"])[0]
+        assert clock.affected("default", gone.seq - 1, (), (), ("owls#0",), v, 0.99) == GONE
+    finally:
+        s.close()
