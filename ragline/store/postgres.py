@@ -136,7 +136,9 @@ class PostgresStore:
     def _seen(self, seq: int) -> None:
         """One bump per change, however it was heard of (a bump makes in-flight results uncacheable)."""
         with self._seen_lock:
-            if seq > self._last_seen or seq in self._gaps:  # a gap: a lower seq that committed late
+            # news only: a seq a sync already read (its notification came late) would make the results
+            # computed meanwhile uncacheable for nothing; a gap's seq is news (it committed late)
+            if seq > max(self._last_seen, self._scanned) or seq in self._gaps:
                 self._last_seen = max(self._last_seen, seq)
                 self._version += 1
 
