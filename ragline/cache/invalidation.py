@@ -33,7 +33,7 @@ from ragline.cache.marks import is_marked, payload, stamp_of
 from ragline.codec import retrieval_from_bytes, retrieval_to_bytes
 from ragline.context import same_evidence
 from ragline.retrieve import HybridRetriever
-from ragline.types import CacheMode, Change, Chunk, Hit, Retrieval, Vectors
+from ragline.types import CacheMode, Change, Hit, Retrieval, Vectors
 
 _FRESH_S = 1.0
 _FRESH_MAX = 256
@@ -121,13 +121,6 @@ class Invalidation:
             doc_level=doc_level,
             candidates=candidates,
         )
-
-    def terms(self, chunks: Iterable[Chunk]) -> set[str]:
-        """Keyword index terms of ``chunks``."""
-        out: set[str] = set()
-        for c in chunks:
-            out.update(self.analyze(c.index_text))
-        return out
 
     # -- changes -------------------------------------------------------------------
     async def changed(self, change: Change, vectors: Vectors | None, *, foreign: bool = False) -> None:

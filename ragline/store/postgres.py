@@ -33,7 +33,7 @@ from ragline.errors import ConfigError, InvalidInput, StoreError
 from ragline.store.base import DocState
 from ragline.store.pg_schema import migrate, partition_name
 from ragline.store.pg_writes import insert_chunks, remove_docs
-from ragline.store.writes import analyze, keyword_query_text
+from ragline.store.writes import analyze, diff_chunks, keyword_query_text
 from ragline.types import Change, Chunk, Document, Scored, Vectors
 
 __all__ = ["PostgresStore"]
@@ -261,21 +261,8 @@ class PostgresStore:
                         rows.append((ch, np.asarray(vec, np.float32)))
                         new_chunks.append(ch)
                 insert_chunks(c, tenant, rows)
-                same = {
-                    ch.id
-                    for ch in new_chunks
-                    if (o := old.get(ch.id)) is not None
-                    and o[0] == ch.content_hash
-                    and o[1] == ch.title
-                    and _json_eq(o[2], ch.metadata)
-                }
-                removed = [cid for cid in old if cid not in same]
-                added = [ch.id for ch in new_chunks if ch.id not in same]
-                terms = {t for cid in removed for t in old[cid][3]}
-                for ch in new_chunks:
-                    if ch.id not in same:
-                        terms.update(analyze(ch.index_text))
-                return self._log(c, tenant, removed, added, sorted(terms))
+                removed, added, terms = diff_chunks({c: o[:3] for c, o in old.items()}, new_chunks, lambda c: old[c][3])
+                return self._log(c, tenant, removed, added, terms)
         except psycopg.Error as exc:
             raise StoreError(f"store write failed and was rolled back ({type(exc).__name__}: {exc.sqlstate})") from None
 
@@ -404,7 +391,3 @@ def _check_tenant(tenant: str) -> None:
 
 def _rank_order(s: Scored) -> tuple[float, str]:
     return (-s.score, s.chunk_id)
-
-
-def _json_eq(a: object, b: object) -> bool:
-    return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import orjson
@@ -18,7 +19,7 @@ import tantivy
 from ragline.errors import StoreError
 from ragline.types import Change, Chunk, Document, Vectors
 
-__all__ = ["Log", "analyze", "delete_rows", "keyword_query_text", "upsert_rows"]
+__all__ = ["Log", "analyze", "delete_rows", "diff_chunks", "keyword_query_text", "upsert_rows"]
 
 Log = Callable[[str, list[int], list[int], list[str], list[str], list[str]], int]
 """(tenant, removed keys, added keys, removed chunk ids, added chunk ids, terms) → the change's seq,
@@ -94,25 +95,10 @@ def upsert_rows(
                 )
                 new_rows.append((int(cur.lastrowid or 0), ch.id, ch.index_text, vec))
                 new_chunks.append(ch)
-        # a replacing chunk with the same id, text, title and metadata is no change to any retrieval
-        same = {
-            ch.id
-            for ch in new_chunks
-            if (o := old.get(ch.id)) is not None
-            and o[1] == ch.content_hash
-            and o[2] == ch.title
-            and _json_eq(orjson.loads(o[4]), ch.metadata)
-        }
-        removed = [cid for cid in old if cid not in same]
-        added = [ch.id for ch in new_chunks if ch.id not in same]
-        terms: set[str] = set()
-        for cid in removed:
-            terms.update(analyze(f"{old[cid][2]}\n{old[cid][3]}"))
-        for ch in new_chunks:
-            if ch.id not in same:
-                terms.update(analyze(ch.index_text))
+        meta = {cid: (o[1], o[2], orjson.loads(o[4])) for cid, o in old.items()}
+        removed, added, terms = diff_chunks(meta, new_chunks, lambda cid: analyze(f"{old[cid][2]}\n{old[cid][3]}"))
         old_keys = [o[0] for o in old.values()]
-        seq = log(tenant, old_keys, [r[0] for r in new_rows], removed, added, sorted(terms))
+        seq = log(tenant, old_keys, [r[0] for r in new_rows], removed, added, terms)
         db.execute("COMMIT")
     except BaseException as exc:
         db.execute("ROLLBACK")
@@ -121,7 +107,7 @@ def upsert_rows(
         if isinstance(exc, sqlite3.Error):
             raise StoreError(f"store write failed and was rolled back: {exc}") from exc
         raise
-    return old_keys, new_rows, Change(seq, tenant, tuple(removed), tuple(added), tuple(sorted(terms)))
+    return old_keys, new_rows, Change(seq, tenant, tuple(removed), tuple(added), tuple(terms))
 
 
 def delete_rows(db: sqlite3.Connection, tenant: str, doc_ids: list[str], log: Log) -> tuple[list[int], Change] | None:
@@ -149,6 +135,33 @@ def delete_rows(db: sqlite3.Connection, tenant: str, doc_ids: list[str], log: Lo
         db.execute("ROLLBACK")
         raise StoreError(f"store delete failed and was rolled back: {exc}") from exc
     return [k for k, _, _ in removed], Change(seq, tenant, tuple(ids), (), tuple(terms))
+
+
+def diff_chunks(
+    old: Mapping[str, tuple[str, str, Any]], new: list[Chunk], old_terms: Callable[[str], Iterable[str]]
+) -> tuple[list[str], list[str], list[str]]:
+    """What a replacement changes, for every store: (removed chunk ids, added chunk ids, keyword terms).
+
+    ``old``: chunk id → (content hash, title, metadata) of the chunks replaced.  A replacing chunk with
+    the same id, text, title and metadata is no change to any retrieval, so it is in neither list; the
+    terms are those of every removed and added chunk (``old_terms`` gives a removed chunk's)."""
+    same = {
+        ch.id
+        for ch in new
+        if (o := old.get(ch.id)) is not None
+        and o[0] == ch.content_hash
+        and o[1] == ch.title
+        and _json_eq(o[2], ch.metadata)
+    }
+    removed = [cid for cid in old if cid not in same]
+    added = [ch.id for ch in new if ch.id not in same]
+    terms: set[str] = set()
+    for cid in removed:
+        terms.update(old_terms(cid))
+    for ch in new:
+        if ch.id not in same:
+            terms.update(analyze(ch.index_text))
+    return removed, added, sorted(terms)
 
 
 def _json_eq(a: object, b: object) -> bool:

@@ -52,7 +52,8 @@ def scrape(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) 
             assert c.post("/v1/query", json={"query": "When did the Eiffel Tower open?"}).status_code == 200
         assert c.post("/v1/search", json={"query": "tea"}).status_code == 200
         assert c.post("/v1/query", json={"query": ""}).status_code == 400
-        assert c.post("/v1/documents", json={"documents": [{"id": "paris", "text": "It opened in 1889."}]})
+        update = {"documents": [{"id": "paris", "text": "It opened in 1889."}]}
+        assert c.post("/v1/documents", json=update).status_code == 200
         assert c.post("/v1/query", json={"query": "When did the Eiffel Tower open?"}).status_code == 200
         return c.get("/metrics").text
 
