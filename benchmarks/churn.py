@@ -37,7 +37,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,7 @@ async def run_workload(
     embedder: MemoEmbedder,
     base: list[Document],
     rounds: list[dict[str, Any]],
-    peers: list[Settings] = (),  # type: ignore[assignment]
+    peers: Sequence[Settings] = (),
 ) -> dict[str, Any]:
     """One mode over the whole schedule; measurements exclude the base ingest and the staleness checks.
 
