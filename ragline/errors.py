@@ -86,10 +86,17 @@ class ConfigError(RaglineError):
 
 
 class UpstreamError(RaglineError):
-    """An upstream service (LLM or remote embedder) failed after retries."""
+    """An upstream service (LLM or remote embedder) failed after retries.
+
+    ``upstream_status`` is the HTTP status the upstream answered with (``None``: no answer, or a
+    malformed one); the gateway reads it to tell the upstream's failures from the request's faults."""
 
     status = 502
     code = "upstream_error"
+
+    def __init__(self, message: str, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
 
 
 class UpstreamTimeout(UpstreamError):
@@ -111,10 +118,15 @@ class RateLimited(UpstreamError):
 
 
 class ServiceUnavailable(RaglineError):
-    """A required component is not ready (start-up, shutdown, open breaker)."""
+    """A required component is not ready (start-up, shutdown, open breaker); ``retry_after`` in
+    seconds when it is known when to ask again."""
 
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StoreError(RaglineError):

@@ -76,3 +76,60 @@ SEMANTIC_SIMILARITY = Histogram(
     buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0),
 )
 ANSWERS = Counter("ragline_answers_total", "Answers served by cache outcome", ["outcome", "tenant"])
+
+# --- the gateway (ragline.gateway): one series per upstream (names come from settings, not from requests)
+UPSTREAM_REQUESTS = Counter(
+    "ragline_upstream_requests_total",
+    "Calls to an upstream by outcome: ok, limited (429), failed (5xx, timeout, connection), neutral",
+    ["upstream", "outcome"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "ragline_upstream_latency_seconds",
+    "Successful upstream call duration (streams: to the first token)",
+    ["upstream"],
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_IN_FLIGHT = Gauge(
+    "ragline_upstream_in_flight", "Calls in flight to an upstream from this server", ["upstream"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+UPSTREAM_BREAKER = Gauge(
+    "ragline_upstream_breaker_state", "Circuit breaker of an upstream: 0 closed, 1 half-open, 2 open", ["upstream"],
+    multiprocess_mode="mostrecent",
+)  # fmt: skip
+UPSTREAM_RATE_FACTOR = Gauge(
+    "ragline_upstream_rate_factor",
+    "Adaptive rate of an upstream as a fraction of its configured limits (halved on 429)",
+    ["upstream"],
+    multiprocess_mode="mostrecent",
+)
+UPSTREAM_SHARED_STATE = Gauge(
+    "ragline_upstream_shared_state",
+    "1 while the gateway's limits and breakers are shared through Redis, 0 while local",
+    multiprocess_mode="min",
+)
+UPSTREAM_REFUSED = Counter(
+    "ragline_upstream_refused_total",
+    "Admissions an upstream refused, by reason: rpm, tpm, busy, retry_after, open",
+    ["upstream", "reason"],
+)
+UPSTREAM_QUEUE_SECONDS = Histogram(
+    "ragline_upstream_queue_seconds", "Time a call waited for upstream capacity", buckets=_LATENCY_BUCKETS
+)
+UPSTREAM_RETRIES = Counter("ragline_upstream_retries_total", "Further attempts within a group", ["group"])
+UPSTREAM_FALLBACKS = Counter(
+    "ragline_upstream_fallbacks_total", "Calls that moved on to a fallback group", ["from_group", "to_group"]
+)
+UPSTREAM_REJECTED = Counter(
+    "ragline_upstream_rejected_total",
+    "Calls that found no capacity within gateway.queue_timeout_s (answered 429 or 503 with Retry-After)",
+    ["group", "status"],
+)
+UPSTREAM_BREAKER_TRANSITIONS = Counter(
+    "ragline_upstream_breaker_transitions_total", "Breaker openings and closings", ["upstream", "to"]
+)
+UPSTREAM_POOL = Gauge(
+    "ragline_upstream_pool_connections", "Connections in an upstream's httpx pool: open, idle", ["upstream", "state"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+UPSTREAM_TOKENS = Counter("ragline_upstream_tokens_total", "Tokens an upstream reported", ["upstream", "kind"])

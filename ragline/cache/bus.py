@@ -23,7 +23,7 @@ Wire format (orjson): ``{"o": origin, "k": [keys...]}`` or ``{"o": origin, "p": 
 ``{"o": origin, "a": [keys...], "f": tag}`` (announce: answers other instances may add to their semantic
 index if their settings ``tag`` is the same).
 
-Clients come from :func:`ragline.cache.redis_conn.make_client`, like the L2 tier's
+Clients come from :func:`ragline.infra.redis_conn.make_client`, like the L2 tier's
 and the dependency index's; the bus retries with its own capped back-off instead
 of a circuit breaker (a subscriber must keep trying, a failed publish is queued).
 """
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ragline.cache.keys import KEY_ROOT
-from ragline.cache.redis_conn import make_client
+from ragline.infra.redis_conn import make_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

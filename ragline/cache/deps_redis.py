@@ -1,8 +1,8 @@
 """The dependency index shared by every instance through Redis (DESIGN.md §3.1, §6).
 
 :class:`RedisDependencyIndex` implements :class:`~ragline.cache.deps.DepsIndex`
-on redis-py asyncio (a client from :func:`~ragline.cache.redis_conn.make_client`,
-guarded by a :class:`~ragline.cache.redis_conn.RedisConn`).
+on redis-py asyncio (a client from :func:`~ragline.infra.redis_conn.make_client`,
+guarded by a :class:`~ragline.infra.redis_conn.RedisConn`).
 
 The records live in the same Redis as L2, so the instance that ingests
 finds the entries *every* instance wrote, deletes them from L2 and its own
@@ -87,11 +87,11 @@ from typing import Any, Final, TypeVar
 import numpy as np
 from redis.asyncio import Redis
 
-from ragline.cache.breaker import CircuitBreaker
 from ragline.cache.deps import DepRecord, batched, dense_hits
 from ragline.cache.deps_sqlite import DependencyIndex
 from ragline.cache.keys import KEY_ROOT, SCHEMA_VERSION
-from ragline.cache.redis_conn import RedisConn, RedisUnavailable, scan_unlink
+from ragline.infra.breaker import CircuitBreaker
+from ragline.infra.redis_conn import RedisConn, RedisUnavailable, scan_unlink
 from ragline.types import Vectors
 
 T = TypeVar("T")

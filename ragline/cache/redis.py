@@ -1,7 +1,7 @@
 """L2: the Redis tier shared by every instance (DESIGN.md §2–3, §3.5).
 
 Every call is bounded by ``asyncio.timeout`` and sits behind the circuit
-breaker of a :class:`~ragline.cache.redis_conn.RedisConn`; concurrent reads of
+breaker of a :class:`~ragline.infra.redis_conn.RedisConn`; concurrent reads of
 one event-loop tick share one ``MGET`` (:class:`ReadCoalescer`).  The tier also
 hands out redis-py ``Lock`` objects for cross-instance single-flight
 (:mod:`ragline.cache.singleflight`), acquired and released through the same
@@ -22,11 +22,11 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
-from ragline.cache.breaker import HALF_OPEN, CircuitBreaker
 from ragline.cache.keys import KEY_ROOT
 from ragline.cache.marks import MARK, MARK_LEN
-from ragline.cache.redis_conn import RedisConn, scan_unlink
 from ragline.cache.tier import MISS, Miss, PendingDeletes
+from ragline.infra.breaker import HALF_OPEN, CircuitBreaker
+from ragline.infra.redis_conn import RedisConn, scan_unlink
 
 T = TypeVar("T")
 

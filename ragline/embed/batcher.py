@@ -20,6 +20,16 @@ from ragline.errors import ServiceUnavailable
 from ragline.types import Vectors
 
 
+async def embed_async(embedder: Embedder, texts: list[str]) -> Vectors:
+    """``embedder.aembed`` when it has one (remote embedders: no thread needed), else ``embed`` in a
+    worker thread (local models: CPU-bound, kept off the event loop)."""
+    aembed = getattr(embedder, "aembed", None)
+    if aembed is not None:
+        vecs: Vectors = await aembed(texts)
+        return vecs
+    return await asyncio.to_thread(embedder.embed, texts)
+
+
 class MicroBatcher:
     def __init__(self, embedder: Embedder, max_batch: int = 64, max_wait_ms: float = 0.0) -> None:
         self.embedder = embedder
@@ -52,7 +62,7 @@ class MicroBatcher:
                 size += len(item[0])
             texts = [t for ts, _ in batch for t in ts]
             try:
-                vecs = await asyncio.to_thread(self.embedder.embed, texts)
+                vecs = await embed_async(self.embedder, texts)
             except BaseException as exc:  # deliver the failure to every waiter
                 for _, fut in batch:
                     if not fut.done():

@@ -8,7 +8,6 @@ cache is anything with ``get_vectors``/``put_vectors`` (the
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from ragline import metrics
 from ragline.embed.base import Embedder
-from ragline.embed.batcher import MicroBatcher
+from ragline.embed.batcher import MicroBatcher, embed_async
 from ragline.types import Vectors
 
 
@@ -52,7 +51,7 @@ class CachedEmbedder:
     async def embed_texts(self, tenant: str, texts: list[str]) -> tuple[list[Vectors], int]:
         """Vectors of ``texts`` in order, and how many the model computed (the rest were cached).
 
-        The model runs once for all misses, in a worker thread (not through the
+        The model runs once for all misses (not through the
         micro-batcher: an ingest batch is already a full batch).
         """
         out: list[Vectors | None] = [None] * len(texts)
@@ -62,7 +61,7 @@ class CachedEmbedder:
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
             missing = [texts[i] for i in todo]
-            vecs = await asyncio.to_thread(self.embedder.embed, missing)
+            vecs = await embed_async(self.embedder, missing)
             metrics.EMBEDDED.inc(len(todo))
             for i, v in zip(todo, vecs, strict=True):
                 out[i] = v

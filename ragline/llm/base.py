@@ -21,12 +21,18 @@ class GenParams:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+FALLBACK_FINISH = "fallback"
+"""``finish_reason`` of an answer the gateway's extractive last resort gave: never cached."""
+
+
 @dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     usage: Usage
     model: str
     finish_reason: str = "stop"
+    upstream: str = ""
+    """Which upstream answered (the gateway sets it; empty for a single model)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,8 @@ class StreamChunk:
     delta: str
     usage: Usage | None = None
     finish_reason: str | None = None
+    upstream: str = ""
+    """On the last chunk: which upstream answered."""
 
 
 @runtime_checkable

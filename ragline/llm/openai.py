@@ -23,13 +23,10 @@ Ollama and ``ragline.testing.FakeUpstream``.  Design points:
 
 from __future__ import annotations
 
-import email.utils
 import random
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -37,60 +34,13 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from ragline.config import LLMSettings
 from ragline.errors import ConfigError, RaglineError, RateLimited, UpstreamError, UpstreamTimeout
+from ragline.gateway.upstream import http_client, parse_retry_after, retry_after_of, safe_url
 from ragline.llm.base import Completion, GenParams, StreamChunk
 from ragline.types import Message, Usage
 
 __all__ = ["OpenAILLM", "parse_retry_after"]
 
 _EXCERPT_CHARS = 200
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header value, or ``None`` if absent/invalid.
-
-    Accepts delay-seconds (``"2"``, also the non-standard ``"1.5"``) and an
-    HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``), which is turned into a
-    delay from ``now`` (epoch seconds; default: the current time).  Negative
-    results clamp to 0.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT; "-0000" parses as naive
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN / inf
-        return None
-    return max(0.0, seconds)
-
-
-def _retry_after_of(resp: httpx.Response) -> float | None:
-    """``retry-after-ms`` (OpenAI's precise form) if present, else ``Retry-After``."""
-    ms = resp.headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    return parse_retry_after(resp.headers.get("retry-after"))
-
-
-def _safe_url(url: str) -> str:
-    """``url`` without user-info, query or fragment, so it can appear in ids and messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 class _StatusError(Exception):
@@ -121,6 +71,7 @@ class OpenAILLM:
         settings: LLMSettings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        client: httpx.AsyncClient | None = None,
         max_retry_after_s: float = 30.0,
         backoff_initial_s: float = 0.25,
         backoff_max_s: float = 8.0,
@@ -129,23 +80,16 @@ class OpenAILLM:
             raise ConfigError("llm.base_url is required for the openai provider")
         self.settings = settings
         self.model = settings.model
-        self.base_url = _safe_url(settings.base_url)
+        self.base_url = safe_url(settings.base_url)
         self.id = f"openai:{settings.model}@{self.base_url}"
         self.max_retry_after_s = max_retry_after_s
         self._backoff_initial = backoff_initial_s
         self._backoff_max = backoff_max_s
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._secret = settings.api_key.get_secret_value() if settings.api_key else ""
-        headers = {"content-type": "application/json", "accept": "application/json"}
-        if self._secret:
-            headers["authorization"] = f"Bearer {self._secret}"
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
-            ),
-            transport=transport,
+        self._owns_client = client is None
+        self._client = client or http_client(
+            self._secret, settings.timeout_s, settings.connect_timeout_s, settings.max_connections, transport
         )
         self._stream_options = True
         """Cleared when the server rejects ``stream_options`` (older servers), then not sent again."""
@@ -230,8 +174,9 @@ class OpenAILLM:
                 await resp.aclose()
 
     async def aclose(self) -> None:
-        """Close the pooled connections."""
-        await self._client.aclose()
+        """Close the pooled connections (a client passed in belongs to its owner, who closes it)."""
+        if self._owns_client:
+            await self._client.aclose()
 
     async def __aenter__(self) -> OpenAILLM:
         return self
@@ -323,7 +268,7 @@ class OpenAILLM:
         self.retries += 1
 
     def _status_error(self, resp: httpx.Response, body: bytes) -> _StatusError:
-        retry_after = _retry_after_of(resp) if resp.status_code == 429 or resp.status_code >= 500 else None
+        retry_after = retry_after_of(resp) if resp.status_code == 429 or resp.status_code >= 500 else None
         return _StatusError(resp.status_code, self._excerpt(body), retry_after)
 
     def _excerpt(self, body: bytes) -> str:
@@ -367,7 +312,7 @@ class OpenAILLM:
                 return RateLimited(
                     f"{where} rate-limited the request (HTTP 429{wait}): {exc.excerpt}", retry_after=exc.retry_after
                 )
-            return UpstreamError(f"{where} returned HTTP {exc.status}: {exc.excerpt}")
+            return UpstreamError(f"{where} returned HTTP {exc.status}: {exc.excerpt}", exc.status)
         if isinstance(exc, _Malformed):
             return UpstreamError(f"{where} sent a malformed response: {exc}")
         if isinstance(exc, httpx.TimeoutException):

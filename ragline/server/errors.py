@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ragline import metrics
-from ragline.errors import RaglineError, RateLimited
+from ragline.errors import RaglineError, RateLimited, ServiceUnavailable
 
 log = logging.getLogger("ragline.server")
 
@@ -41,7 +41,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RaglineError)
     async def _ragline(_: Request, exc: RaglineError) -> Response:
         headers = None
-        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        if isinstance(exc, RateLimited | ServiceUnavailable) and exc.retry_after is not None:
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message)

@@ -15,7 +15,6 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from ragline.cache import metrics as cache_metrics
-from ragline.cache.breaker import CircuitBreaker
 from ragline.cache.disk import DiskTier
 from ragline.cache.keys import (
     canonical_bytes,
@@ -32,6 +31,7 @@ from ragline.cache.singleflight import DistributedSingleFlight, SingleFlight
 from ragline.cache.tiered import TieredCache, build_cache
 from ragline.config import CacheSettings
 from ragline.errors import InvalidInput
+from ragline.infra.breaker import CircuitBreaker
 
 
 class FakeClock:

@@ -1,10 +1,11 @@
-"""The one way the cache package talks to Redis (DESIGN.md §3.5).
+"""The one way ragline talks to Redis (DESIGN.md §3.5).
 
-Three components use Redis: the L2 tier (:mod:`ragline.cache.redis`), the
-shared dependency index (:mod:`ragline.cache.deps_redis`) and the invalidation
-bus (:mod:`ragline.cache.bus`).  All of them get their client from
+Four components use Redis: the L2 tier (:mod:`ragline.cache.redis`), the
+shared dependency index (:mod:`ragline.cache.deps_redis`), the invalidation
+bus (:mod:`ragline.cache.bus`) and the gateway's shared upstream state
+(:mod:`ragline.gateway.redis_state`).  All of them get their client from
 :func:`make_client`, and the tier and the index guard their calls with a
-:class:`RedisConn` (the client, a :class:`~ragline.cache.breaker.CircuitBreaker`
+:class:`RedisConn` (the client, a :class:`~ragline.infra.breaker.CircuitBreaker`
 and the failure accounting).  Each component keeps its *own* client, timeouts
 and breaker parameters — the tier answers the hot path within 50 ms and opens
 after 3 failures, the index allows ≥ 1 s and opens on the first — because
@@ -28,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ragline.cache.breaker import CircuitBreaker
+from ragline.infra.breaker import CircuitBreaker
 
 T = TypeVar("T")
 
