@@ -26,10 +26,12 @@ def exact(tier: str | None) -> CacheInfo:
     return _EXACT.get(tier or "", CacheInfo("exact", tier))
 
 
-def answer_body(text: str, sources: list[Hit], usage: Usage, model: str) -> bytes:
-    return orjson.dumps(
-        {"answer": text, "sources": [h.to_dict() for h in sources], "usage": usage.to_dict(), "model": model}
-    )
+def answer_body(text: str, sources: list[Hit], usage: Usage, model: str, upstream: str = "") -> bytes:
+    d: dict[str, Any] = {"answer": text, "sources": [h.to_dict() for h in sources], "usage": usage.to_dict()}
+    d["model"] = model
+    if upstream:  # the gateway's upstream that generated it (a cached copy keeps it)
+        d["upstream"] = upstream
+    return orjson.dumps(d)
 
 
 def answer_from_body(d: dict[str, Any], info: CacheInfo, timings: dict[str, float]) -> Answer:
@@ -41,6 +43,7 @@ def answer_from_body(d: dict[str, Any], info: CacheInfo, timings: dict[str, floa
         timings,
         info,
         d.get("model", ""),
+        d.get("upstream", ""),
     )
 
 
@@ -77,4 +80,7 @@ async def replay_events(
     for i, w in enumerate(words):
         yield "delta", {"text": w if i == 0 else " " + w}
     timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
-    yield "done", {"usage": d["usage"], "timings": timings, "model": d.get("model", ""), "cache": info.to_dict()}
+    done = {"usage": d["usage"], "timings": timings, "model": d.get("model", "")}
+    if "upstream" in d:
+        done["upstream"] = d["upstream"]
+    yield "done", {**done, "cache": info.to_dict()}

@@ -41,7 +41,7 @@ from ragline.ingest.chunking import Chunker
 from ragline.ingest.follow import Follower
 from ragline.ingest.indexer import Indexer, Progress
 from ragline.ingest.loaders import iter_documents
-from ragline.llm.base import LLM
+from ragline.llm.base import FALLBACK_FINISH, LLM, Completion
 from ragline.llm.cached import CachedLLM
 from ragline.llm.prompt import PROMPT_VERSION, build_messages
 from ragline.retrieve import HybridRetriever
@@ -78,7 +78,9 @@ class Generated:
     usage: Usage
     model: str
     complete: bool = True
-    """Ran to completion (a stream that stopped early is not cached)."""
+    """Ran to completion (a stream that stopped early, or the gateway's extractive last resort, is not cached)."""
+    upstream: str = ""
+    """Which upstream answered (gateway only)."""
 
 
 @dataclass(slots=True)
@@ -93,7 +95,7 @@ class Result:
         f = self.fresh
         if f is None:  # from a cache: the stored bytes are all there is
             return answer_from_body(orjson.loads(self.body), self.info, timings)
-        return Answer(f.text, tuple(f.sources), f.usage, timings, self.info, f.model)
+        return Answer(f.text, tuple(f.sources), f.usage, timings, self.info, f.model, f.upstream)
 
 
 class _Started(Generic[T]):
@@ -162,15 +164,7 @@ class AsyncRAG:
         _wire(self)
 
     async def aclose(self) -> None:
-        if self._embed is not None:
-            await self._embed.aclose()
-        if self._llm is not None:
-            await self._llm.aclose()
-        if self.cache is not None:
-            await self.cache.close()
-        if self._store is not None:
-            await asyncio.to_thread(self._store.close)
-        self.ready = False
+        await _close(self)
 
     async def catch_up(self) -> None:
         """Apply what other processes committed to this corpus here (:mod:`ragline.ingest.follow`)."""
@@ -217,6 +211,10 @@ class AsyncRAG:
         await self.catch_up()
         _update_gauges(self._store)
         return removed
+
+    async def upstreams(self) -> dict[str, Any]:
+        """The gateways' view of their upstreams (``GET /v1/upstreams``; refreshes their gauges)."""
+        return {"llm": await _upstreams_of(self._llm), "embedder": await _upstreams_of(self._embedder)}
 
     async def invalidate(
         self, *, tenant: str | None = None, doc_id: str | None = None, key: str | None = None, everything: bool = False
@@ -357,7 +355,7 @@ class AsyncRAG:
                     await inv.put(gen, key, hit.body, dep, semantic=True)
                     return hit
         fresh = await deliver(q, sources, messages, t)  # 7 generate
-        body = answer_body(fresh.text, sources, fresh.usage, fresh.model)
+        body = answer_body(fresh.text, sources, fresh.usage, fresh.model, fresh.upstream)
         if dep is not None and inv is not None and fresh.complete:
             await inv.put(gen, dep.entry_key, body, dep, semantic=not q.history)  # 8 store
         return Result(body, CACHE_BYPASS if self.cache is not None and q.cache_mode == "bypass" else CACHE_MISS, fresh)
@@ -429,7 +427,7 @@ class AsyncRAG:
         """Step 7 for ask: one completion, through the LLM response cache."""
         assert self._generate is not None
         done = await self._generate.complete(q.tenant, messages, q.cache_mode, t)
-        return Generated(done.text, sources, done.usage, done.model)
+        return _generated(done, sources, done.finish_reason != FALLBACK_FINISH)
 
     # -- streaming ----------------------------------------------------------------------
     async def ask_stream(
@@ -460,7 +458,7 @@ class AsyncRAG:
         done = await self._generate.stream_to(
             lambda text: send(("delta", {"text": text})), q.tenant, messages, q.cache_mode, t
         )
-        return Generated(done.text, sources, done.usage, done.model, done.finish_reason in ("stop", "length"))
+        return _generated(done, sources, done.finish_reason in ("stop", "length"))
 
 
 async def _start_stream(
@@ -498,7 +496,13 @@ async def _relay(
     timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
     yield (
         "done",
-        {"usage": r.fresh.usage.to_dict(), "timings": timings, "model": r.fresh.model, "cache": CACHE_MISS.to_dict()},
+        {
+            "usage": r.fresh.usage.to_dict(),
+            "timings": timings,
+            "model": r.fresh.model,
+            **({"upstream": r.fresh.upstream} if r.fresh.upstream else {}),
+            "cache": CACHE_MISS.to_dict(),
+        },
     )
 
 
@@ -531,6 +535,31 @@ def _wire(self: AsyncRAG) -> None:
     self._follower = Follower(self._store, self._invalidation, functools.partial(_update_gauges, self._store))
     # chunk texts recur across requests (and every re-verification packs again): count each once
     self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)
+
+
+async def _close(self: AsyncRAG) -> None:
+    if self._embed is not None:
+        await self._embed.aclose()
+    if self._llm is not None:
+        await self._llm.aclose()
+    closer = getattr(self._embedder, "aclose", None)  # remote embedders hold connection pools
+    if closer is not None:
+        await closer()
+    if self.cache is not None:
+        await self.cache.close()
+    if self._store is not None:
+        await asyncio.to_thread(self._store.close)
+    self.ready = False
+
+
+def _generated(done: Completion, sources: list[Hit], complete: bool) -> Generated:
+    return Generated(done.text, sources, done.usage, done.model, complete, done.upstream)
+
+
+async def _upstreams_of(component: object) -> dict[str, Any] | None:
+    """A gateway-backed component's view of its upstreams; ``None`` for any other component."""
+    snap = getattr(component, "upstreams", None)
+    return await snap() if snap is not None else None
 
 
 def _clock(store: Store, window: int = 2048) -> TermClock:

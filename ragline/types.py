@@ -150,6 +150,8 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     cache: CacheInfo = CacheInfo()
     model: str = ""
+    upstream: str = ""
+    """The gateway upstream that generated it (empty without a gateway)."""
 
     def to_dict(self, timings: bool = True) -> Json:
         out: Json = {
@@ -159,6 +161,8 @@ class Answer:
             "model": self.model,
             "cache": self.cache.to_dict(),
         }
+        if self.upstream:
+            out["upstream"] = self.upstream
         if timings:
             out["timings"] = self.timings
         return out

@@ -149,6 +149,7 @@ class CachedLLM:
         parts: list[str] = []
         usage = Usage()
         finish: str | None = None
+        upstream = ""
         t0 = time.perf_counter()
         first = True
         with metrics.stage("generate", timings):
@@ -163,7 +164,8 @@ class CachedLLM:
                     usage = piece.usage
                 if piece.finish_reason is not None:
                     finish = piece.finish_reason
-        return Completion("".join(parts), usage, self.llm.id, finish or "")
+                    upstream = piece.upstream
+        return Completion("".join(parts), usage, self.llm.id, finish or "", upstream)
 
     async def aclose(self) -> None:
         await self.llm.aclose()

@@ -171,12 +171,20 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
                 status = "degraded"  # still serving: the cache fails open to the other tiers
         return _json({"status": status, "components": components})
 
+    @app.get("/v1/upstreams", summary="The gateways' upstreams: limits, breakers, in-flight, latency, pools")
+    async def upstreams(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> Response:
+        if settings.server.admin_keys:  # with admin keys configured, operators' views need one
+            auth.require_admin(auth.key_from_headers(authorization, x_api_key))
+        return _json(await pipeline.upstreams())
+
     registry = _metrics_registry()
 
     @app.get("/metrics", summary="Prometheus metrics (summed over every worker with --workers N)")
     async def prometheus() -> Response:
         if pipeline.cache is not None:
             pipeline.cache.flush_metrics()
+        if pipeline.ready:
+            await pipeline.upstreams()  # refreshes the breaker, rate-factor and pool gauges
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
