@@ -27,7 +27,10 @@ Control it in-process through ``FakeUpstream`` (a context manager that serves
 on ``127.0.0.1`` on a free port in a background thread) or, from another
 process, over HTTP: ``POST /_control`` (JSON with any config field, plus
 ``fail_next: {kind, count, retry_after}``), ``GET /_stats`` and
-``POST /_reset``.  Standalone::
+``GET /_arrivals`` (every request's arrival time, route, outcome and tokens, for rate checks; a
+request arriving while a Retry-After the fake sent is still running counts as ``early_arrivals``) and
+``POST /_reset``.  ``concurrency`` bounds the requests processed at once (the rest queue) and
+``embed_ms_per_input`` makes a batch cost more than one text, like a real model server.  Standalone::
 
     python -m ragline.testing.fake_upstream --port 8001 --latency-ms 200 --tps 50
 
@@ -141,6 +144,17 @@ class FakeUpstream(OpenAIRoutes):
         return self._stats.outcomes[outcome]
 
     @property
+    def early_arrivals(self) -> int:
+        """Requests that arrived before a Retry-After this fake had sent had passed."""
+        return self._stats.early
+
+    def arrivals(self) -> list[tuple[float, str, str, int]]:
+        """(epoch seconds, route, outcome, tokens) of each API request as it arrived (``GET /_arrivals``);
+        tokens are the prompt + completion tokens of a successful chat reply, the input tokens of embeddings."""
+        with self._lock:
+            return list(self._stats.arrivals)
+
+    @property
     def connections(self) -> int:
         """Distinct client TCP connections seen on the API routes (keep-alive reuse shows here)."""
         return len(self._stats.clients)
@@ -158,6 +172,7 @@ class FakeUpstream(OpenAIRoutes):
                 "routes": dict(self._stats.routes),
                 "outcomes": dict(self._stats.outcomes),
                 "connections": len(self._stats.clients),
+                "early_arrivals": self._stats.early,
                 "pending_faults": [asdict(f) for f in self._faults],
                 "config": asdict(self.config),
                 "last_requests": [{"route": r, "body": b} for r, b in self.requests],
@@ -258,6 +273,8 @@ class FakeUpstream(OpenAIRoutes):
                 )
             elif path == "/_control" and method == "POST":
                 await self._control(body, send)
+            elif path == "/_arrivals" and method == "GET":
+                await respond(send, 200, {"arrivals": self.arrivals()})
             elif path == "/_stats" and method == "GET":
                 await respond(send, 200, self.stats())
             elif path == "/_reset" and method == "POST":
@@ -268,9 +285,18 @@ class FakeUpstream(OpenAIRoutes):
         except BadRequest as exc:
             await respond(send, 400, error_body(str(exc), "invalid_request_error"))
 
-    def _count(self, route: str, outcome: str, body: dict[str, Any] | None) -> None:
+    def _count(
+        self, route: str, outcome: str, body: dict[str, Any] | None, tokens: int = 0, retry_after: float | None = None
+    ) -> None:
+        now = time.time()
         with self._lock:
             s = self._stats
+            if route != "models":
+                s.arrivals.append((now, route, outcome, tokens))
+                if now < s.retry_after_until:
+                    s.early += 1
+                if retry_after is not None:  # this reply tells the client to wait: later arrivals are early
+                    s.retry_after_until = max(s.retry_after_until, now + retry_after)
             s.total += 1
             s.routes[route] += 1
             s.outcomes[outcome] += 1
@@ -286,7 +312,8 @@ class FakeUpstream(OpenAIRoutes):
                     return f
             cfg = self.config
             if cfg.failure_rate > 0 and self._rng.random() < cfg.failure_rate:
-                return Fault(cfg.failure_kind, cfg.retry_after if cfg.failure_kind == "429" else None)
+                kind = self._rng.choice(cfg.failure_kinds) if cfg.failure_kinds else cfg.failure_kind
+                return Fault(kind, cfg.retry_after if kind == "429" else None)
         return None
 
     async def _control(self, raw: bytes, send: Send) -> None:

@@ -7,7 +7,7 @@ that each stays small; everything here is re-exported there.
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -50,6 +50,12 @@ class UpstreamConfig:
     """How long a ``timeout`` fault hangs at most (it ends early when the client disconnects)."""
     seed: int = 0
     """Seeds the random failure draws, so a benchmark run is reproducible."""
+    failure_kinds: tuple[str, ...] = ()
+    """When set, each random failure draws its kind from these (e.g. ``("500", "503", "timeout")``)."""
+    concurrency: int = 0
+    """Requests processed at once (0: unlimited); the rest queue, like a model server with N slots."""
+    embed_ms_per_input: float = 0.0
+    """Extra embedding time per input text, on top of ``latency_ms`` (a batch costs more than one text)."""
 
     def update(self, values: dict[str, Any]) -> UpstreamConfig:
         """A copy with ``values`` applied; unknown keys or bad kinds raise ``ValueError``."""
@@ -57,8 +63,14 @@ class UpstreamConfig:
         unknown = set(values) - names
         if unknown:
             raise ValueError(f"unknown config field(s): {sorted(unknown)}")
+        if "failure_kinds" in values:
+            values = {**values, "failure_kinds": tuple(str(k) for k in values["failure_kinds"] or ())}
         new = replace(self, **values)
         check_kind(new.failure_kind)
+        for k in new.failure_kinds:
+            check_kind(k)
+        if new.concurrency < 0 or new.embed_ms_per_input < 0:
+            raise ValueError("concurrency and embed_ms_per_input must be >= 0")
         if not 0.0 <= new.failure_rate <= 1.0:
             raise ValueError("failure_rate must be within [0, 1]")
         if new.embedding_dim < 1 or new.tps < 0 or new.latency_ms < 0:
@@ -90,6 +102,11 @@ class Stats:
     routes: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     clients: set[tuple[str, int]] = field(default_factory=set)
+    arrivals: deque[tuple[float, str, str, int]] = field(default_factory=lambda: deque(maxlen=500_000))
+    """(epoch seconds, route, outcome, tokens) of every API request as it arrived, oldest first."""
+    early: int = 0
+    """Requests that arrived while a Retry-After this fake had sent was still running."""
+    retry_after_until: float = 0.0
 
 
 def default_reply(messages: list[dict[str, Any]]) -> str:

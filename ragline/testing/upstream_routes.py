@@ -42,13 +42,24 @@ class OpenAIRoutes:
 
     # supplied by the server class that mixes this in (FakeUpstream)
     config: UpstreamConfig
-    _count: Callable[[str, str, dict[str, Any] | None], None]
+    _count: Callable[..., None]
     _draw_fault: Callable[[str], Fault | None]
+    _slots: asyncio.Semaphore | None = None
+
+    def _slot(self) -> asyncio.Semaphore | None:
+        """The processing slots when ``concurrency`` is set (made on the serving loop, on first use)."""
+        n = self.config.concurrency
+        if n <= 0:
+            return None
+        if self._slots is None or getattr(self._slots, "_ragline_n", 0) != n:
+            self._slots = asyncio.Semaphore(n)
+            self._slots._ragline_n = n  # type: ignore[attr-defined]
+        return self._slots
 
     async def _fail(
         self, fault: Fault, route: str, body: dict[str, Any], stream: bool, receive: Receive, send: Send
     ) -> None:
-        self._count(route, fault.kind, body)
+        self._count(route, fault.kind, body, retry_after=fault.retry_after if fault.kind == "429" else None)
         if fault.kind == "timeout":
             watch = Disconnect(receive)
             try:
@@ -84,7 +95,6 @@ class OpenAIRoutes:
         if fault is not None:
             await self._fail(fault, "chat", body, stream, receive, send)
             return
-        self._count("chat", "ok", body)
         cfg = self.config
         text = cfg.reply if cfg.reply is not None else default_reply(messages)
         tokens = tokenize(text)
@@ -98,11 +108,17 @@ class OpenAIRoutes:
             "completion_tokens": len(tokens),
             "total_tokens": prompt_tokens + len(tokens),
         }
+        self._count("chat", "ok", body, usage["total_tokens"])
         model = str(body.get("model") or cfg.model)
         cid = "chatcmpl-" + hashlib.blake2b(raw, digest_size=12).hexdigest()
         watch = Disconnect(receive)
+        slots = self._slot()
         try:
-            await self._reply(send, watch, cfg, stream, body, tokens, finish, usage, model, cid)
+            if slots is None:
+                await self._reply(send, watch, cfg, stream, body, tokens, finish, usage, model, cid)
+            else:
+                async with slots:
+                    await self._reply(send, watch, cfg, stream, body, tokens, finish, usage, model, cid)
         finally:
             watch.close()
 
@@ -192,7 +208,6 @@ class OpenAIRoutes:
         if fault is not None:
             await self._fail(fault, "embeddings", body, False, receive, send)
             return
-        self._count("embeddings", "ok", body)
         cfg = self.config
         dims = body.get("dimensions")
         dim = dims if isinstance(dims, int) and dims > 0 else cfg.embedding_dim
@@ -205,8 +220,16 @@ class OpenAIRoutes:
             v = embed_text(text, dim)
             emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if b64 else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        if cfg.latency_ms > 0:
-            await asyncio.sleep(cfg.latency_ms / 1000)
+        self._count("embeddings", "ok", body, n_tokens)
+        delay = cfg.latency_ms / 1000 + len(inputs) * cfg.embed_ms_per_input / 1000
+        slots = self._slot()
+        if slots is None:
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            async with slots:
+                if delay > 0:
+                    await asyncio.sleep(delay)
         model = str(body.get("model") or cfg.model)
         await respond(
             send,
