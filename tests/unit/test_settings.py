@@ -59,3 +59,32 @@ def test_fingerprint_tracks_output_affecting_settings() -> None:
     assert a.fingerprint() != Settings(llm={"temperature": 0.5}).fingerprint()
     assert a.fingerprint() != Settings(retrieval={"k": 3}).fingerprint()
     assert a.fingerprint() == Settings(server={"port": 9999}).fingerprint()
+
+
+def _readme_yaml(heading: str) -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return readme[readme.index(heading) :].split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_gateway_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragline.llm.gateway import GatewayLLM
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(_readme_yaml("## Several model endpoints"))
+    s = Settings.load(cfg)
+    assert s.llm.provider == "gateway" and s.embedder.provider == "openai" and s.embedder.dim == 1536
+    llm = GatewayLLM(s.llm)
+    assert llm.gateway.chain("chat") == ["chat", "backup"]
+    assert [u.name for u in llm.gateway.upstreams] == ["gpu-a", "gpu-b", "openai"]
+    assert "sk-" not in repr(s)
+    monkeypatch.setenv("RAGLINE_LLM__PROVIDER", "gateway")
+    monkeypatch.setenv("RAGLINE_LLM__GATEWAY__UPSTREAMS", '[{"base_url": "http://127.0.0.1:8001/v1", "model": "chat"}]')
+    env = Settings.load()
+    assert env.llm.gateway.upstreams[0].model == "chat"
+
+
+def test_gateway_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="strategy"):
+        Settings.load(llm={"gateway": {"strategy": "fastest"}})
+    with pytest.raises(ConfigError, match="rpm"):
+        Settings.load(llm={"gateway": {"upstreams": [{"base_url": "http://x/v1", "model": "m", "rpm": 0}]}})
