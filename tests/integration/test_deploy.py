@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ import yaml
 from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
 from ragline.server.app import create_app
-from ragline.testing import HashEmbedder, ScriptedLLM
+from ragline.testing import FakeUpstream, HashEmbedder
 from tests.fixtures.http import ThreadedServer
 from tests.fixtures.redis_server import RedisServer
 
@@ -33,15 +34,23 @@ def _promtool() -> str:
 
 
 @pytest.fixture(scope="module")
-def scrape(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> str:
+def scrape(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[str]:
+    """/metrics of a server (L1 + Redis L2 + L3, the LLM behind the gateway on a fake upstream) after a
+    little of everything: ingest, a miss, a hit, a search, a bad request."""
     redis_server.resume()  # a fault test may have left it paused or stopped
     redis_server.start()
-    """/metrics of a server (L1 + Redis L2 + L3) after a little of everything: ingest, a miss, a hit,
-    a search, a bad request."""
+    with FakeUpstream() as fake:
+        yield _scrape(tmp_path_factory, redis_server, fake)
+
+
+def _scrape(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, fake: FakeUpstream) -> str:
+    gateway = {"upstreams": [{"base_url": fake.url, "model": "chat", "name": "fake"}]}
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("deploy") / "data", cache={"enabled": True, "redis_url": redis_server.url}
+        data_dir=tmp_path_factory.mktemp("deploy") / "data",
+        cache={"enabled": True, "redis_url": redis_server.url},
+        llm={"provider": "gateway", "model": "chat", "gateway": gateway},
     )
-    app = create_app(settings, AsyncRAG(settings, embedder=HashEmbedder(), llm=ScriptedLLM()))
+    app = create_app(settings, AsyncRAG(settings, embedder=HashEmbedder()))
     docs = [
         {"id": "paris", "text": "The Eiffel Tower opened in 1889."},
         {"id": "tea", "text": "Tea has caffeine."},
