@@ -132,4 +132,8 @@ UPSTREAM_POOL = Gauge(
     "ragline_upstream_pool_connections", "Connections in an upstream's httpx pool: open, idle", ["upstream", "state"],
     multiprocess_mode="livesum",
 )  # fmt: skip
-UPSTREAM_TOKENS = Counter("ragline_upstream_tokens_total", "Tokens an upstream reported", ["upstream", "kind"])
+UPSTREAM_TOKENS = Counter(
+    "ragline_upstream_tokens_total",
+    "Tokens (prompt + completion, or embedding input) an upstream reported",
+    ["upstream"],
+)

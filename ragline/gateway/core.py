@@ -150,6 +150,7 @@ class Gateway:
                 metrics.UPSTREAM_IN_FLIGHT.labels(u.name),
                 metrics.UPSTREAM_LATENCY.labels(u.name),
                 {o: metrics.UPSTREAM_REQUESTS.labels(u.name, o) for o in (OK, LIMITED, FAILED, NEUTRAL)},
+                metrics.UPSTREAM_TOKENS.labels(u.name),
             )
             for u in self.upstreams
         }
@@ -282,12 +283,14 @@ class Gateway:
     ) -> None:
         """Release the call's lease and record what happened (also used by :class:`Ticket`)."""
         up.inflight -= 1
-        gauge, hist, outcomes = self._children[up.name]
+        gauge, hist, outcomes, tokens = self._children[up.name]
         gauge.dec()
         outcomes[outcome].inc()
         if outcome == OK:
             up.observe(latency_s)
             hist.observe(latency_s)
+            if used:
+                tokens.inc(used)
         elif outcome != NEUTRAL:
             up.errors += 1
         # shielded: a caller cancelled mid-settle must not leave the lease (or a probe) held
