@@ -167,6 +167,7 @@ class Gateway:
         chain = self.chain(group)
         deadline = time.monotonic() + self.settings.queue_timeout_s
         error: RaglineError | None = None
+        starved = False  # the last group had no capacity in time (rather than failing)
         for i, g in enumerate(chain):
             if i:
                 self.fallbacks += 1
@@ -175,13 +176,13 @@ class Gateway:
             try:
                 return await self._call_group(g, fn, tokens, deadline)
             except _NoCapacity as exc:
-                error = exc.error
+                error, starved = exc.error, True
             except RaglineError as exc:
                 if not classify(exc)[1]:
                     raise
-                error = exc
+                error, starved = exc, False
         assert error is not None
-        if isinstance(error, RateLimited | ServiceUnavailable) and error.retry_after is not None:
+        if starved:
             metrics.UPSTREAM_REJECTED.labels(group, str(error.status)).inc()
         raise error
 
