@@ -237,7 +237,8 @@ class Gateway:
             ranked: list[Upstream] = []
             for part in (fresh, again):
                 if part:
-                    counts = await state.in_flight([u.name for u in part]) if self.router.needs_counts else None
+                    counted = self.router.needs_counts and len(part) > 1  # one upstream: nothing to compare
+                    counts = await state.in_flight([u.name for u in part]) if counted else None
                     ranked += self.router.rank(part, counts)
             soonest = math.inf
             reasons: list[str] = []

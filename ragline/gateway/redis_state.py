@@ -19,7 +19,6 @@ process that dies (or loses Redis) mid-call cannot leak capacity.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -123,6 +122,15 @@ local n = redis.call('ZCOUNT', KEYS[2], now, '+inf')
 return {tostring(now), h[1] or '1', h[2] or '0', h[3] or '0', h[4] or '0', h[5] or '0', h[6] or '0', n}
 """
 
+_COUNTS: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('ZCOUNT', key, now, '+inf') end
+return out
+"""
+"""Live leases per upstream, on Redis' clock like the leases themselves (their scores are expiry times)."""
+
 _LOCAL: Final = "L:"
 """Prefix of a lease admitted by the local fallback (it settles there, not in Redis)."""
 
@@ -150,6 +158,7 @@ class RedisState:
         self._acquire = redis.register_script(_ACQUIRE)
         self._settle = redis.register_script(_SETTLE)
         self._snapshot = redis.register_script(_SNAPSHOT)
+        self._counts = redis.register_script(_COUNTS)
         self._prefix = prefix
         self._timeout = timeout_s
         self.local = LocalState()
@@ -240,14 +249,11 @@ class RedisState:
         return out.decode() if isinstance(out, bytes) else str(out)
 
     async def in_flight(self, names: Sequence[str]) -> list[int]:
-        now = time.time() * 1000
+        keys = [self._keys(n)[1] for n in names]
 
-        async def run(redis: Redis) -> list[int]:
+        async def run(_: Redis) -> list[int]:
             async with asyncio.timeout(self._timeout):
-                pipe = redis.pipeline(transaction=False)
-                for n in names:
-                    pipe.zcount(self._keys(n)[1], now, "+inf")
-                return [int(x) for x in await pipe.execute()]
+                return [int(x) for x in await self._counts(keys=keys, args=[])]
 
         try:
             return await self._conn.call(run)
