@@ -32,7 +32,8 @@ __all__ = ["RedisState"]
 _ACQUIRE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local h = redis.call('HMGET', KEYS[1], 'tat_r', 'tat_t', 'f', 'until', 'open_until', 'half', 'probe_until')
+local h = redis.call('HMGET', KEYS[1], 'tat_r', 'tat_t', 'f', 'until', 'open_until', 'half', 'probe_until',
+                     'limited', 'ra_probe_until')
 local tat_r = tonumber(h[1]) or 0
 local tat_t = tonumber(h[2]) or 0
 local f = tonumber(h[3]) or 1
@@ -44,6 +45,12 @@ local tokens, lease, lease_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local headroom, cooldown_ms = tonumber(ARGV[7]), tonumber(ARGV[9])
 if ARGV[8] ~= '1' then f = 1 end
 if until_ > now then return {0, tostring(until_ - now), 'retry_after', 0} end
+local ra_probe = 0
+if h[8] == '1' then
+  local ru = tonumber(h[9]) or 0
+  if ru > now then return {0, tostring(math.min(ru - now, 50)), 'retry_after', 0} end
+  ra_probe = 1
+end
 if open_until > now then return {0, tostring(open_until - now), 'open', 0} end
 local probe = 0
 if h[6] == '1' then
@@ -61,6 +68,7 @@ if tpm > 0 then
   redis.call('HSET', KEYS[1], 'tat_t', tostring(now + math.max(tokens, 1) * 60000 / (tpm * headroom * f)))
 end
 if probe == 1 then redis.call('HSET', KEYS[1], 'probe_until', tostring(now + lease_ms)) end
+if ra_probe == 1 then redis.call('HSET', KEYS[1], 'ra_probe', lease, 'ra_probe_until', tostring(now + lease_ms)) end
 redis.call('ZADD', KEYS[2], now + lease_ms, lease)
 redis.call('PEXPIRE', KEYS[1], 86400000)
 redis.call('PEXPIRE', KEYS[2], lease_ms + 1000)
@@ -75,9 +83,13 @@ local outcome = ARGV[2]
 local charged, used, ra = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local tpm, headroom, adaptive = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8] == '1'
 local failures, cooldown_ms, probe = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11] == '1'
-local h = redis.call('HMGET', KEYS[1], 'f', 'tat_t', 'fails', 'half', 'until', 'last_dec')
+local h = redis.call('HMGET', KEYS[1], 'f', 'tat_t', 'fails', 'half', 'until', 'last_dec', 'ra_probe')
 local f = tonumber(h[1]) or 1
 local half = h[4] == '1'
+if h[7] and h[7] == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'ra_probe', '', 'ra_probe_until', 0)
+  if outcome == 'ok' then redis.call('HSET', KEYS[1], 'limited', 0) end
+end
 if used >= 0 and tpm > 0 and used ~= charged then
   local ff = f
   if not adaptive then ff = 1 end
@@ -94,7 +106,7 @@ if outcome == 'ok' then
   return ''
 elseif outcome == 'limited' then
   if ra < 0 then ra = 1000 end
-  redis.call('HSET', KEYS[1], 'until', tostring(math.max(tonumber(h[5]) or 0, now + ra)))
+  redis.call('HSET', KEYS[1], 'until', tostring(math.max(tonumber(h[5]) or 0, now + ra)), 'limited', 1)
   if adaptive and now - (tonumber(h[6]) or -1e15) >= 1000 then
     redis.call('HSET', KEYS[1], 'f', tostring(math.max(1 / 32, f / 2)), 'last_dec', tostring(now))
   end

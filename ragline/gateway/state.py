@@ -11,7 +11,9 @@ For every upstream the state holds, in one place so that a single step decides a
   is one decrease) down to 1/32, and grows by 0.02 per success up to 1: never above the ceiling.
   It scales rpm, tpm and max in-flight alike;
 * **Retry-After floor**: after a 429 nothing is admitted to that upstream until its Retry-After has
-  passed (1 s when it gave none);
+  passed (1 s when it gave none); then one call goes first, alone, and only its success opens the
+  upstream to everyone again (a second 429 starts a new wait), so the callers that queued during
+  the wait do not all arrive at once;
 * **circuit breaker**: ``breaker_failures`` consecutive failures open it for ``cooldown_s``; then
   exactly one caller is admitted as the half-open probe; its success closes the breaker, its failure
   re-opens it.  A probe that never reports is replaced after a lease time;
@@ -142,6 +144,10 @@ class _Entry:
     tat_t: float = 0.0
     factor: float = 1.0
     until: float = 0.0
+    limited: bool = False
+    """A 429 was answered and no call has succeeded since: calls go one at a time (see module docs)."""
+    ra_probe: str = ""
+    ra_probe_until: float = 0.0
     last_dec: float = -1e18
     fails: int = 0
     open_until: float = 0.0
@@ -178,6 +184,11 @@ class LocalState:
         e = self._entry(name)
         if e.until > now:
             return Verdict(False, (e.until - now) / 1000, "retry_after")
+        ra_probe = False
+        if e.limited:
+            if e.ra_probe_until > now:  # the first call after the wait has not answered yet
+                return Verdict(False, min(e.ra_probe_until - now, 50.0) / 1000, "retry_after")
+            ra_probe = True
         probe = False
         if e.open_until > now:
             return Verdict(False, (e.open_until - now) / 1000, "open")
@@ -198,6 +209,8 @@ class LocalState:
             e.tat_t = now + max(tokens, 1) * 60_000.0 / (limits.tpm * limits.headroom * f)
         if probe:
             e.probe_until = now + limits.lease_s * 1000
+        if ra_probe:
+            e.ra_probe, e.ra_probe_until = lease, now + limits.lease_s * 1000
         e.inflight += 1
         return Verdict(True, 0.0, "ok", probe, lease)
 
@@ -220,6 +233,10 @@ class LocalState:
             self._released.set()
             self._released = None
         f = e.factor if limits.adaptive else 1.0
+        if lease and lease == e.ra_probe:
+            e.ra_probe, e.ra_probe_until = "", 0.0
+            if outcome == OK:
+                e.limited = False
         if used is not None and limits.tpm is not None and used != charged:
             # the estimate was charged at admission; correct it with what the upstream reported
             e.tat_t = max(e.tat_t + (used - charged) * 60_000.0 / (limits.tpm * limits.headroom * f), now)
@@ -235,6 +252,7 @@ class LocalState:
         if outcome == LIMITED:
             wait = DEFAULT_RETRY_AFTER_S if retry_after is None else retry_after
             e.until = max(e.until, now + wait * 1000)
+            e.limited = True
             if limits.adaptive and now - e.last_dec >= DECREASE_EVERY_S * 1000:
                 e.factor = max(MIN_FACTOR, e.factor / 2)
                 e.last_dec = now

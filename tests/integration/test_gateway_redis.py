@@ -182,3 +182,15 @@ async def test_redis_going_away_fails_open_to_local_limits(
     await llm.complete(MSGS, P)
     assert (await llm.upstreams())["state"] == "redis"
     await llm.aclose()
+
+
+async def test_after_a_retry_after_one_call_goes_first_in_redis(state: RedisState) -> None:
+    lim = Limits()
+    await state.settle("a", lim, "x", LIMITED, retry_after=0.1)
+    await asyncio.sleep(0.11)
+    assert (await state.acquire("a", lim, 1, "first")).ok
+    assert (await state.acquire("a", lim, 1, "second")).reason == "retry_after"
+    await state.settle("a", lim, "other", OK)
+    assert (await state.acquire("a", lim, 1, "still")).reason == "retry_after"
+    await state.settle("a", lim, "first", OK)
+    assert (await state.acquire("a", lim, 1, "third")).ok

@@ -87,7 +87,8 @@ async def test_retry_after_is_a_hard_floor_and_429_halves_the_rate_once_a_second
     assert not v.ok and v.reason == "retry_after" and v.wait_s == pytest.approx(0.01, abs=1e-6)
     clock.advance(0.02)
     assert (await state.acquire("a", lim, 1, "3")).ok
-    # the halved rate: 20 requests/s → 0.2 s between admissions instead of 0.1 s
+    await state.settle("a", lim, "3", OK)  # the first call after the wait succeeded: open to all again
+    # admitted at the halved rate: 20 requests/s → 0.2 s to the next admission instead of 0.1 s
     v = await state.acquire("a", lim, 1, "4")
     assert v.reason == "rpm" and v.wait_s == pytest.approx(0.2)
 
@@ -116,15 +117,18 @@ async def test_adaptive_off_keeps_the_configured_rate(state: LocalState) -> None
     lim = Limits(rpm=600, adaptive=False, headroom=1.0)
     await state.settle("a", lim, "1", LIMITED, retry_after=0)
     await state.acquire("a", lim, 1, "2")
+    await state.settle("a", lim, "2", OK)
     assert (await state.acquire("a", lim, 1, "3")).wait_s == pytest.approx(0.1)
 
 
 async def test_adaptive_scales_max_in_flight(state: LocalState) -> None:
-    lim = Limits(max_in_flight=4)
-    await state.settle("a", lim, "1", LIMITED, retry_after=0)  # factor 0.5: 2 in flight
-    assert (await state.acquire("a", lim, 1, "1")).ok
-    assert (await state.acquire("a", lim, 1, "2")).ok
-    assert (await state.acquire("a", lim, 1, "3")).reason == "busy"
+    lim = Limits(max_in_flight=8)
+    await state.settle("a", lim, "1", LIMITED, retry_after=0)  # factor 0.5: 4 in flight ...
+    assert (await state.acquire("a", lim, 1, "p")).ok
+    await state.settle("a", lim, "p", OK)  # ... (0.52 after the first call's success)
+    for i in range(4):
+        assert (await state.acquire("a", lim, 1, str(i))).ok
+    assert (await state.acquire("a", lim, 1, "5")).reason == "busy"
 
 
 async def test_breaker_opens_probes_once_and_closes(state: LocalState, clock: Clock) -> None:
@@ -173,3 +177,28 @@ async def test_limits_share_scales_every_limit() -> None:
     lim = Limits(rpm=600, tpm=10_000, max_in_flight=8).share(0.25)
     assert (lim.rpm, lim.tpm, lim.max_in_flight) == (150, 2500, 2)
     assert Limits(max_in_flight=2).share(0.1).max_in_flight == 1
+
+
+async def test_after_a_retry_after_one_call_goes_first(state: LocalState, clock: Clock) -> None:
+    lim = Limits()
+    await state.settle("a", lim, "x", LIMITED, retry_after=1.0)
+    clock.advance(1.0)
+    first = await state.acquire("a", lim, 1, "first")
+    assert first.ok
+    held = await state.acquire("a", lim, 1, "second")  # the queue does not rush in behind it
+    assert not held.ok and held.reason == "retry_after" and held.wait_s <= 0.05
+    await state.settle("a", lim, "first", OK)
+    assert (await state.acquire("a", lim, 1, "third")).ok
+    assert (await state.acquire("a", lim, 1, "fourth")).ok
+
+
+async def test_a_second_429_on_the_first_call_starts_a_new_wait(state: LocalState, clock: Clock) -> None:
+    lim = Limits()
+    await state.settle("a", lim, "x", LIMITED, retry_after=1.0)
+    clock.advance(1.0)
+    assert (await state.acquire("a", lim, 1, "first")).ok
+    await state.settle("a", lim, "other", OK)  # a call admitted before the 429 proves nothing
+    assert not (await state.acquire("a", lim, 1, "y")).ok
+    await state.settle("a", lim, "first", LIMITED, retry_after=2.0)
+    v = await state.acquire("a", lim, 1, "z")
+    assert v.reason == "retry_after" and v.wait_s == pytest.approx(2.0)
