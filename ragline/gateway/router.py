@@ -6,14 +6,19 @@ Each strategy ranks every candidate (not just picks one), so that when the first
 * ``round_robin``: rotate (per process).
 * ``random``: uniform shuffle.
 * ``weighted``: a weighted random order (Efraimidis–Spirakis keys), traffic ∝ ``weight``.
-* ``least_busy``: fewest in flight first, counted in the shared state (every worker and instance
-  when Redis is configured).  Ties go to the upstream this process has sent fewest calls, then
-  at random — never to the first in the list, which is what makes one upstream take most of the
+* ``least_busy``: the least outstanding work first: the in-flight count from the shared state
+  (every worker and instance when Redis is configured), plus the call being placed, times how much
+  slower than the fastest the upstream is (its latency EWMA over the best one's; 1 within
+  ``latency_buffer``, so equal upstreams are compared by count alone).  Counting calls alone sends a
+  5× slower upstream 1/11 of the traffic (equal counts → traffic ∝ 1/latency) and puts the p95 on
+  it; weighting by latency is what Envoy's and Linkerd's least-request balancers do.  Ties rotate
+  (per process) — never "the first in the list", which is what makes one upstream take most of the
   traffic when counts are equal (BerriAI/litellm#39322).  Only calls that reach the gateway count:
   cache hits are answered above it and never touch the counters.
 * ``latency``: lowest latency EWMA first; upstreams within ``latency_buffer`` of the best share
-  the traffic at random (so two equally fast upstreams both serve), and an upstream with no sample
-  yet is tried first so every one gets measured.
+  the traffic at random (so two equally fast upstreams both serve).  An upstream with no sample yet
+  is tried first while nothing is in flight to it (one call measures it), and last while its first
+  call runs (so a burst does not all go to an unknown, perhaps slow, upstream).
 """
 
 from __future__ import annotations
@@ -60,10 +65,13 @@ class Router:
             return sorted(ups, key=lambda u: -math.log(1.0 - rng.random()) / u.weight)
         if s == "least_busy":
             counts = in_flight if in_flight is not None else [u.inflight for u in ups]
-            order = sorted(range(n), key=lambda i: (counts[i], ups[i].started, rng.random()))
+            slow = self._slowness(ups)
+            t = next(self._turn)
+            order = sorted(range(n), key=lambda i: ((counts[i] + 1) * slow[i], (i - t) % n))
             return [ups[i] for i in order]
         # latency
-        unmeasured = [u for u in ups if u.latency is None]
+        unmeasured = [u for u in ups if u.latency is None and u.inflight == 0]
+        measuring = [u for u in ups if u.latency is None and u.inflight > 0]
         measured = sorted((u for u in ups if u.latency is not None), key=lambda u: u.latency or 0.0)
         if measured:
             best = measured[0].latency or 0.0
@@ -71,4 +79,16 @@ class Router:
             rng.shuffle(near)
             measured = near + measured[len(near) :]
         rng.shuffle(unmeasured)
-        return unmeasured + measured
+        return unmeasured + measured + measuring
+
+    def _slowness(self, ups: Sequence[Upstream]) -> list[float]:
+        """Each upstream's latency over the fastest's (1.0 within the buffer or while unmeasured)."""
+        known = [u.latency for u in ups if u.latency]
+        if not known:
+            return [1.0] * len(ups)
+        best, cut = min(known), 1.0 + self.buffer
+        out = []
+        for u in ups:
+            r = u.latency / best if u.latency else 1.0
+            out.append(r if r > cut else 1.0)
+        return out

@@ -29,11 +29,21 @@ def test_round_robin_rotates() -> None:
     assert {x.name for x in r.rank(u)} == {"u0", "u1", "u2"}
 
 
-def test_least_busy_orders_by_shared_counts_then_by_local_use() -> None:
+def test_least_busy_orders_by_shared_counts_and_rotates_ties() -> None:
     r, u = Router("least_busy", rng=random.Random(1)), ups(3)
     assert [x.name for x in r.rank(u, [2, 0, 1])] == ["u1", "u2", "u0"]
-    u[0].started, u[1].started, u[2].started = 5, 3, 4
-    assert [x.name for x in r.rank(u, [0, 0, 0])] == ["u1", "u2", "u0"]  # ties: least used first
+    firsts = [r.rank(u, [0, 0, 0])[0].name for _ in range(3)]
+    assert sorted(firsts) == ["u0", "u1", "u2"]  # ties rotate
+
+
+def test_least_busy_counts_a_slow_upstreams_calls_as_more_work() -> None:
+    r, u = Router("least_busy", latency_buffer=0.2), ups(3)
+    for x, lat in zip(u, (0.040, 0.045, 0.200), strict=True):
+        x.observe(lat)
+    # u2 is 5x slower: one call in flight there weighs (1+1)*5 = 10, like 9 in flight on u0
+    assert r.rank(u, [8, 8, 1])[-1].name == "u2"
+    assert r.rank(u, [9, 9, 0])[0].name == "u2"  # idle, it is still the least loaded
+    assert {x.name for x in r.rank(u, [3, 3, 0])[:2]} == {"u0", "u1"}  # 4 vs 5: within the buffer
 
 
 def test_least_busy_never_favours_the_first_on_ties() -> None:
@@ -65,6 +75,9 @@ def test_latency_tries_unmeasured_first_then_the_fastest_sharing_near_ties() -> 
     u[0].observe(0.050)
     u[1].observe(0.055)  # within 20 % of the best: shares traffic with u0
     assert r.rank(u)[0].name == "u2"  # never measured
+    u[2].inflight = 1
+    assert r.rank(u)[-1].name == "u2"  # its first call runs: nothing else goes there meanwhile
+    u[2].inflight = 0
     u[2].observe(0.250)
     picks = Counter(r.rank(u)[0].name for _ in range(1000))
     assert set(picks) == {"u0", "u1"} and min(picks.values()) > 400
