@@ -255,7 +255,7 @@ class Gateway:
             remaining = deadline - time.monotonic()
             if soonest > remaining:
                 raise _NoCapacity(self._no_capacity(ups[0].group, reasons, soonest))
-            if all(r == "busy" for r in reasons):
+            if all(r in ("busy", "single") for r in reasons):  # waiting for a call to end: wake when one does
                 await state.wait_release(min(remaining, 0.05))
             else:
                 await asyncio.sleep(soonest)

@@ -33,7 +33,7 @@ _ACQUIRE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local h = redis.call('HMGET', KEYS[1], 'tat_r', 'tat_t', 'f', 'until', 'open_until', 'half', 'probe_until',
-                     'limited', 'ra_probe_until')
+                     'single', 'ra_probe_until')
 local tat_r = tonumber(h[1]) or 0
 local tat_t = tonumber(h[2]) or 0
 local f = tonumber(h[3]) or 1
@@ -45,17 +45,17 @@ local tokens, lease, lease_ms = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local headroom, cooldown_ms = tonumber(ARGV[7]), tonumber(ARGV[9])
 if ARGV[8] ~= '1' then f = 1 end
 if until_ > now then return {0, tostring(until_ - now), 'retry_after', 0} end
-local ra_probe = 0
-if h[8] == '1' then
-  local ru = tonumber(h[9]) or 0
-  if ru > now then return {0, tostring(math.min(ru - now, 50)), 'retry_after', 0} end
-  ra_probe = 1
-end
 if open_until > now then return {0, tostring(open_until - now), 'open', 0} end
 local probe = 0
 if h[6] == '1' then
   if probe_until > now then return {0, tostring(math.min(probe_until - now, cooldown_ms)), 'open', 0} end
   probe = 1
+end
+local ra_probe = 0
+if h[8] ~= '0' then  -- one at a time: never succeeded yet (absent), or a 429 since the last success
+  local ru = tonumber(h[9]) or 0
+  if ru > now then return {0, tostring(math.min(ru - now, 50)), 'single', 0} end
+  ra_probe = 1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 if maxf > 0 and redis.call('ZCARD', KEYS[2]) >= math.max(1, math.floor(maxf * f)) then
@@ -88,7 +88,7 @@ local f = tonumber(h[1]) or 1
 local half = h[4] == '1'
 if h[7] and h[7] == ARGV[1] then
   redis.call('HSET', KEYS[1], 'ra_probe', '', 'ra_probe_until', 0)
-  if outcome == 'ok' then redis.call('HSET', KEYS[1], 'limited', 0) end
+  if outcome == 'ok' then redis.call('HSET', KEYS[1], 'single', 0) end
 end
 if used >= 0 and tpm > 0 and used ~= charged then
   local ff = f
@@ -106,7 +106,7 @@ if outcome == 'ok' then
   return ''
 elseif outcome == 'limited' then
   if ra < 0 then ra = 1000 end
-  redis.call('HSET', KEYS[1], 'until', tostring(math.max(tonumber(h[5]) or 0, now + ra)), 'limited', 1)
+  redis.call('HSET', KEYS[1], 'until', tostring(math.max(tonumber(h[5]) or 0, now + ra)), 'single', 1)
   if adaptive and now - (tonumber(h[6]) or -1e15) >= 1000 then
     redis.call('HSET', KEYS[1], 'f', tostring(math.max(1 / 32, f / 2)), 'last_dec', tostring(now))
   end

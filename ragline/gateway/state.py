@@ -13,7 +13,9 @@ For every upstream the state holds, in one place so that a single step decides a
 * **Retry-After floor**: after a 429 nothing is admitted to that upstream until its Retry-After has
   passed (1 s when it gave none); then one call goes first, alone, and only its success opens the
   upstream to everyone again (a second 429 starts a new wait), so the callers that queued during
-  the wait do not all arrive at once;
+  the wait do not all arrive at once.  An upstream never seen to succeed starts the same way (slow
+  start: one call, then everyone), so a burst at start-up cannot land on an upstream that is
+  rate-limiting or down;
 * **circuit breaker**: ``breaker_failures`` consecutive failures open it for ``cooldown_s``; then
   exactly one caller is admitted as the half-open probe; its success closes the breaker, its failure
   re-opens it.  A probe that never reports is replaced after a lease time;
@@ -94,7 +96,8 @@ class Verdict(NamedTuple):
     wait_s: float
     """Not admitted: when to ask again (0 when unknown, e.g. waiting for a free in-flight slot)."""
     reason: str
-    """ok, retry_after, open (breaker open or another caller is probing), busy, rpm, tpm."""
+    """ok, retry_after, open (breaker open or another caller is probing), single (one call at a time
+    until one succeeds), busy, rpm, tpm."""
     probe: bool = False
     """Admitted as the half-open probe."""
     lease: str = ""
@@ -144,8 +147,8 @@ class _Entry:
     tat_t: float = 0.0
     factor: float = 1.0
     until: float = 0.0
-    limited: bool = False
-    """A 429 was answered and no call has succeeded since: calls go one at a time (see module docs)."""
+    single: bool = True
+    """Calls go one at a time: nothing has succeeded yet, or a 429 came since the last success."""
     ra_probe: str = ""
     ra_probe_until: float = 0.0
     last_dec: float = -1e18
@@ -184,11 +187,6 @@ class LocalState:
         e = self._entry(name)
         if e.until > now:
             return Verdict(False, (e.until - now) / 1000, "retry_after")
-        ra_probe = False
-        if e.limited:
-            if e.ra_probe_until > now:  # the first call after the wait has not answered yet
-                return Verdict(False, min(e.ra_probe_until - now, 50.0) / 1000, "retry_after")
-            ra_probe = True
         probe = False
         if e.open_until > now:
             return Verdict(False, (e.open_until - now) / 1000, "open")
@@ -196,6 +194,11 @@ class LocalState:
             if e.probe_until > now:  # another caller is probing: ask again soon, not after its lease
                 return Verdict(False, min(e.probe_until - now, limits.cooldown_s * 1000) / 1000, "open")
             probe = True
+        ra_probe = False
+        if e.single:
+            if e.ra_probe_until > now:  # the first call has not answered yet
+                return Verdict(False, min(e.ra_probe_until - now, 50.0) / 1000, "single")
+            ra_probe = True
         f = e.factor if limits.adaptive else 1.0
         if limits.max_in_flight is not None and e.inflight >= max(1, int(limits.max_in_flight * f)):
             return Verdict(False, 0.0, "busy")
@@ -236,7 +239,7 @@ class LocalState:
         if lease and lease == e.ra_probe:
             e.ra_probe, e.ra_probe_until = "", 0.0
             if outcome == OK:
-                e.limited = False
+                e.single = False
         if used is not None and limits.tpm is not None and used != charged:
             # the estimate was charged at admission; correct it with what the upstream reported
             e.tat_t = max(e.tat_t + (used - charged) * 60_000.0 / (limits.tpm * limits.headroom * f), now)
@@ -252,7 +255,7 @@ class LocalState:
         if outcome == LIMITED:
             wait = DEFAULT_RETRY_AFTER_S if retry_after is None else retry_after
             e.until = max(e.until, now + wait * 1000)
-            e.limited = True
+            e.single = True
             if limits.adaptive and now - e.last_dec >= DECREASE_EVERY_S * 1000:
                 e.factor = max(MIN_FACTOR, e.factor / 2)
                 e.last_dec = now

@@ -33,7 +33,10 @@ P = GenParams(model="chat", max_tokens=8)
 
 @pytest.fixture
 async def state(redis_url: str) -> Any:
+    """Upstream "a" past slow start (one call admitted and succeeded)."""
     s = RedisState(redis_url)
+    assert (await s.acquire("a", Limits(), 1, "warm")).ok
+    await s.settle("a", Limits(), "warm", OK)
     yield s
     await s.aclose()
 
@@ -189,8 +192,16 @@ async def test_after_a_retry_after_one_call_goes_first_in_redis(state: RedisStat
     await state.settle("a", lim, "x", LIMITED, retry_after=0.1)
     await asyncio.sleep(0.11)
     assert (await state.acquire("a", lim, 1, "first")).ok
-    assert (await state.acquire("a", lim, 1, "second")).reason == "retry_after"
+    assert (await state.acquire("a", lim, 1, "second")).reason == "single"
     await state.settle("a", lim, "other", OK)
-    assert (await state.acquire("a", lim, 1, "still")).reason == "retry_after"
+    assert (await state.acquire("a", lim, 1, "still")).reason == "single"
     await state.settle("a", lim, "first", OK)
     assert (await state.acquire("a", lim, 1, "third")).ok
+
+
+async def test_slow_start_in_redis(state: RedisState) -> None:
+    assert (await state.acquire("fresh", Limits(), 1, "1")).ok
+    assert (await state.acquire("fresh", Limits(), 1, "2")).reason == "single"
+    await state.settle("fresh", Limits(), "1", OK)
+    assert (await state.acquire("fresh", Limits(), 1, "3")).ok
+    assert (await state.acquire("fresh", Limits(), 1, "4")).ok

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragline.gateway.state import FAILED, LIMITED, NEUTRAL, OK, Limits, LocalState
+from ragline.gateway.state import FAILED, LIMITED, NEUTRAL, OK, Limits, LocalState, State
 
 
 class Clock:
@@ -27,9 +27,18 @@ def clock() -> Clock:
     return Clock()
 
 
+async def warm(s: State, name: str = "a") -> None:
+    """Past slow start: one call admitted and succeeded (nothing limited, so no rate is charged)."""
+    assert (await s.acquire(name, Limits(), 1, "warm")).ok
+    await s.settle(name, Limits(), "warm", OK)
+
+
 @pytest.fixture
-def state(clock: Clock) -> LocalState:
-    return LocalState(clock)
+async def state(clock: Clock) -> LocalState:
+    """A state whose upstream "a" has succeeded once."""
+    s = LocalState(clock)
+    await warm(s)
+    return s
 
 
 async def test_rpm_admits_one_request_per_interval(state: LocalState, clock: Clock) -> None:
@@ -186,7 +195,7 @@ async def test_after_a_retry_after_one_call_goes_first(state: LocalState, clock:
     first = await state.acquire("a", lim, 1, "first")
     assert first.ok
     held = await state.acquire("a", lim, 1, "second")  # the queue does not rush in behind it
-    assert not held.ok and held.reason == "retry_after" and held.wait_s <= 0.05
+    assert not held.ok and held.reason == "single" and held.wait_s <= 0.05
     await state.settle("a", lim, "first", OK)
     assert (await state.acquire("a", lim, 1, "third")).ok
     assert (await state.acquire("a", lim, 1, "fourth")).ok
@@ -202,3 +211,16 @@ async def test_a_second_429_on_the_first_call_starts_a_new_wait(state: LocalStat
     await state.settle("a", lim, "first", LIMITED, retry_after=2.0)
     v = await state.acquire("a", lim, 1, "z")
     assert v.reason == "retry_after" and v.wait_s == pytest.approx(2.0)
+
+
+async def test_slow_start_one_call_until_the_first_success(clock: Clock) -> None:
+    s = LocalState(clock)
+    first = await s.acquire("new", Limits(), 1, "1")
+    assert first.ok
+    v = await s.acquire("new", Limits(), 1, "2")
+    assert not v.ok and v.reason == "single"
+    await s.settle("new", Limits(), "1", FAILED)  # a failure proves nothing: the next caller goes alone
+    assert (await s.acquire("new", Limits(), 1, "3")).ok
+    assert not (await s.acquire("new", Limits(), 1, "4")).ok
+    await s.settle("new", Limits(), "3", OK)
+    assert all([(await s.acquire("new", Limits(), 1, str(i))).ok for i in range(5)])
