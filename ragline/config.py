@@ -170,6 +170,24 @@ class ServerSettings(Section):
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant")
     admin_keys: list[str] = Field(default_factory=list)
     require_api_key: bool = False
+    # --- per-key and per-tenant request limits, the admin surface (ragline/server/limits.py, audit.py) ---
+    rate_limit_per_key_rpm: int | None = Field(
+        None, ge=1, description="requests per minute per API key (no key: per client address) on /v1/ routes"
+    )
+    rate_limit_per_tenant_rpm: int | None = Field(
+        None, ge=1, description="requests per minute per tenant, summed over its keys, on /v1/ routes"
+    )
+    rate_limit_burst: int = Field(10, ge=1, description="requests a client may send back to back within its rpm")
+    rate_limit_local_share: float = Field(1.0, gt=0, le=1.0)
+    """Fraction of each request limit a process enforces alone while Redis (``cache.redis_url``, which
+    shares the limits between every worker and instance) is unreachable; 1/N for N processes."""
+    invalidate_rpm: int | None = Field(30, ge=1, description="cache invalidations per minute per admin key")
+    invalidate_burst: int = Field(5, ge=1)
+    audit_log: Path | None = None
+    """JSON lines, one per invalidation call, allowed or refused (time, key id, client, action, result);
+    default ``data_dir/audit.log``."""
+    metrics_token: SecretStr | None = None
+    """When set, ``/metrics`` needs ``Authorization: Bearer <token>``."""
 
 
 class CacheSettings(Section):

@@ -94,9 +94,18 @@ class UpstreamError(RaglineError):
     status = 502
     code = "upstream_error"
 
-    def __init__(self, message: str, upstream_status: int | None = None) -> None:
+    def __init__(self, message: str, upstream_status: int | None = None, *, public: str | None = None) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
+        self.public = public
+        """What a client may read; ``message`` (upstream URL, reply excerpt) goes to the log only."""
+
+    @property
+    def client_message(self) -> str:
+        if self.public is not None:
+            return self.public
+        status = f" (HTTP {self.upstream_status})" if self.upstream_status else ""
+        return f"the model upstream failed{status}; the server log has the details"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -105,6 +114,10 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
 
+    @property
+    def client_message(self) -> str:
+        return self.public or "the model upstream did not answer in time"
+
 
 class RateLimited(UpstreamError):
     """A rate limit refused the call; ``retry_after`` is in seconds when known."""
@@ -112,9 +125,16 @@ class RateLimited(UpstreamError):
     status = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after: float | None = None, *, public: str | None = None) -> None:
+        super().__init__(message, public=public)
         self.retry_after = retry_after
+
+    @property
+    def client_message(self) -> str:
+        if self.public is not None:
+            return self.public
+        wait = "" if self.retry_after is None else f"; retry after {max(1, round(self.retry_after))}s"
+        return f"the model upstream is rate-limiting requests{wait}"
 
 
 class ServiceUnavailable(RaglineError):

@@ -34,6 +34,9 @@ EMBEDDED = Counter("ragline_embedded_texts_total", "Texts sent to the embedding 
 LLM_TOKENS = Counter("ragline_llm_tokens_total", "LLM tokens used", ["kind"])
 LLM_CALLS = Counter("ragline_llm_calls_total", "LLM calls by outcome", ["outcome"])
 ERRORS = Counter("ragline_errors_total", "Errors returned to clients by code", ["code"])
+REQUESTS_CANCELLED = Counter(
+    "ragline_requests_cancelled_total", "Requests whose client disconnected before the answer: their work was stopped"
+)
 
 _STAGE_CHILDREN: dict[str, Any] = {}
 

@@ -6,11 +6,26 @@ error that says what to fix; the pipeline below trusts a ``Query``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge
 from ragline.types import CacheMode, Message, Query
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text: str, what: str) -> None:
+    """``InvalidInput`` if ``text`` holds a lone UTF-16 surrogate (``\\ud800``, or the bytes ED A0 80 decoded
+    leniently): such a string cannot be encoded as UTF-8, so it could be neither stored, indexed nor hashed."""
+    if not text.isascii():
+        m = _SURROGATE.search(text)
+        if m is not None:
+            raise InvalidInput(
+                f"{what} contains a lone UTF-16 surrogate (U+{ord(m.group()):04X}) at position {m.start()}; "
+                "send valid Unicode text"
+            )
 
 
 def build_query(
@@ -36,6 +51,7 @@ def build_query(
         raise InvalidInput("query is empty: send a non-empty 'query' string")
     if len(query) > lim.max_query_chars:
         raise PayloadTooLarge(f"query has {len(query)} characters; the limit is {lim.max_query_chars}")
+    check_unicode(query, "query")
     if k is None:
         k = settings.retrieval.k
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= lim.max_k:
@@ -56,5 +72,6 @@ def check_history(history: Sequence[Message], limit: int) -> tuple[Message, ...]
             or not isinstance(m.get("content"), str)
         ):
             raise InvalidInput(f"history[{i}] must be {{'role': 'user'|'assistant', 'content': str}}")
+        check_unicode(m["content"], f"history[{i}].content")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)

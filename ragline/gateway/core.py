@@ -267,11 +267,11 @@ class Gateway:
                 f"every upstream of {group!r} is failing (circuit breakers open); retry after {wait:.1f}s", wait
             )
         why = ", ".join(sorted(set(reasons)))
-        return RateLimited(
+        msg = (
             f"no upstream of {group!r} had capacity within {self.settings.queue_timeout_s:g}s ({why}); "
-            f"retry after {wait:.1f}s",
-            wait,
+            f"retry after {wait:.1f}s"
         )
+        return RateLimited(msg, wait, public=msg)  # names no URL: the client may read it
 
     async def settle(
         self,

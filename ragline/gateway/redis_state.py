@@ -143,6 +143,24 @@ return out
 """
 """Live leases per upstream, on Redis' clock like the leases themselves (their scores are expiry times)."""
 
+_TAKE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local tats, worst, why = {}, 0, 0
+for i, key in ipairs(KEYS) do
+  local interval, tolerance = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = math.max(tonumber(redis.call('GET', key)) or 0, now)
+  tats[i] = tat + interval
+  if tat - tolerance - now > worst then worst, why = tat - tolerance - now, i end
+end
+if why > 0 then return {0, tostring(worst), why} end
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, tostring(tats[i]), 'PX', math.ceil(tats[i] - now) + 1000)
+end
+return {1, '0', 0}
+"""
+"""Plain request-rate buckets (see :meth:`LocalState.take_now`): all admit, and all are charged, or none."""
+
 _LOCAL: Final = "L:"
 """Prefix of a lease admitted by the local fallback (it settles there, not in Redis)."""
 
@@ -171,6 +189,7 @@ class RedisState:
         self._settle = redis.register_script(_SETTLE)
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._counts = redis.register_script(_COUNTS)
+        self._take = redis.register_script(_TAKE)
         self._prefix = prefix
         self._timeout = timeout_s
         self.local = LocalState()
@@ -212,6 +231,32 @@ class RedisState:
             return self.local.acquire_now(name, limits.share(self.local_share), tokens, _LOCAL + lease)
         why = reason.decode() if isinstance(reason, bytes) else str(reason)
         return Verdict(bool(ok), float(wait_ms) / 1000, why, bool(probe), lease)
+
+    async def take(self, buckets: Sequence[tuple[str, float, int]]) -> Verdict:
+        """:meth:`LocalState.take_now` in one script on Redis' clock, shared by every process.
+
+        The buckets' keys share one hash slot (``{take}``), so a Redis Cluster runs the script too.
+        While Redis is unusable each process admits from its own buckets at ``local_share`` of each rate.
+        """
+        keys = [f"{self._prefix}{{take}}:{name}" for name, _, _ in buckets]
+        args: list[str] = []
+        for _, rpm, burst in buckets:
+            interval = 60_000.0 / rpm
+            args += [repr(interval), repr((burst - 1) * interval)]
+
+        async def run(_: Redis) -> Any:
+            async with asyncio.timeout(self._timeout):
+                return await self._take(keys=keys, args=args)
+
+        try:
+            ok, wait_ms, why = await self._conn.call(run)
+        except RedisUnavailable:
+            self.fallbacks += 1
+            share = self.local_share
+            return self.local.take_now([(n, rpm * share, burst) for n, rpm, burst in buckets])
+        if ok:
+            return Verdict(True, 0.0, "ok")
+        return Verdict(False, float(wait_ms) / 1000, buckets[int(why) - 1][0])
 
     async def settle(
         self,

@@ -22,6 +22,9 @@ For every upstream the state holds, in one place so that a single step decides a
 * **in-flight leases**: each admitted call holds a lease until it settles (in Redis a lease expires,
   so a killed process cannot leak capacity).
 
+Apart from that, :meth:`LocalState.take_now` is a plain request-rate limit (GCRA with a burst, no
+slow start, no leases) on the same clock, for the server's per-key and per-tenant API limits.
+
 :class:`LocalState` keeps this in the process; :class:`~ragline.gateway.redis_state.RedisState` runs
 the same algorithm as Lua scripts in Redis, so that every worker and instance shares one state.
 The tests drive both through the same cases.
@@ -167,6 +170,8 @@ class LocalState:
         self._clock = clock or (lambda: time.monotonic() * 1000.0)
         self._entries: dict[str, _Entry] = {}
         self._released: asyncio.Event | None = None
+        self._buckets: dict[str, float] = {}
+        """Plain request-rate buckets of :meth:`take_now`: name → theoretical arrival time (ms)."""
 
     @property
     def mode(self) -> str:
@@ -216,6 +221,36 @@ class LocalState:
             e.ra_probe, e.ra_probe_until = lease, now + limits.lease_s * 1000
         e.inflight += 1
         return Verdict(True, 0.0, "ok", probe, lease)
+
+    async def take(self, buckets: Sequence[tuple[str, float, int]]) -> Verdict:
+        return self.take_now(buckets)
+
+    def take_now(self, buckets: Sequence[tuple[str, float, int]]) -> Verdict:
+        """Admit one request against every ``(name, rpm, burst)`` bucket at once, or against none.
+
+        A plain request-rate limit (the API's per-key and per-tenant limits, the invalidation API):
+        GCRA with a tolerance of ``burst - 1`` intervals, so ``burst`` requests may come back to back
+        and any *w* seconds admit at most ``w × rpm / 60 + burst``.  No slow start, no lease, no
+        headroom, nothing to settle; ``burst`` 1 is the rule of :meth:`acquire_now` (admitted when the
+        bucket has no debt).  Refused: ``wait_s`` is when every bucket admits again and ``reason``
+        names the bucket that waits longest; nothing is charged.
+        """
+        now = self._clock()
+        tats = self._buckets
+        worst, why = 0.0, ""
+        for name, rpm, burst in buckets:
+            interval = 60_000.0 / rpm
+            wait = max(tats.get(name, 0.0), now) - (burst - 1) * interval - now
+            if wait > worst:
+                worst, why = wait, name
+        if why:
+            return Verdict(False, worst / 1000, why)
+        if len(tats) > 65_536:  # bounded: a bucket whose debt is paid holds no information
+            for stale in [n for n, tat in tats.items() if tat <= now]:
+                del tats[stale]
+        for name, rpm, _ in buckets:
+            tats[name] = max(tats.get(name, 0.0), now) + 60_000.0 / rpm
+        return Verdict(True, 0.0, "ok")
 
     async def settle(
         self,

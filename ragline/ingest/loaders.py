@@ -40,6 +40,7 @@ import orjson
 from ragline.config import LimitSettings
 from ragline.errors import InvalidInput, PayloadTooLarge, RaglineError, UnsupportedFile
 from ragline.types import Document
+from ragline.validate import check_unicode
 
 __all__ = [
     "MAX_ID_CHARS",
@@ -534,6 +535,9 @@ def validate_document(doc: Document, limits: LimitSettings) -> None:
         raise InvalidInput(f"document {_show(did)}: title must be a string")
     if not doc.text.strip():
         raise InvalidInput(f"document {_show(did)} has empty text; give it some text or leave it out")
+    check_unicode(did, "document id")
+    check_unicode(doc.title, f"document {_show(did)}: title")
+    check_unicode(doc.text, f"document {_show(did)}: text")
     limit = limits.max_document_bytes
     n_chars = len(doc.text) + len(doc.title)
     # Each char is 1-4 UTF-8 bytes: only encode when the char count cannot decide.

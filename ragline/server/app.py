@@ -16,7 +16,7 @@ from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
 from ragline.server import errors, routes
 from ragline.server.auth import Auth
-from ragline.server.middleware import BodyLimit, Timing
+from ragline.server.middleware import RequestGuard, Timing
 
 __all__ = ["create_app"]
 
@@ -41,6 +41,6 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     app.state.settings = settings
     errors.install(app)
     routes.install(app, pipeline, settings, Auth(settings.server))
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_request_bytes)
+    app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes)
     app.add_middleware(Timing)
     return app

@@ -13,6 +13,7 @@ class Auth:
     def __init__(self, settings: ServerSettings) -> None:
         self._keys = dict(settings.api_keys)
         self._admin = list(settings.admin_keys)
+        self._admin_bytes = [a.encode("utf-8", "surrogateescape") for a in self._admin]
         self._required = settings.require_api_key
 
     @staticmethod
@@ -31,13 +32,18 @@ class Auth:
             return DEFAULT_TENANT
         tenant = self._keys.get(key)
         if tenant is None:
-            if any(hmac.compare_digest(key, a) for a in self._admin):
+            if self.is_admin(key):
                 return DEFAULT_TENANT
             raise Unauthorized("unknown API key")
         return tenant
 
+    def is_admin(self, key: str) -> bool:
+        """Constant-time comparison over UTF-8 bytes (``compare_digest`` refuses non-ASCII ``str``)."""
+        raw = key.encode("utf-8", "surrogateescape")
+        return any(hmac.compare_digest(raw, a) for a in self._admin_bytes)
+
     def require_admin(self, key: str | None) -> None:
         if key is None:
             raise Unauthorized("this endpoint needs an admin API key")
-        if not any(hmac.compare_digest(key, a) for a in self._admin):
+        if not self.is_admin(key):
             raise Forbidden("this API key is not an admin key")

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ragline import metrics
-from ragline.errors import RaglineError, RateLimited, ServiceUnavailable
+from ragline.errors import RaglineError, RateLimited, ServiceUnavailable, UpstreamError
 
 log = logging.getLogger("ragline.server")
 
@@ -26,6 +26,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     metrics.ERRORS.labels(code).inc()
     body = orjson.dumps({"error": {"code": code, "message": message}})
     return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def public_message(exc: RaglineError) -> str:
+    """The message a client may read: an upstream's URL and reply excerpts stay in the log."""
+    return exc.client_message if isinstance(exc, UpstreamError) else exc.message
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -43,9 +48,12 @@ def install(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, RateLimited | ServiceUnavailable) and exc.retry_after is not None:
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-        if exc.status >= 500:
+        message = public_message(exc)
+        if isinstance(exc, UpstreamError):
+            log.warning("%s: %s", exc.code, exc.message)
+        elif exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message)
-        return error_response(exc.status, exc.code, exc.message, headers)
+        return error_response(exc.status, exc.code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:

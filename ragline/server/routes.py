@@ -28,6 +28,9 @@ from ragline.server.auth import Auth
 from ragline.server.schemas import CACHE_MODES, DocumentsIn, InvalidateIn, QueryIn, SearchIn
 from ragline.types import Document
 
+_MAX_OFFSET = 2**31 - 1
+"""Larger offsets overflow SQLite's integers (and no corpus has that many documents)."""
+
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
@@ -69,8 +72,8 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
         x_api_key: str | None = Header(None),
     ) -> Response:
         tenant = tenant_of(authorization, x_api_key)
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise InvalidInput("limit must be 1..1000 and offset ≥ 0")
+        if not 1 <= limit <= 1000 or not 0 <= offset <= _MAX_OFFSET:
+            raise InvalidInput(f"limit must be 1..1000 and offset 0..{_MAX_OFFSET}")
         ids = pipeline.store.document_ids(tenant, limit, offset)
         return _json({"ids": ids, **pipeline.stats(tenant)})
 
@@ -205,7 +208,9 @@ async def _sse(events: AsyncIterator[tuple[str, dict[str, Any]]]) -> AsyncIterat
         async for name, data in events:
             yield b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
     except RaglineError as exc:
-        yield b"event: error\ndata: " + orjson.dumps({"code": exc.code, "message": exc.message}) + b"\n\n"
+        yield (
+            b"event: error\ndata: " + orjson.dumps({"code": exc.code, "message": errors.public_message(exc)}) + b"\n\n"
+        )
     except Exception:
         errors.log.exception("stream failed")
         yield (

@@ -8,23 +8,29 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 CACHE_MODES = ("default", "bypass", "refresh")
 
 
-class DocumentIn(BaseModel):
+class _Strict(BaseModel):
+    """No coercion: ``k: "5"`` or ``k: true`` are refused, as ``/v1/query`` refuses them."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class DocumentIn(_Strict):
     id: str = Field(..., min_length=1, max_length=512)
     text: str
     title: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
-class DocumentsIn(BaseModel):
+class DocumentsIn(_Strict):
     documents: list[DocumentIn] = Field(..., min_length=1)
 
 
-class SearchIn(BaseModel):
+class SearchIn(_Strict):
     query: str
     k: int = Field(10, ge=1)
     doc_level: bool = False
@@ -33,7 +39,7 @@ class SearchIn(BaseModel):
     cache: Literal["default", "bypass", "refresh"] = "default"
 
 
-class InvalidateIn(BaseModel):
+class InvalidateIn(_Strict):
     """Exactly one of: ``all``, ``key``, ``tenant`` (optionally with ``doc_id``)."""
 
     tenant: str | None = None

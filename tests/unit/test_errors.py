@@ -37,7 +37,10 @@ def test_status_mapping(exc: errors.RaglineError, status: int) -> None:
     assert r.status_code == status
     body = orjson.loads(r.content)
     assert body["error"]["code"] == exc.code
-    assert body["error"]["message"] == "x"
+    if isinstance(exc, errors.UpstreamError):  # the upstream's details stay in the log
+        assert body["error"]["message"] == exc.client_message and "x" not in body["error"]["message"]
+    else:
+        assert body["error"]["message"] == "x"
     if isinstance(exc, errors.RateLimited):
         assert r.headers["retry-after"] == "3"
 
@@ -60,3 +63,15 @@ def test_every_error_is_a_ragline_error() -> None:
         obj = getattr(errors, name)
         if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == errors.__name__:
             assert issubclass(obj, errors.RaglineError)
+
+
+def test_upstream_errors_never_show_the_upstream_url_or_reply() -> None:
+    app = FastAPI()
+    install(app)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise errors.UpstreamError("LLM upstream http://10.0.0.5:8000/v1 returned HTTP 500: secret stack", 500)
+
+    body = TestClient(app, raise_server_exceptions=False).get("/boom").json()
+    assert body["error"]["message"] == "the model upstream failed (HTTP 500); the server log has the details"
