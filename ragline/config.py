@@ -160,6 +160,7 @@ class LimitSettings(Section):
     max_k: int = Field(100, ge=1)
     max_file_bytes: int = Field(50_000_000, ge=1)
     max_history_messages: int = Field(50, ge=0)
+    max_history_chars: int = Field(64_000, ge=0, description="all history messages together, in characters")
     max_metadata_bytes: int = Field(16_384, ge=0)
 
 

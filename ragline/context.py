@@ -6,6 +6,7 @@ embedder's tokenizer, or the LLM's where known), so this module owns no model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -94,3 +95,15 @@ def trim_history(
         used += cost
     out.reverse()
     return out
+
+
+def memo_counter(count: TokenCounter, max_chars: int = 4096) -> TokenCounter:
+    """``count`` memoised for texts up to ``max_chars``: chunk texts recur across requests (and every
+    re-verification packs again), so each is counted once, while the memo stays bounded in bytes
+    (20,000 × 4 KB) whatever users send as history."""
+    memo = functools.lru_cache(maxsize=20_000)(count)
+
+    def counted(text: str) -> int:
+        return memo(text) if len(text) <= max_chars else count(text)
+
+    return counted

@@ -32,7 +32,7 @@ from ragline.codec import (
 )
 from ragline.codec import exact as _exact_info
 from ragline.config import EmbedderSettings, Settings
-from ragline.context import pack, trim_history
+from ragline.context import memo_counter, pack, trim_history
 from ragline.embed.base import Embedder
 from ragline.embed.cached import CachedEmbedder
 from ragline.embed.local import resolve_model_dir
@@ -398,13 +398,16 @@ class AsyncRAG:
     ) -> tuple[list[Hit], list[Message]]:
         """Step 5: drop near-duplicates, pack to the token budget, build the prompt."""
         s = self.settings.context
-        count = self._count_tokens
-        with metrics.stage("context", t):
-            vecs = await asyncio.to_thread(self.store.vectors, tenant, [h.chunk_id for h in hits]) if hits else None
+        count, store = self._count_tokens, self.store
+
+        def build() -> tuple[list[Hit], list[Message]]:  # tokenising is CPU work: off the event loop
+            vecs = store.vectors(tenant, [h.chunk_id for h in hits]) if hits else None
             sources = pack(hits, count, s.token_budget, s.max_sources, vecs, s.near_duplicate)
             hist = trim_history(history, count, s.token_budget // 2, s.history_turns)
-            messages = build_messages(query, sources, hist)
-        return sources, messages
+            return sources, build_messages(query, sources, hist)
+
+        with metrics.stage("context", t):
+            return await asyncio.to_thread(build)
 
     async def _context_of(self, tenant: str, query: str, hits: list[Hit]) -> list[Hit]:
         """The context a fresh request without history would build (re-verification)."""
@@ -533,8 +536,7 @@ def _wire(self: AsyncRAG) -> None:
     self._generate = CachedLLM(self._llm, self.cache, s.llm)
     self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation, catch_up=self.catch_up)
     self._follower = Follower(self._store, self._invalidation, functools.partial(_update_gauges, self._store))
-    # chunk texts recur across requests (and every re-verification packs again): count each once
-    self._count_tokens = functools.lru_cache(maxsize=20_000)(self._chunker.count_tokens)
+    self._count_tokens = memo_counter(self._chunker.count_tokens)
 
 
 async def _close(self: AsyncRAG) -> None:

@@ -56,15 +56,16 @@ def build_query(
         k = settings.retrieval.k
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= lim.max_k:
         raise InvalidInput(f"k must be an integer between 1 and {lim.max_k}, got {k!r}")
-    hist = check_history(history, lim.max_history_messages) if history else ()
+    hist = check_history(history, lim.max_history_messages, lim.max_history_chars) if history else ()
     mmr = settings.retrieval.mmr if mmr is None else mmr
     return Query(query, k, tenant, hist, cache_mode, timings, doc_level, mmr, candidates)
 
 
-def check_history(history: Sequence[Message], limit: int) -> tuple[Message, ...]:
+def check_history(history: Sequence[Message], limit: int, max_chars: int | None = None) -> tuple[Message, ...]:
     if len(history) > limit:
         raise PayloadTooLarge(f"history has {len(history)} messages; the limit is {limit}")
     out: list[Message] = []
+    total = 0
     for i, m in enumerate(history):
         if (
             not isinstance(m, dict)
@@ -72,6 +73,12 @@ def check_history(history: Sequence[Message], limit: int) -> tuple[Message, ...]
             or not isinstance(m.get("content"), str)
         ):
             raise InvalidInput(f"history[{i}] must be {{'role': 'user'|'assistant', 'content': str}}")
+        total += len(m["content"])
+        if max_chars is not None and total > max_chars:
+            raise PayloadTooLarge(
+                f"history holds over {max_chars:,} characters (limits.max_history_chars) at message {i}; "
+                "send fewer or shorter messages"
+            )
         check_unicode(m["content"], f"history[{i}].content")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
