@@ -349,6 +349,7 @@ class Gateway:
             "kind": self.kind,
             "strategy": self.router.strategy,
             "state": self.state.mode,
+            "local_admissions": getattr(self.state, "fallbacks", 0),
             "fallbacks": list(self.settings.fallbacks),
             "retries": self.retries,
             "fallbacks_taken": self.fallbacks,

@@ -9,7 +9,9 @@ cost a round trip each and could admit a request one limiter refuses.  The algor
 machines whose clocks differ still agree.
 
 Redis going away mid-run is a stated choice: **fail open to local limits**.  Calls are guarded by a
-:class:`~ragline.infra.redis_conn.RedisConn` breaker; while it is open each process admits from its
+:class:`~ragline.infra.redis_conn.RedisConn` breaker (1 s per call, open after two failures; a single
+failed call is answered "ask again", not by local admission, so one process whose event loop stalled
+cannot admit on top of the shared limit); while it is open each process admits from its
 own :class:`LocalState` with every limit scaled by ``gateway.local_share`` (set it to 1/N for N
 processes to keep their sum within the limit), requests keep flowing, ``mode`` reports ``local``, and
 the shared state is used again once Redis answers.  Leases taken in Redis expire on their own, so a
@@ -179,7 +181,7 @@ class RedisState:
         client: Redis | None = None,
         prefix: str = "ragline:gw:",
         local_share: float = 1.0,
-        timeout_s: float = 0.25,
+        timeout_s: float = 1.0,
     ) -> None:
         self._conn = RedisConn(
             url, client=client, timeout_s=timeout_s, connect_timeout_s=1.0, failure_threshold=2, reset_s=1.0
@@ -227,6 +229,10 @@ class RedisState:
         try:
             ok, wait_ms, reason, probe = await self._call(self._acquire, name, args)
         except RedisUnavailable:
+            if self._conn.healthy:
+                # one failed call is not an outage (a stalled event loop times calls out together):
+                # ask Redis again shortly instead of admitting from local limits on top of the shared ones
+                return Verdict(False, 0.01, "state", lease=lease)
             self.fallbacks += 1
             return self.local.acquire_now(name, limits.share(self.local_share), tokens, _LOCAL + lease)
         why = reason.decode() if isinstance(reason, bytes) else str(reason)
