@@ -30,6 +30,26 @@ class Section(BaseModel):
     model_config = {"extra": "forbid", "frozen": True}
 
 
+def decode_encryption_key(text: str) -> bytes:
+    """The 32 bytes of an encryption key given in (URL-safe or standard) base64; ValueError otherwise.
+    The message never repeats the key."""
+    import base64
+    import binascii
+
+    s = "".join(text.split())
+    try:
+        s = s.replace("+", "-").replace("/", "_").rstrip("=")
+        raw = base64.b64decode(s + "=" * (-len(s) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(
+            "an encryption key must be 32 random bytes in URL-safe base64 (44 characters); generate one with "
+            "python -c \"import os,base64;print(base64.urlsafe_b64encode(os.urandom(32)).decode())\""
+        )
+    return raw
+
+
 Strategy = Literal["round_robin", "least_busy", "weighted", "random", "latency"]
 
 
@@ -162,6 +182,9 @@ class LimitSettings(Section):
     max_history_messages: int = Field(50, ge=0)
     max_history_chars: int = Field(64_000, ge=0, description="all history messages together, in characters")
     max_metadata_bytes: int = Field(16_384, ge=0)
+    max_concurrent_work: int = Field(0, ge=0, description="admitted uncached requests at once; 0: 2 x CPU cores")
+    max_queued_work: int = Field(-1, ge=-1, description="more waiting for admission; -1: as many as admitted")
+    queue_timeout_s: float = Field(1.0, gt=0, le=60, description="longest wait for admission, then 503")
 
 
 class ServerSettings(Section):
@@ -259,6 +282,26 @@ class CacheSettings(Section):
         10.0, gt=0, description="how long another instance's computation is awaited before computing"
     )
     singleflight_poll_s: float = Field(0.05, gt=0, description="max poll interval while waiting")
+    # --- encryption at rest of L2/L3 values and dependency records (ragline/cache/crypto.py) ---
+    encryption_key: SecretStr | None = Field(
+        None, description="AES-256-GCM key for L2/L3 values: 32 random bytes, URL-safe base64; unset: off"
+    )
+    encryption_previous_keys: tuple[SecretStr, ...] = Field(
+        (), description="retired keys still accepted for reading during a rotation (never used to write)"
+    )
+
+    @field_validator("encryption_key", "encryption_previous_keys")
+    @classmethod
+    def _encryption_keys(cls, v: SecretStr | tuple[SecretStr, ...] | None) -> object:
+        for key in (v,) if isinstance(v, SecretStr) else v or ():
+            decode_encryption_key(key.get_secret_value())  # ValueError naming no key material
+        return v
+
+    @model_validator(mode="after")
+    def _previous_needs_current(self) -> CacheSettings:
+        if self.encryption_previous_keys and self.encryption_key is None:
+            raise ValueError("cache.encryption_previous_keys needs cache.encryption_key (the key that writes)")
+        return self
 
 
 class Settings(BaseSettings):

@@ -78,7 +78,14 @@ SEMANTIC_SIMILARITY = Histogram(
     "Cosine similarity of served semantic hits",
     buckets=(0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0),
 )
-ANSWERS = Counter("ragline_answers_total", "Answers served by cache outcome", ["outcome", "tenant"])
+ANSWERS = Counter("ragline_answers_total", "Answers served by cache outcome", ["outcome"])
+"""No tenant label: ``/metrics`` must not list tenant names (per-tenant numbers belong in the tenant's own view)."""
+RATE_LIMITED = Counter(
+    "ragline_rate_limited_total",
+    "Requests the API's own limits refused (429), by scope: key (an API key or anonymous client), tenant, "
+    "invalidate (the admin invalidation limit)",
+    ["scope"],
+)
 
 # --- the gateway (ragline.gateway): one series per upstream (names come from settings, not from requests)
 UPSTREAM_REQUESTS = Counter(
@@ -139,4 +146,16 @@ UPSTREAM_TOKENS = Counter(
     "ragline_upstream_tokens_total",
     "Tokens (prompt + completion, or embedding input) an upstream reported",
     ["upstream"],
+)
+
+# --- admission control (ragline.infra.admission)
+ADMISSION_IN_FLIGHT = Gauge(
+    "ragline_admission_in_flight", "Requests doing admitted work (embed, retrieve, pack)", multiprocess_mode="livesum"
+)
+ADMISSION_QUEUED = Gauge("ragline_admission_queued", "Requests waiting for admission", multiprocess_mode="livesum")
+ADMISSION_WAIT = Histogram(
+    "ragline_admission_wait_seconds", "Time a request waited for admission (when it had to)", buckets=_LATENCY_BUCKETS
+)
+ADMISSION_REJECTED = Counter(
+    "ragline_admission_rejected_total", "Requests refused with 503 at capacity, by reason: full, timeout", ["reason"]
 )

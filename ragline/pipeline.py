@@ -18,8 +18,8 @@ from typing import Any, Generic, TypeVar
 
 import orjson
 
-from ragline import metrics, plugins
-from ragline.cache.clock import TermClock
+from ragline import metrics
+from ragline.assembly import load_components, term_clock, update_gauges, upstreams_of
 from ragline.cache.invalidation import CachedRetriever, Invalidation
 from ragline.cache.layer import CacheLayer
 from ragline.codec import (
@@ -31,12 +31,12 @@ from ragline.codec import (
     replay_events,
 )
 from ragline.codec import exact as _exact_info
-from ragline.config import EmbedderSettings, Settings
+from ragline.config import Settings
 from ragline.context import memo_counter, pack, trim_history
 from ragline.embed.base import Embedder
 from ragline.embed.cached import CachedEmbedder
-from ragline.embed.local import resolve_model_dir
 from ragline.errors import InvalidInput
+from ragline.infra.admission import Admission
 from ragline.ingest.chunking import Chunker
 from ragline.ingest.follow import Follower
 from ragline.ingest.indexer import Indexer, Progress
@@ -139,12 +139,12 @@ class AsyncRAG:
         self._follower: Follower | None = None
         self._count_tokens: Callable[[str], int] = len
         self.cache: CacheLayer | None = None
-        self._cache_answers = False
+        self._cache_answers = False  # deterministic generation only, unless cache.cache_nonzero_temperature
         self._default_k = self.settings.retrieval.k
-        """Deterministic generation only, unless ``cache.cache_nonzero_temperature`` (DESIGN.md §3.4)."""
         self._start_lock = asyncio.Lock()
         self._sync_lock = asyncio.Lock()
         self.ready = False
+        self.admission = Admission.from_limits(self.settings.limits)  # embed, retrieve, pack of uncached requests
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> AsyncRAG:
@@ -157,7 +157,7 @@ class AsyncRAG:
                 if self.cache is not None:
                     await self.cache.start()
                 self.ready = True
-                _update_gauges(self._store)
+                update_gauges(self._store)
         return self
 
     def _build(self) -> None:
@@ -192,7 +192,7 @@ class AsyncRAG:
         await self.catch_up()
         report = await self._indexer.ingest(docs, tenant, progress)
         await self.catch_up()  # other processes' changes applied while this one waited for the tenant
-        _update_gauges(self._store)
+        update_gauges(self._store)
         return report
 
     async def ingest_paths(
@@ -209,12 +209,12 @@ class AsyncRAG:
         await self.catch_up()
         removed = await self._indexer.delete(doc_ids, tenant)
         await self.catch_up()
-        _update_gauges(self._store)
+        update_gauges(self._store)
         return removed
 
     async def upstreams(self) -> dict[str, Any]:
         """The gateways' view of their upstreams (``GET /v1/upstreams``; refreshes their gauges)."""
-        return {"llm": await _upstreams_of(self._llm), "embedder": await _upstreams_of(self._embedder)}
+        return {"llm": await upstreams_of(self._llm), "embedder": await upstreams_of(self._embedder)}
 
     async def invalidate(
         self, *, tenant: str | None = None, doc_id: str | None = None, key: str | None = None, everything: bool = False
@@ -270,7 +270,8 @@ class AsyncRAG:
         )
         await self.start()
         await self.catch_up()
-        return await self._retrieve(q, qvec, timings, q.cache_mode)
+        async with self.admission.slot():
+            return await self._retrieve(q, qvec, timings, q.cache_mode)
 
     # -- ask: the query flow (DESIGN.md §2) ----------------------------------------
     async def ask_body(
@@ -343,9 +344,10 @@ class AsyncRAG:
     async def _miss(self, q: Query, key: str | None, t: Timings | None, deliver: Deliver) -> Result:
         inv = self._invalidation
         gen = inv.generation(q.tenant) if inv is not None else (0, 0)
-        qvec = await self.embed_query(q.text, q.tenant, t)  # 3 embed
-        r = await self._retrieve(q, qvec, t, "bypass" if q.cache_mode == "bypass" else "default")  # 4 retrieve
-        sources, messages = await self._context(q.text, q.tenant, r.hits, q.history, t)  # 5 context
+        async with self.admission.slot():  # CPU work: bounded (503 past capacity); hits never wait here
+            qvec = await self.embed_query(q.text, q.tenant, t)  # 3 embed
+            r = await self._retrieve(q, qvec, t, "bypass" if q.cache_mode == "bypass" else "default")  # 4 retrieve
+            sources, messages = await self._context(q.text, q.tenant, r.hits, q.history, t)  # 5 context
         dep = None
         if key is not None and inv is not None:
             dep = inv.record(key, q.tenant, q.text, qvec, r, [h.chunk_id for h in sources], q.k or 0, bool(q.mmr))
@@ -512,7 +514,7 @@ async def _relay(
 def _wire(self: AsyncRAG) -> None:
     """Build every component from the settings (blocking: model load, store open)."""
     s = self.settings
-    emb, self._chunker, self._store, self._llm = _load(s, self._embedder, self._store, self._llm)
+    emb, self._chunker, self._store, self._llm = load_components(s, self._embedder, self._store, self._llm)
     self._embedder = emb
     retriever = HybridRetriever(self._store, s.retrieval)
     if s.cache.enabled:
@@ -528,14 +530,14 @@ def _wire(self: AsyncRAG) -> None:
             version=self._store.version,
             synced=self._store.synced_version,
         )
-        self.cache.attach_clock(_clock(self._store))
+        self.cache.attach_clock(term_clock(self._store))
     self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
     self._embed = CachedEmbedder(
         emb, self.cache, max_batch=s.embedder.batch_size, max_wait_ms=s.embedder.micro_batch_wait_ms
     )
     self._generate = CachedLLM(self._llm, self.cache, s.llm)
     self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation, catch_up=self.catch_up)
-    self._follower = Follower(self._store, self._invalidation, functools.partial(_update_gauges, self._store))
+    self._follower = Follower(self._store, self._invalidation, functools.partial(update_gauges, self._store))
     self._count_tokens = memo_counter(self._chunker.count_tokens)
 
 
@@ -556,44 +558,3 @@ async def _close(self: AsyncRAG) -> None:
 
 def _generated(done: Completion, sources: list[Hit], complete: bool) -> Generated:
     return Generated(done.text, sources, done.usage, done.model, complete, done.upstream)
-
-
-async def _upstreams_of(component: object) -> dict[str, Any] | None:
-    """A gateway-backed component's view of its upstreams; ``None`` for any other component."""
-    snap = getattr(component, "upstreams", None)
-    return await snap() if snap is not None else None
-
-
-def _clock(store: Store, window: int = 2048) -> TermClock:
-    """The term clock as the store's change log has it: every term's last change, and the last
-    ``window`` changes' removed and added chunks (an entry stamped before those is re-verified)."""
-    recent = store.recent_changes(window)
-    clock = TermClock(store.clock_rows(), floor=recent[0].seq - 1 if recent else 0)
-    for change in recent:
-        clock.record(change, store.vectors(change.tenant, list(change.added)) if change.added else None)
-    return clock
-
-
-def _load(
-    s: Settings, embedder: Embedder | None, store: Store | None, llm: LLM | None
-) -> tuple[Embedder, Chunker, Store, LLM]:
-    """The components not passed in, from the plugin registry, and the chunker."""
-    emb = embedder if embedder is not None else plugins.load("ragline.embedders", s.embedder.provider)(s.embedder)
-    tok = getattr(emb, "tokenizer_file", None)
-    # Chunk with the embedder's own tokenizer; remote embedders fall back to MiniLM's.
-    model_dir = Path(tok).parent if tok is not None else resolve_model_dir(EmbedderSettings().model)
-    chunker = Chunker.from_model_dir(model_dir, s.chunk)
-    if store is None:
-        factory = plugins.load("ragline.stores", s.store)
-        opener = getattr(factory, "from_settings", None)  # built-ins read their own settings
-        store = opener(s, emb.dim) if opener is not None else factory(s.data_dir, emb.dim)
-    if llm is None:
-        llm = plugins.load("ragline.llms", s.llm.provider)(s.llm)
-    return emb, chunker, store, llm
-
-
-def _update_gauges(store: Store | None) -> None:
-    if store is not None:
-        st = store.stats()
-        metrics.DOCUMENTS.set(st["documents"])
-        metrics.CHUNKS.set(st["chunks"])

@@ -176,15 +176,15 @@ def test_changes_a_write_applied_are_still_reported(tmp_path: Path) -> None:
 
 
 def test_a_restarted_process_knows_what_recent_changes_removed(tmp_path: Path) -> None:
+    from ragline.assembly import term_clock
     from ragline.cache.clock import GONE
-    from ragline.pipeline import _clock
 
     emb = HashEmbedder()
     s = EmbeddedStore(tmp_path, emb.dim)
     try:
         s.upsert("default", [_doc("owls", "Owls hunt at night.", emb)])
         gone = s.delete("default", ["owls"])
-        clock = _clock(s)  # what a process starting now knows
+        clock = term_clock(s)  # what a process starting now knows
         v = emb.embed(["x"])[0]
         assert clock.affected("default", gone.seq - 1, (), (), ("owls#0",), v, 0.99) == GONE
     finally:

@@ -1,0 +1,59 @@
+"""Assembling a pipeline from settings: components from the plugin registry, the term clock from the
+store's change log, the operator views that are not part of the query flow (``ragline.pipeline``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ragline import metrics, plugins
+from ragline.cache.clock import TermClock
+from ragline.config import EmbedderSettings, Settings
+from ragline.embed.base import Embedder
+from ragline.embed.local import resolve_model_dir
+from ragline.ingest.chunking import Chunker
+from ragline.llm.base import LLM
+from ragline.store.base import Store
+
+__all__ = ["load_components", "term_clock", "update_gauges", "upstreams_of"]
+
+
+async def upstreams_of(component: object) -> dict[str, Any] | None:
+    """A gateway-backed component's view of its upstreams; ``None`` for any other component."""
+    snap = getattr(component, "upstreams", None)
+    return await snap() if snap is not None else None
+
+
+def term_clock(store: Store, window: int = 2048) -> TermClock:
+    """The term clock as the store's change log has it: every term's last change, and the last
+    ``window`` changes' removed and added chunks (an entry stamped before those is re-verified)."""
+    recent = store.recent_changes(window)
+    clock = TermClock(store.clock_rows(), floor=recent[0].seq - 1 if recent else 0)
+    for change in recent:
+        clock.record(change, store.vectors(change.tenant, list(change.added)) if change.added else None)
+    return clock
+
+
+def load_components(
+    s: Settings, embedder: Embedder | None, store: Store | None, llm: LLM | None
+) -> tuple[Embedder, Chunker, Store, LLM]:
+    """The components not passed in, from the plugin registry, and the chunker."""
+    emb = embedder if embedder is not None else plugins.load("ragline.embedders", s.embedder.provider)(s.embedder)
+    tok = getattr(emb, "tokenizer_file", None)
+    # Chunk with the embedder's own tokenizer; remote embedders fall back to MiniLM's.
+    model_dir = Path(tok).parent if tok is not None else resolve_model_dir(EmbedderSettings().model)
+    chunker = Chunker.from_model_dir(model_dir, s.chunk)
+    if store is None:
+        factory = plugins.load("ragline.stores", s.store)
+        opener = getattr(factory, "from_settings", None)  # built-ins read their own settings
+        store = opener(s, emb.dim) if opener is not None else factory(s.data_dir, emb.dim)
+    if llm is None:
+        llm = plugins.load("ragline.llms", s.llm.provider)(s.llm)
+    return emb, chunker, store, llm
+
+
+def update_gauges(store: Store | None) -> None:
+    if store is not None:
+        st = store.stats()
+        metrics.DOCUMENTS.set(st["documents"])
+        metrics.CHUNKS.set(st["chunks"])
