@@ -211,6 +211,9 @@ def serve(
     if workers > 1:
         _multiprocess_metrics()
     err.print(f"ragline serving {settings.data_dir} on http://{host}:{port}  (docs: /docs)")
+    srv = settings.server
+    os.environ["RAGLINE_READ_TIMEOUT_S"] = str(srv.request_read_timeout_s)  # read by the protocol, in every worker
+    os.environ["RAGLINE_MAX_HEADER_BYTES"] = str(srv.max_header_bytes)
     uvicorn.run(
         "ragline.server.app:create_app",
         factory=True,
@@ -219,6 +222,10 @@ def serve(
         workers=workers,
         log_level=settings.log_level.lower(),
         access_log=False,
+        http="ragline.server.protocol:ReadDeadlineProtocol",
+        timeout_keep_alive=int(srv.keep_alive_s),
+        limit_concurrency=srv.max_connections,
+        h11_max_incomplete_event_size=srv.max_header_bytes,
     )
 
 

@@ -45,7 +45,7 @@ def decode_encryption_key(text: str) -> bytes:
     if len(raw) != 32:
         raise ValueError(
             "an encryption key must be 32 random bytes in URL-safe base64 (44 characters); generate one with "
-            "python -c \"import os,base64;print(base64.urlsafe_b64encode(os.urandom(32)).decode())\""
+            'python -c "import os,base64;print(base64.urlsafe_b64encode(os.urandom(32)).decode())"'
         )
     return raw
 
@@ -194,6 +194,10 @@ class ServerSettings(Section):
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant")
     admin_keys: list[str] = Field(default_factory=list)
     require_api_key: bool = False
+    request_read_timeout_s: float = Field(10.0, gt=0, description="a request's headers and body must arrive within")
+    keep_alive_s: float = Field(5.0, ge=1, description="idle keep-alive connections are closed after this")
+    max_connections: int = Field(1024, ge=1, description="open connections per process; beyond them 503")
+    max_header_bytes: int = Field(16_384, ge=1024, description="request line + headers; past it 431")
     # --- per-key and per-tenant request limits, the admin surface (ragline/server/limits.py, audit.py) ---
     rate_limit_per_key_rpm: int | None = Field(
         None, ge=1, description="requests per minute per API key (no key: per client address) on /v1/ routes"

@@ -32,7 +32,7 @@ from ragline.codec import (
 )
 from ragline.codec import exact as _exact_info
 from ragline.config import Settings
-from ragline.context import memo_counter, pack, trim_history
+from ragline.context import pack, trim_history
 from ragline.embed.base import Embedder
 from ragline.embed.cached import CachedEmbedder
 from ragline.errors import InvalidInput
@@ -538,7 +538,7 @@ def _wire(self: AsyncRAG) -> None:
     self._generate = CachedLLM(self._llm, self.cache, s.llm)
     self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation, catch_up=self.catch_up)
     self._follower = Follower(self._store, self._invalidation, functools.partial(update_gauges, self._store))
-    self._count_tokens = memo_counter(self._chunker.count_tokens)
+    self._count_tokens = self._chunker.count_tokens  # memoised there, bounded in bytes
 
 
 async def _close(self: AsyncRAG) -> None:

@@ -28,13 +28,13 @@ import hashlib
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import orjson
 from tokenizers import Encoding, Tokenizer, normalizers
 
 from ragline.config import ChunkSettings
+from ragline.context import memo_counter
 from ragline.errors import ConfigError
 from ragline.types import Chunk, Document
 
@@ -225,7 +225,7 @@ class Chunker:
         self.overlap: int = settings.overlap
         self._stable = type(tok.pre_tokenizer).__name__ in _STABLE_PRETOKENIZERS
         self._ascii_tok = _ascii_fast_path(tok)
-        self._count_cached = lru_cache(maxsize=16_384)(self._count)
+        self._count_cached = memo_counter(self._count)  # bounded in bytes: long texts are not kept
 
     @classmethod
     def from_file(cls, tokenizer_json: str | Path, settings: ChunkSettings | None = None) -> Chunker:
@@ -280,7 +280,7 @@ class Chunker:
         return len(tok.encode(text, add_special_tokens=False))
 
     def count_tokens(self, text: str) -> int:
-        """Number of tokens in ``text``, special tokens excluded (LRU-cached: packing recounts hits)."""
+        """Number of tokens in ``text``, special tokens excluded (memoised up to 4 KB texts: packing recounts hits)."""
         if not text:
             return 0
         return self._count_cached(text)
