@@ -67,3 +67,60 @@ def install(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal error; see the server log")
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+            "required": ["code", "message"],
+        }
+    },
+    "required": ["error"],
+}
+_DESCRIPTIONS = {
+    400: "Invalid input: the message says what to fix",
+    401: "An API key is required, or the one given is unknown",
+    403: "The API key is not an admin key",
+    404: "No such document or job for this tenant",
+    413: "A size limit was exceeded (body, document, query, history)",
+    415: "The body must be JSON (Content-Type: application/json)",
+    422: "The body does not match the schema",
+    429: "A rate limit refused the request; see Retry-After",
+    502: "The model upstream failed",
+    503: "At capacity or not ready; see Retry-After",
+    504: "The model upstream did not answer in time",
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """List, per route, the error statuses it can answer with (and their JSON shape) in ``/openapi.json``."""
+    from fastapi.routing import APIRoute
+
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        path, methods = route.path, route.methods or set()
+        codes = {500}
+        if path.startswith("/v1/"):
+            codes |= {400, 401, 429, 503}
+            if methods & {"POST", "PUT", "PATCH"}:
+                codes |= {413, 415, 422}
+        if path in ("/v1/cache/stats", "/v1/cache/invalidate", "/v1/upstreams"):
+            codes |= {403}
+        if "{" in path:
+            codes |= {404}
+        if path in ("/v1/query", "/v1/chat/completions", "/v1/documents", "/v1/jobs"):
+            codes |= {502, 504}
+        if path == "/readyz":
+            codes |= {503}
+        for code in sorted(codes):
+            route.responses.setdefault(
+                code,
+                {
+                    "description": _DESCRIPTIONS.get(code, "Internal error; details in the server log"),
+                    "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                },
+            )
