@@ -135,7 +135,7 @@ class Timing:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = 500
+        status = 499  # no response: the client left and the guard stopped the work (nginx's "client closed")
 
         async def send_status(msg: Message) -> None:
             nonlocal status
@@ -145,6 +145,10 @@ class Timing:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            if status == 499:
+                status = 500
+            raise
         finally:
             route = scope.get("route")
             key = (getattr(route, "path", "unmatched"), scope["method"], status)
