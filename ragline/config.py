@@ -86,7 +86,10 @@ class GatewaySettings(Section):
     adaptive: bool = True
     """AIMD: halve an upstream's rate and concurrency on 429, grow them back slowly on success (never above
     the configured rpm/tpm/max_in_flight)."""
-    headroom: float = Field(0.97, gt=0, le=1.0, description="fraction of each rpm/tpm the limiter targets")
+    headroom: float = Field(0.9, gt=0, le=1.0, description="fraction of each rpm/tpm the limiter targets")
+    """The limiter spaces admissions; the upstream sees arrivals, later by however long the sending process
+    waited for a CPU.  A 1 s window tolerates 1000 x (1/headroom - 1) ms of that: 111 ms at 0.9 (0.97 allowed
+    31 ms, and 11 requests reached a 10/s upstream in one second on a loaded 2-core host: benchmarks/gateway_limits)."""
     redis_url: str | None = None
     """Shared state (limits, in-flight counts, breakers, cooldowns) for every worker and instance; default:
     ``cache.redis_url``.  Without Redis each process enforces the limits alone."""
@@ -112,6 +115,9 @@ class EmbedderSettings(Section):
     device: str = "cpu"
     threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
     micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
+    ingest_slice: int = Field(16, ge=1, le=4096)
+    """Texts per model call on the write path (local models): a query or another tenant's ingest waits
+    for one slice at most (16 chunks of MiniLM: ~0.7 s on 2 cores), not for a whole ingest batch."""
     dim: int | None = Field(None, ge=1, le=65_536, description="remote vector width; None: asked once at start")
     gateway: GatewaySettings = GatewaySettings()
     """Remote (``openai``) embedders: the endpoints; empty means one built from ``base_url``/``model``."""
@@ -176,7 +182,12 @@ class LimitSettings(Section):
     max_query_chars: int = Field(2000, ge=1)
     max_document_bytes: int = Field(5_000_000, ge=1)
     max_documents_per_request: int = Field(1000, ge=1)
-    max_request_bytes: int = Field(50_000_000, ge=1)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    """A body is buffered whole and parsed into Python objects several times its size: 16 MiB still
+    carries three maximum-size documents, or thousands of typical ones, in one job."""
+    max_sync_ingest_bytes: int = Field(256 * 1024, ge=1)
+    """Text + titles one ``POST /v1/documents`` may ingest while the client waits (~850 MiniLM chunks,
+    ~35 s on 2 cores); more is a 413 that points to ``POST /v1/jobs`` (or ``?async=true``)."""
     max_k: int = Field(100, ge=1)
     max_file_bytes: int = Field(50_000_000, ge=1)
     max_history_messages: int = Field(50, ge=0)
@@ -185,6 +196,24 @@ class LimitSettings(Section):
     max_concurrent_work: int = Field(0, ge=0, description="admitted uncached requests at once; 0: 2 x CPU cores")
     max_queued_work: int = Field(-1, ge=-1, description="more waiting for admission; -1: as many as admitted")
     queue_timeout_s: float = Field(1.0, gt=0, le=60, description="longest wait for admission, then 503")
+
+
+class JobSettings(Section):
+    """Background ingest jobs (``POST /v1/jobs``, :mod:`ragline.ingest.jobs`): kept in
+    ``data_dir/jobs.sqlite3`` with their pending input, so they survive a restart."""
+
+    concurrency: int = Field(2, ge=1, le=64, description="jobs running at once per process (one per tenant)")
+    batch_documents: int = Field(16, ge=1, le=10_000, description="documents per step; progress and cancel between")
+    batch_bytes: int = Field(256 * 1024, ge=1, description="text bytes per step (one larger document is one step)")
+    max_documents: int = Field(100_000, ge=1, description="documents in one job")
+    max_open_per_tenant: int = Field(20, ge=1, description="queued + running jobs per tenant; more is a 429")
+    resume: bool = True
+    """A job whose process died (kill -9, crash) is resumed where it stopped by the next process that
+    starts on the data dir; False: it is marked ``interrupted`` instead."""
+    max_resumes: int = Field(3, ge=0, description="crashes a job survives; after that it is interrupted")
+    keep_finished: int = Field(200, ge=1, description="finished jobs remembered per tenant")
+    keep_finished_s: float = Field(7 * 24 * 3600.0, gt=0, description="and for at most this long")
+    poll_s: float = Field(1.0, gt=0, le=60, description="how often cancel requests and dead owners are checked")
 
 
 class ServerSettings(Section):
@@ -326,6 +355,7 @@ class Settings(BaseSettings):
     context: ContextSettings = ContextSettings()
     llm: LLMSettings = LLMSettings()
     limits: LimitSettings = LimitSettings()
+    jobs: JobSettings = JobSettings()
     server: ServerSettings = ServerSettings()
     cache: CacheSettings = CacheSettings()
     store: Literal["embedded", "postgres"] = "embedded"

@@ -74,7 +74,7 @@ class Limits:
     breaker_failures: int = 5
     cooldown_s: float = 10.0
     adaptive: bool = True
-    headroom: float = 0.97
+    headroom: float = 0.9
     lease_s: float = 120.0
     """How long an admitted call may hold its lease (and a half-open probe its turn) before it lapses."""
 
