@@ -7,7 +7,8 @@ control at its defaults) on 127.0.0.1, ingests ``--docs`` SciFact documents, the
 
 0. every SciFact query is asked once, so its embedding is cached: every phase then does the same work;
 1. **capacity**: ``wrk`` (Debian, a C load generator) posts uncached queries (``"cache": "bypass"``:
-   retrieval + packing + answer every time; the query embedding from the embedding cache) for 10 s with 4 and with 8 connections; the best
+   retrieval + packing + answer every time; the query embedding from the embedding cache) for 10 s with 4
+   and with 8 connections; the best
    requests/s is the capacity;
 2. **unloaded p99**: one connection (``wrk -c1``): the p99 of an uncached query when nothing waits;
 3. **overload**: an open-loop client (Poisson arrivals at ``--factor`` × capacity for ``--duration`` s, each

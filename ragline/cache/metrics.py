@@ -11,9 +11,12 @@ uvicorn workers works (a custom collector would only ever show one worker).
 
 Metrics (default ``REGISTRY``):
 
-* ``ragline_cache_requests_total{tier,kind,tenant,result}``  result = hit | miss
+* ``ragline_cache_requests_total{tier,kind,result}``  result = hit | miss; summed over tenants, because
+  ``/metrics`` must not list tenant names (per-tenant counts are in the admin-only ``/v1/cache/stats``)
 * ``ragline_cache_evictions_total{tier}``  L1 entries evicted to respect the byte bound
 * ``ragline_cache_errors_total{tier}``  backend failures answered as misses (fail open)
+* ``ragline_cache_undecryptable_total{tier}``  values that did not open (encryption at rest:
+  a rotated-out key, tampering, a plaintext value while encryption is on), answered as misses
 * ``ragline_cache_bytes{tier}``, ``ragline_cache_entries{tier}``  L1 size
 * ``ragline_cache_healthy{tier}``  0 while a breaker is open / the disk fails
 
@@ -77,14 +80,17 @@ def _get_or_create(cls: type[M], name: str, doc: str, labels: list[str], **kw: A
 
 
 REQUESTS = _get_or_create(
-    Counter, "ragline_cache_requests_total", "Cache lookups per tier, kind, tenant and result (hit|miss).",
-    ["tier", "kind", "tenant", "result"],
+    Counter, "ragline_cache_requests_total", "Cache lookups per tier, kind and result (hit|miss).",
+    ["tier", "kind", "result"],
 )  # fmt: skip
 EVICTIONS = _get_or_create(
     Counter, "ragline_cache_evictions_total", "Entries evicted to respect a tier's byte bound.", ["tier"]
 )
 ERRORS = _get_or_create(
     Counter, "ragline_cache_errors_total", "Cache backend failures answered as misses (fail open).", ["tier"]
+)
+UNDECRYPTABLE = _get_or_create(
+    Counter, "ragline_cache_undecryptable_total", "Stored values that did not decrypt, answered as misses.", ["tier"]
 )
 BYTES = _get_or_create(
     Gauge, "ragline_cache_bytes", "Bytes held by a bounded cache tier.", ["tier"], multiprocess_mode="livesum"
@@ -106,10 +112,10 @@ _last: weakref.WeakKeyDictionary[MetricsSource, dict[Any, float]] = (
 
 
 def _flush_requests(counts: dict[tuple[str, str, str, str], int], last: dict[Any, float]) -> None:
-    for labels, n in list(counts.items()):
+    for labels, n in list(counts.items()):  # (tier, kind, tenant, result): deltas per tenant, no tenant label
         delta = n - last.get(labels, 0)
         if delta > 0:
-            REQUESTS.labels(*labels).inc(delta)
+            REQUESTS.labels(labels[0], labels[1], labels[3]).inc(delta)
             last[labels] = n
 
 
@@ -121,7 +127,7 @@ def sync(cache: MetricsSource) -> None:
         for tier in cache.tiers:
             st = tier.stats()
             name = tier.name
-            for metric, stat in ((EVICTIONS, "evictions"), (ERRORS, "errors")):
+            for metric, stat in ((EVICTIONS, "evictions"), (ERRORS, "errors"), (UNDECRYPTABLE, "undecryptable")):
                 if stat in st:
                     k = (stat, name)
                     delta = st[stat] - last.get(k, 0)

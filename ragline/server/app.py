@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
-from ragline.server import errors, routes
+from ragline.server import errors, limits, routes
 from ragline.server.auth import Auth
 from ragline.server.middleware import RequestGuard, Timing
 
@@ -42,5 +42,7 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     errors.install(app)
     routes.install(app, pipeline, settings, Auth(settings.server))
     app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes)
+    limits.install(app, settings)  # per-key/tenant limits outside the guard: refused before the body is read
     app.add_middleware(Timing)
+    errors.document_errors(app)  # after every route is registered
     return app

@@ -23,7 +23,8 @@ from ragline.codec import response_bytes
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge, RaglineError, ServiceUnavailable
 from ragline.pipeline import AsyncRAG
-from ragline.server import errors
+from ragline.server import audit, errors
+from ragline.server import limits as api_limits
 from ragline.server.auth import Auth
 from ragline.server.schemas import CACHE_MODES, DocumentsIn, InvalidateIn, QueryIn, SearchIn
 from ragline.types import Document
@@ -37,7 +38,10 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 async def _read_json(request: Request) -> Any:
-    body = await request.body()
+    return _parse_json(await request.body())
+
+
+def _parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -46,7 +50,11 @@ async def _read_json(request: Request) -> Any:
 
 def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) -> None:
     """Register every route of the API on ``app``."""
-    answer_counters: dict[tuple[str, str], Any] = {}
+    answer_counters: dict[str, Any] = {}
+    lim = settings.limits
+    # the largest valid /v1/query body: query and history at 4 UTF-8 bytes per character, JSON escaping
+    # and 50 messages' keys included
+    query_body_limit = (lim.max_query_chars + lim.max_history_chars) * 6 + 100 * lim.max_history_messages + 4096
 
     def tenant_of(authorization: str | None, x_api_key: str | None) -> str:
         return auth.tenant(auth.key_from_headers(authorization, x_api_key))
@@ -110,7 +118,13 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
     async def query(request: Request) -> Response:
         h = request.headers
         tenant = tenant_of(h.get("authorization"), h.get("x-api-key"))
-        body = await _read_json(request)
+        raw = await request.body()
+        if len(raw) > query_body_limit:  # before parsing: a huge body would stall the loop in the parser
+            raise PayloadTooLarge(
+                f"a query body is at most {query_body_limit:,} bytes (limits.max_query_chars and "
+                f"limits.max_history_chars); this one is {len(raw):,}"
+            )
+        body = _parse_json(raw)
         if not isinstance(body, dict):
             raise InvalidInput("request body must be a JSON object with a 'query' field")
         q = body.get("query")
@@ -135,25 +149,34 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
         answer, info = await pipeline.ask_body(q, k, tenant, history=history, cache_mode=mode, timings=timings)
         if timings is not None:
             timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
-        counter = answer_counters.get((info.kind, tenant))
+        counter = answer_counters.get(info.kind)
         if counter is None:
-            counter = answer_counters[(info.kind, tenant)] = metrics.ANSWERS.labels(info.kind, tenant)
+            counter = answer_counters[info.kind] = metrics.ANSWERS.labels(info.kind)  # no tenant names in /metrics
         counter.inc()
         return Response(response_bytes(answer, info, timings), media_type="application/json")
 
     # -- cache -----------------------------------------------------------------
-    @app.get("/v1/cache/stats", summary="Cache tiers, hit counts, dependency and semantic entries")
-    async def cache_stats() -> Response:
+    @app.get("/v1/cache/stats", summary="Cache tiers, hit counts, dependency and semantic entries (admin key only)")
+    async def cache_stats(authorization: str | None = Header(None), x_api_key: str | None = Header(None)) -> Response:
+        auth.require_admin(auth.key_from_headers(authorization, x_api_key))
         if pipeline.cache is None:
             return _json({"enabled": False})
         return _json({"enabled": True, **pipeline.cache.stats()})
 
-    @app.post("/v1/cache/invalidate", summary="Invalidate cache entries (admin key only)")
+    @app.post("/v1/cache/invalidate", summary="Invalidate cache entries (admin key only; rate-limited, audited)")
     async def cache_invalidate(
-        body: InvalidateIn, authorization: str | None = Header(None), x_api_key: str | None = Header(None)
+        request: Request,
+        body: InvalidateIn,
+        authorization: str | None = Header(None),
+        x_api_key: str | None = Header(None),
     ) -> Response:
-        auth.require_admin(auth.key_from_headers(authorization, x_api_key))
-        n = await pipeline.invalidate(tenant=body.tenant, doc_id=body.doc_id, key=body.key, everything=body.all)
+        key = auth.key_from_headers(authorization, x_api_key)
+        async with audit.record(request, "cache.invalidate", key, body.model_dump()) as entry:
+            auth.require_admin(key)
+            assert key is not None
+            await api_limits.of(request).admit_invalidation(key)
+            n = await pipeline.invalidate(tenant=body.tenant, doc_id=body.doc_id, key=body.key, everything=body.all)
+            entry["invalidated"] = n
         return _json({"invalidated": n})
 
     # -- operations ----------------------------------------------------------
@@ -183,7 +206,8 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
     registry = _metrics_registry()
 
     @app.get("/metrics", summary="Prometheus metrics (summed over every worker with --workers N)")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request, authorization: str | None = Header(None)) -> Response:
+        api_limits.of(request).check_metrics_token(authorization)  # when server.metrics_token is set
         if pipeline.cache is not None:
             pipeline.cache.flush_metrics()
         if pipeline.ready:
