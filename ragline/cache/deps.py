@@ -37,14 +37,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import numpy as np
 import orjson
 
 from ragline.types import Vectors
 
-__all__ = ["EPS", "DenseRows", "DepRecord", "DepsIndex", "batched", "dense_hits", "dense_matrix"]
+if TYPE_CHECKING:
+    from ragline.cache.crypto import ValueCipher
+
+__all__ = [
+    "EPS", "DenseRows", "DepRecord", "DepsIndex", "batched", "dense_hits", "dense_matrix", "load_record",
+    "record_bytes", "term_names",
+]  # fmt: skip
 
 EPS: Final = 1e-5
 """Float32 index scores and the dense check's scores may differ in the last bits."""
@@ -107,6 +113,37 @@ class DepRecord:
             d.get("dl", False),
             d.get("cd"),
         )
+
+
+def record_bytes(rec: DepRecord, cipher: ValueCipher | None) -> bytes:
+    """A record as stored: sealed when encryption at rest is on (it holds the query text and vector)."""
+    data = rec.to_bytes()
+    return data if cipher is None else cipher.seal("dep\x00" + rec.entry_key, data)
+
+
+def load_record(entry_key: str, tenant: str, data: object, cipher: ValueCipher | None) -> DepRecord | None:
+    """A stored record, or None for a missing, foreign, malformed or unopenable one (sealed with a key
+    no longer configured, or sealed while encryption is off): its entry does not open either."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        return None
+    raw = bytes(data) if cipher is None else cipher.open("dep\x00" + entry_key, bytes(data))
+    if raw is None:
+        return None
+    try:
+        return DepRecord.from_bytes(entry_key, tenant, raw)
+    except (ValueError, KeyError, TypeError):  # orjson.JSONDecodeError is a ValueError
+        return None
+
+
+def term_names(cipher: ValueCipher | None, tenant: str, terms: Iterable[str], every: bool = False) -> list[str]:
+    """What the reverse index calls ``terms``: the terms themselves, or with encryption at rest their
+    keyed hashes (:meth:`ValueCipher.term_names`) under the current key, or under ``every`` key (lookups
+    and removals, which must also find what a previous key wrote)."""
+    if cipher is None:
+        return list(terms)
+    if every:
+        return [n for t in terms for n in cipher.term_names(tenant, t)]
+    return [cipher.term_names(tenant, t)[0] for t in terms]
 
 
 class DepsIndex(Protocol):

@@ -13,6 +13,7 @@ Layout, under the tenant's key prefix ``rl:v1:{tenant}:`` (so a tenant or
     rl:v1:{t}:dep:rec:{entry_key}   string  DepRecord bytes, PX = entry TTL + grace
     rl:v1:{t}:dep:chunk:{chunk_id}  set     entry keys with that chunk among their candidates
     rl:v1:{t}:dep:term:{term}       set     entry keys whose query has that term
+                                            (a keyed hash of it with encryption at rest)
     rl:v1:{t}:dep:all               hash    entry key → random token of its current record
     rl:v1:{t}:dep:ver               string  random token, replaced on every add/remove
     rl:v1:_dep:tenants              set     tenants with records (``_`` can never start a tenant)
@@ -82,17 +83,20 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import numpy as np
 from redis.asyncio import Redis
 
-from ragline.cache.deps import DepRecord, batched, dense_hits
+from ragline.cache.deps import DepRecord, batched, dense_hits, load_record, record_bytes, term_names
 from ragline.cache.deps_sqlite import DependencyIndex
 from ragline.cache.keys import KEY_ROOT, SCHEMA_VERSION
 from ragline.infra.breaker import CircuitBreaker
 from ragline.infra.redis_conn import RedisConn, RedisUnavailable, scan_unlink
 from ragline.types import Vectors
+
+if TYPE_CHECKING:
+    from ragline.cache.crypto import ValueCipher
 
 T = TypeVar("T")
 
@@ -125,14 +129,16 @@ def _tenant_of(entry_key: str) -> str | None:
     return None
 
 
-def _parse(entry_key: str, tenant: str, raw: Any) -> DepRecord | None:
-    """A stored record, or None for a missing (expired) or foreign value."""
-    if not isinstance(raw, bytes):
-        return None
-    try:
-        return DepRecord.from_bytes(entry_key, tenant, raw)
-    except (ValueError, KeyError, TypeError):  # orjson.JSONDecodeError is a ValueError
-        return None
+def _parse(entry_key: str, tenant: str, raw: Any, cipher: ValueCipher | None) -> DepRecord | None:
+    """A stored record, or None for a missing (expired), foreign or unopenable value."""
+    return load_record(entry_key, tenant, raw, cipher)
+
+
+def _sets(root: str, rec: DepRecord, cipher: ValueCipher | None, every: bool = False) -> set[str]:
+    """The reverse-index sets naming ``rec`` (term sets under the current key's names, or under
+    ``every`` key's: what to undo for a record a previous key may have written)."""
+    terms = term_names(cipher, rec.tenant, rec.terms, every)
+    return {root + "chunk:" + x for x in rec.candidate_ids} | {root + "term:" + x for x in terms}
 
 
 def _text(value: Any) -> str:
@@ -193,13 +199,13 @@ async def _live_members(c: Redis, root: str, set_keys: list[str]) -> set[str]:
     return await _alive(c, root, found, set_keys) if found else set()
 
 
-async def _fetch(c: Redis, tenant: str, keys: list[str]) -> dict[str, DepRecord]:
+async def _fetch(c: Redis, tenant: str, keys: list[str], cipher: ValueCipher | None) -> dict[str, DepRecord]:
     """The records that exist, by entry key (expired or foreign values are skipped)."""
     root = _root(tenant)
     out: dict[str, DepRecord] = {}
     for batch in batched(keys, _BATCH):
         for k, raw in zip(batch, await c.mget([root + "rec:" + k for k in batch]), strict=True):
-            rec = _parse(k, tenant, raw)
+            rec = _parse(k, tenant, raw, cipher)
             if rec is not None:
                 out[k] = rec
     return out
@@ -212,18 +218,18 @@ async def _tenant_keys(c: Redis, tenant: str) -> list[str]:
     return [m for m in members if m in live]
 
 
-async def _add_shared(c: Redis, rec: DepRecord, ttl_ms: int) -> None:
+async def _add_shared(c: Redis, rec: DepRecord, ttl_ms: int, cipher: ValueCipher | None) -> None:
     t = rec.tenant
     root = _root(t)
     rk = root + "rec:" + rec.entry_key
-    sets = {root + "chunk:" + x for x in rec.candidate_ids} | {root + "term:" + x for x in rec.terms}
+    sets = _sets(root, rec, cipher)
     stale: set[str] = set()
     old = await c.get(rk)
-    prev = _parse(rec.entry_key, t, old)  # the record being replaced: undo its memberships
+    prev = _parse(rec.entry_key, t, old, cipher)  # the record being replaced: undo its memberships
     if prev is not None:
-        stale = ({root + "chunk:" + x for x in prev.candidate_ids} | {root + "term:" + x for x in prev.terms}) - sets
+        stale = _sets(root, prev, cipher, every=True) - sets
     async with c.pipeline(transaction=True) as p:
-        p.set(rk, rec.to_bytes(), px=ttl_ms)
+        p.set(rk, record_bytes(rec, cipher), px=ttl_ms)
         for s in stale:
             p.srem(s, rec.entry_key)
         for s in sets:
@@ -237,7 +243,7 @@ async def _add_shared(c: Redis, rec: DepRecord, ttl_ms: int) -> None:
         await p.execute()
 
 
-async def _remove_shared(c: Redis, keys: list[str]) -> None:
+async def _remove_shared(c: Redis, keys: list[str], cipher: ValueCipher | None) -> None:
     by_tenant: dict[str, list[str]] = {}
     unknown: list[str] = []
     for k in keys:
@@ -255,10 +261,10 @@ async def _remove_shared(c: Redis, keys: list[str]) -> None:
             raws = await c.mget([root + "rec:" + k for k in batch])
             drops: dict[str, set[str]] = {}
             for k, raw in zip(batch, raws, strict=True):
-                rec = _parse(k, t, raw)
+                rec = _parse(k, t, raw, cipher)
                 if rec is None:
                     continue
-                for s in {root + "chunk:" + x for x in rec.candidate_ids} | {root + "term:" + x for x in rec.terms}:
+                for s in _sets(root, rec, cipher, every=True):
                     drops.setdefault(s, set()).add(k)
             async with c.pipeline(transaction=True) as p:
                 p.unlink(*[root + "rec:" + k for k in batch])
@@ -298,7 +304,10 @@ class RedisDependencyIndex:
         failure_threshold: int = 1,
         reset_s: float = 1.0,
         ttl_grace_s: float = 300.0,
+        cipher: ValueCipher | None = None,
     ) -> None:
+        self.cipher = cipher
+        """Encryption at rest (:mod:`ragline.cache.crypto`): records sealed, term sets named by keyed hashes."""
         # socket timeout = timeout_s: unlike the L2 tier, calls here carry no asyncio deadline
         self.conn = RedisConn(
             url,
@@ -312,7 +321,7 @@ class RedisDependencyIndex:
         )
         self.client: Redis = self.conn.client
         self.breaker: CircuitBreaker = self.conn.breaker
-        self.local = DependencyIndex(local_path)
+        self.local = DependencyIndex(local_path, cipher)
         self.ttl_grace_s = ttl_grace_s
         """Records outlive their entry by this much: a promoted copy's TTL is computed from the
         writer's clock, so some skew between instances must not leave an entry without its record."""
@@ -356,7 +365,7 @@ class RedisDependencyIndex:
     async def add(self, rec: DepRecord, expires: float) -> bool:
         ttl_ms = max(1, int((expires - time.time() + self.ttl_grace_s) * 1000))
         try:
-            await self._run(lambda c: _add_shared(c, rec, ttl_ms))
+            await self._run(lambda c: _add_shared(c, rec, ttl_ms, self.cipher))
         except RedisUnavailable:
             async with self._local_lock:
                 await self.local.add(rec, expires)
@@ -373,7 +382,7 @@ class RedisDependencyIndex:
         await self.local.remove(keys)
         # on failure, the records left behind point at deleted entries: extra re-checks, then TTL
         with contextlib.suppress(RedisUnavailable):
-            await self._run(lambda c: _remove_shared(c, list(dict.fromkeys(keys))))
+            await self._run(lambda c: _remove_shared(c, list(dict.fromkeys(keys)), self.cipher))
 
     async def clear(self, tenant: str | None = None) -> None:
         await self.local.clear(tenant)
@@ -391,18 +400,27 @@ class RedisDependencyIndex:
         return await self._members(tenant, "chunk:", chunk_ids, self.local.by_chunks)
 
     async def by_terms(self, tenant: str, terms: Iterable[str]) -> set[str]:
-        return await self._members(tenant, "term:", terms, self.local.by_terms)
+        items = list(dict.fromkeys(terms))
+        shared = term_names(self.cipher, tenant, items, every=True)
+        return await self._members(tenant, "term:", items, self.local.by_terms, shared)
 
     async def _members(
-        self, tenant: str, kind: str, names: Iterable[str], local: Callable[[str, list[str]], Awaitable[set[str]]]
+        self,
+        tenant: str,
+        kind: str,
+        names: Iterable[str],
+        local: Callable[[str, list[str]], Awaitable[set[str]]],
+        shared: list[str] | None = None,
     ) -> set[str]:
+        """Members of the local index's sets ``names`` and of the shared sets ``shared`` (default: the same names)."""
         items = list(dict.fromkeys(names))
         out = await local(tenant, items)
-        if not items:
+        shared = items if shared is None else shared
+        if not shared:
             return out
         root = _root(tenant)
         try:
-            out |= await self._run(lambda c: _live_members(c, root, [root + kind + x for x in items]))
+            out |= await self._run(lambda c: _live_members(c, root, [root + kind + x for x in shared]))
         except RedisUnavailable:
             self._failed_lookup()
         return out
@@ -412,7 +430,7 @@ class RedisDependencyIndex:
         if not wanted:
             return []
         try:
-            found = await self._run(lambda c: _fetch(c, tenant, wanted))
+            found = await self._run(lambda c: _fetch(c, tenant, wanted, self.cipher))
         except RedisUnavailable:
             self._failed_lookup()
             found = {}
@@ -455,7 +473,7 @@ class RedisDependencyIndex:
         old = cached.rows if cached is not None else {}
         rows = {k: old[k] for k, tok in tokens.items() if k in old and old[k][0] == tok}
         todo = [k for k in tokens if k not in rows]
-        found = await _fetch(c, tenant, todo)
+        found = await _fetch(c, tenant, todo, self.cipher)
         gone = [k for k in todo if k not in found]
         if gone:
             await c.hdel(root + "all", *gone)

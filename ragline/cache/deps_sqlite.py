@@ -14,10 +14,13 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from ragline.cache.deps import DenseRows, DepRecord, batched
+from ragline.cache.deps import DenseRows, DepRecord, batched, load_record, record_bytes, term_names
 from ragline.types import Vectors
+
+if TYPE_CHECKING:
+    from ragline.cache.crypto import ValueCipher
 
 __all__ = ["DependencyIndex", "SqliteDeps"]
 
@@ -44,10 +47,12 @@ class SqliteDeps:
     """The synchronous, thread-safe SQLite store behind :class:`DependencyIndex`.
 
     An in-memory matrix of query vectors per tenant serves the dense check of
-    new chunks (one matrix product for a whole ingest batch).
+    new chunks (one matrix product for a whole ingest batch).  With a ``cipher`` (encryption at
+    rest, :mod:`ragline.cache.crypto`) records are sealed and terms stored as keyed hashes.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cipher: ValueCipher | None = None) -> None:
+        self.cipher = cipher
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -72,13 +77,15 @@ class SqliteDeps:
             db = self._db
             db.execute("BEGIN")
             self._remove([rec.entry_key])
-            db.execute("INSERT INTO entries VALUES (?,?,?,?)", (rec.entry_key, rec.tenant, rec.to_bytes(), expires))
+            data = record_bytes(rec, self.cipher)
+            db.execute("INSERT INTO entries VALUES (?,?,?,?)", (rec.entry_key, rec.tenant, data, expires))
             db.executemany(
                 "INSERT INTO chunk_deps VALUES (?,?,?)",
                 [(rec.tenant, c, rec.entry_key) for c in set(rec.candidate_ids)],
             )
             db.executemany(
-                "INSERT INTO term_deps VALUES (?,?,?)", [(rec.tenant, t, rec.entry_key) for t in set(rec.terms)]
+                "INSERT INTO term_deps VALUES (?,?,?)",
+                [(rec.tenant, t, rec.entry_key) for t in set(term_names(self.cipher, rec.tenant, rec.terms))],
             )
             self._log([(rec.tenant, rec.entry_key)])
             db.execute("COMMIT")
@@ -167,7 +174,7 @@ class SqliteDeps:
         return self._entries_of("chunk_deps", "chunk_id", tenant, chunk_ids)
 
     def by_terms(self, tenant: str, terms: Iterable[str]) -> set[str]:
-        return self._entries_of("term_deps", "term", tenant, terms)
+        return self._entries_of("term_deps", "term", tenant, term_names(self.cipher, tenant, terms, every=True))
 
     def _entries_of(self, table: str, column: str, tenant: str, values: Iterable[str]) -> set[str]:
         """Entry keys of ``tenant`` with one of ``values`` in a reverse index (fixed names, never user input)."""
@@ -184,13 +191,11 @@ class SqliteDeps:
         with self._lock:
             for batch in batched(list(keys), 500):
                 marks = ",".join("?" * len(batch))
-                out.extend(
-                    DepRecord.from_bytes(k, tenant, r)
-                    for k, r in self._db.execute(
-                        f"SELECT entry_key, record FROM entries WHERE tenant=? AND entry_key IN ({marks})",
-                        (tenant, *batch),
-                    )
+                found = self._db.execute(
+                    f"SELECT entry_key, record FROM entries WHERE tenant=? AND entry_key IN ({marks})",
+                    (tenant, *batch),
                 )
+                out.extend(r for k, raw in found if (r := load_record(k, tenant, raw, self.cipher)) is not None)
         return out
 
     def dense_entered(self, tenant: str, vectors: Vectors) -> set[str]:
@@ -210,7 +215,8 @@ class SqliteDeps:
             if rows is None or rows.dim != dim:  # built once, then kept in step by add/remove
                 ver = self._last_ver()
                 found = self._db.execute("SELECT entry_key, record FROM entries WHERE tenant=?", (tenant,))
-                rows = self._dense[tenant] = DenseRows((DepRecord.from_bytes(k, tenant, r) for k, r in found), dim)
+                recs = (load_record(k, tenant, raw, self.cipher) for k, raw in found)
+                rows = self._dense[tenant] = DenseRows((r for r in recs if r is not None), dim)
                 rows.ver = ver
             self._data_version = version
             return rows.entered(vectors)
@@ -256,8 +262,8 @@ class DependencyIndex:
     lookup_failures: Final = 0
     has_local_only: Final = False
 
-    def __init__(self, path: Path) -> None:
-        self.store = SqliteDeps(path)
+    def __init__(self, path: Path, cipher: ValueCipher | None = None) -> None:
+        self.store = SqliteDeps(path, cipher)
 
     async def add(self, rec: DepRecord, expires: float) -> bool:
         return await asyncio.to_thread(self.store.add, rec, expires)

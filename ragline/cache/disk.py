@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import diskcache
 
+from ragline.cache.crypto import ValueCipher, is_sealed
 from ragline.cache.disk_marks import DiskMarks
 from ragline.cache.keys import KEY_ROOT
 from ragline.cache.marks import is_marked, mark, token_of, unmarked
@@ -41,6 +42,9 @@ class DiskTier:
       checkpoints), deletes and clears always run in a worker thread.
     * A delete that fails is owed (reads of the key miss) and retried after
       the next successful call, like :class:`RedisTier`.
+    * With a ``cipher`` (encryption at rest, :mod:`ragline.cache.crypto`) values are sealed before
+      they reach diskcache and opened after; marks stay in their side table (tokens, no text). A
+      value that does not open is a miss, counted as ``undecryptable``.
     """
 
     shared = False
@@ -53,8 +57,11 @@ class DiskTier:
         name: str = "l3",
         timeout_s: float = 0.25,
         sync_reads: bool = True,
+        cipher: ValueCipher | None = None,
     ) -> None:
         self.name = name
+        self.cipher = cipher
+        self.undecryptable = 0
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -100,12 +107,28 @@ class DiskTier:
         out: dict[str, tuple[bytes, float | None]] = {}
         for k in keys:
             value, expire_at = cache.get(k, default=None, expire_time=True)
-            if isinstance(value, bytes):
+            if isinstance(value, bytes) and (value := self._open(k, value)) is not None:
                 out[k] = (value, None if expire_at is None else expire_at - now)
         if out:  # a marked entry is handed out with its mark, as the other tiers store it
             for k, token in self._marks.tokens(out).items():
                 out[k] = (mark(out[k][0], token), out[k][1])
         return out
+
+    def _open(self, key: str, stored: bytes) -> bytes | None:
+        """The plaintext of a stored value; None (a miss, counted) if it does not open, or if it is
+        sealed and there is no cipher (written while encryption was on)."""
+        cipher = self.cipher
+        value = stored if cipher is None else cipher.open(key, stored)
+        if value is None or (cipher is None and is_sealed(stored)):
+            self.undecryptable += 1
+            return None
+        return value
+
+    def _matches(self, key: str, stored: object, expected: bytes) -> bool:
+        """Does the stored value hold exactly ``expected`` (plaintext, no mark)?"""
+        if self.cipher is None:
+            return stored == expected
+        return isinstance(stored, bytes) and self.cipher.open(key, stored) == expected
 
     async def _call(self, fn: Callable[[], T], in_thread: bool = True) -> T | Miss:
         try:
@@ -161,6 +184,9 @@ class DiskTier:
             return
         cache = self._cache
         pairs = list(items.items())
+        if self.cipher is not None:
+            seal = self.cipher.seal
+            pairs = [(k, seal(k, v)) for k, v in pairs]
 
         def op() -> None:
             for k, v in pairs:
@@ -193,6 +219,7 @@ class DiskTier:
 
     async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
         cache = self._cache
+        stored_value = value if self.cipher is None else self.cipher.seal(key, value)
         if is_marked(expected):
             # clearing a mark (and maybe restamping): the row must still hold the verified token and
             # the value the verified bytes
@@ -201,13 +228,13 @@ class DiskTier:
             def clear_mark() -> bool:
                 with cache.transact():
                     current, expire_at = cache.get(key, default=None, expire_time=True)
-                    if current != base or not self._marks.take(key, token_of(expected)):
+                    if not self._matches(key, current, base) or not self._marks.take(key, token_of(expected)):
                         return False
                     if value != base:
                         left = None if expire_at is None else expire_at - time.time()
                         if left is not None and left <= 0:
                             return False
-                        cache.set(key, value, expire=left)
+                        cache.set(key, stored_value, expire=left)
                     return True
 
             return await self._call(clear_mark) is True
@@ -216,12 +243,12 @@ class DiskTier:
             now = time.time()
             with cache.transact():
                 current, expire_at = cache.get(key, default=None, expire_time=True)
-                if current != expected:
+                if not self._matches(key, current, expected):
                     return False
                 left = None if expire_at is None else expire_at - now
                 if left is not None and left <= 0:
                     return False
-                cache.set(key, value, expire=left)
+                cache.set(key, stored_value, expire=left)
                 return True
 
         res = await self._call(op)
@@ -257,6 +284,7 @@ class DiskTier:
             "errors": self.errors,
             "max_bytes": self.max_bytes,
             "pending_deletes": self.pending_deletes,
+            "undecryptable": self.undecryptable,
         }
 
     async def close(self) -> None:

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ragline.cache.clock import TermClock
+from ragline.cache.crypto import cipher_from
 from ragline.cache.deps import DepRecord, DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.cache.deps_sqlite import DependencyIndex
@@ -83,11 +84,13 @@ COUNTERS: tuple[str, ...] = (
 
 
 def _deps_index(settings: Settings) -> DepsIndex:
-    """Shared through Redis when L2 is (every instance must see every record), else SQLite."""
+    """Shared through Redis when L2 is (every instance must see every record), else SQLite; records
+    sealed with encryption at rest (they hold the query text: :mod:`ragline.cache.crypto`)."""
     cs = settings.cache
     path = settings.data_dir / "cache" / "deps.sqlite3"
+    cipher = cipher_from(cs)
     if not (cs.enabled and cs.l2_enabled and cs.redis_url):
-        return DependencyIndex(path)
+        return DependencyIndex(path, cipher)
     # off the hot path, so a longer timeout than L2's
     return RedisDependencyIndex(
         cs.redis_url,
@@ -97,6 +100,7 @@ def _deps_index(settings: Settings) -> DepsIndex:
         max_connections=min(16, cs.redis_max_connections),
         reset_s=cs.breaker_reset_s,
         ttl_grace_s=min(300.0, cs.ttl_s),
+        cipher=cipher,
     )
 
 

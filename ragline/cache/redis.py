@@ -6,6 +6,10 @@ one event-loop tick share one ``MGET`` (:class:`ReadCoalescer`).  The tier also
 hands out redis-py ``Lock`` objects for cross-instance single-flight
 (:mod:`ragline.cache.singleflight`), acquired and released through the same
 fail-open guard.
+
+With a :class:`~ragline.cache.crypto.ValueCipher` (encryption at rest) the tier seals each value's
+payload on write and opens it on read; the expiry envelope, marks and stamps stay clear, because the
+Lua scripts below read and rewrite them in place (see :mod:`ragline.cache.crypto`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 
+from ragline.cache.crypto import ValueCipher, is_sealed
 from ragline.cache.keys import KEY_ROOT
 from ragline.cache.marks import MARK, MARK_LEN
 from ragline.cache.tier import MISS, Miss, PendingDeletes
@@ -59,13 +64,41 @@ return n
 
 _REPLACE_LUA: Final = f"""
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, {_ENVELOPE_LEN} + 1) == ARGV[1] then
-  redis.call('SET', KEYS[1], string.sub(v, 1, {_ENVELOPE_LEN}) .. ARGV[2], 'KEEPTTL')
-  return 1
+if not v then return 0 end
+local body = string.sub(v, {_ENVELOPE_LEN} + 1)
+for i = 2, #ARGV do
+  if body == ARGV[i] then
+    redis.call('SET', KEYS[1], string.sub(v, 1, {_ENVELOPE_LEN}) .. ARGV[1], 'KEEPTTL')
+    return 1
+  end
 end
 return 0
 """
-"""Compare-and-set of the value behind the envelope (the expiry in the envelope is kept)."""
+"""Compare-and-set of the value behind the envelope (the expiry in the envelope is kept): ``ARGV[1]``
+is the new value, ``ARGV[2..]`` what the stored one may be (one, or one per key while an encryption
+key is being rotated: :meth:`ValueCipher.seal_all`)."""
+
+
+def _unwrap(keys: Sequence[str], values: Sequence[Any], cipher: ValueCipher | None, rejected: int) -> tuple[Hits, int]:
+    """The live hits of an ``MGET`` without their envelope, opened by ``cipher`` (encryption at rest),
+    and ``rejected`` plus the number that did not open: a miss, counted, never an error (without a
+    cipher, a sealed value written while encryption was on is such a miss)."""
+    now_ms = time.time() * 1000.0
+    out: Hits = {}
+    for k, raw in zip(keys, values, strict=True):
+        if isinstance(raw, bytes) and len(raw) >= _ENVELOPE_LEN and raw[0] == _MAGIC:
+            remaining_ms = _ENVELOPE.unpack_from(raw)[1] - now_ms
+            if remaining_ms > 0:
+                out[k] = (raw[_ENVELOPE_LEN:], remaining_ms / 1000.0)
+        # anything else (foreign value, expired by our clock): a miss
+    for k, (v, ttl) in list(out.items()):
+        opened = v if cipher is None else cipher.open(k, v)
+        if opened is None or (cipher is None and is_sealed(v)):
+            del out[k]
+            rejected += 1
+        elif cipher is not None:
+            out[k] = (opened, ttl)
+    return out, rejected
 
 
 class ReadCoalescer:
@@ -189,8 +222,10 @@ class RedisTier:
         max_pending_deletes: int = 100_000,
         coalesce: bool = True,
         max_batch: int = 512,
+        cipher: ValueCipher | None = None,
     ) -> None:
         self.name = name
+        self.cipher = cipher  # encryption at rest (ragline.cache.crypto): payloads sealed, headers clear
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.admin_timeout_s = admin_timeout_s
@@ -219,6 +254,7 @@ class RedisTier:
         # counters (errors and last_error live on the connection)
         self.skipped = 0
         self.saturated = 0
+        self.undecryptable = 0
 
     @property
     def errors(self) -> int:
@@ -366,14 +402,7 @@ class RedisTier:
         values = await self._run(lambda: client.mget(keys), timeout=self._budget(len(keys), 256))
         if isinstance(values, Miss):
             return {}
-        now_ms = time.time() * 1000.0
-        out: Hits = {}
-        for k, raw in zip(keys, values, strict=True):
-            if isinstance(raw, bytes) and len(raw) >= _ENVELOPE_LEN and raw[0] == _MAGIC:
-                remaining_ms = _ENVELOPE.unpack_from(raw)[1] - now_ms
-                if remaining_ms > 0:
-                    out[k] = (raw[_ENVELOPE_LEN:], remaining_ms / 1000.0)
-            # anything else (foreign value, expired by our clock): a miss
+        out, self.undecryptable = _unwrap(keys, values, self.cipher, self.undecryptable)
         return self._pending.filter(out) if self._pending else out
 
     async def set_many(self, items: Mapping[str, bytes], ttl: float) -> None:
@@ -382,6 +411,7 @@ class RedisTier:
         px = max(1, int(ttl * 1000))
         header = _ENVELOPE.pack(_MAGIC, int(time.time() * 1000) + px)
         client = self.client
+        items = items if self.cipher is None else {k: self.cipher.seal(k, v) for k, v in items.items()}
         if len(items) == 1:
             ((k, v),) = items.items()
             await self._run(lambda: client.set(k, header + v, px=px))
@@ -420,8 +450,9 @@ class RedisTier:
             await self.delete_many(batch)  # unreachable: deleted now or on recovery, never served unverified
 
     async def replace(self, key: str, expected: bytes, value: bytes) -> bool:
-        client = self.client
-        res = await self._run(lambda: self._replace_script(keys=[key], args=[expected, value], client=client))
+        client, c = self.client, self.cipher  # sealing is deterministic: the stored bytes are among seal_all's
+        args = [value, expected] if c is None else [c.seal(key, value), *c.seal_all(key, expected)]
+        res = await self._run(lambda: self._replace_script(keys=[key], args=args, client=client))
         return not isinstance(res, Miss) and int(res) == 1
 
     async def clear(self, prefix: str | None = None) -> int:
@@ -476,6 +507,7 @@ class RedisTier:
             "errors": self.errors,
             "skipped": self.skipped,
             "saturated": self.saturated,
+            "undecryptable": self.undecryptable,
             "pending_deletes": self.pending_deletes,
             "batches": self.batches,
             "batched_requests": self.batched_requests,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ragline.cache import metrics as cache_metrics
 from ragline.cache.bus import InvalidationBus
 from ragline.cache.counts import DIGEST_SUFFIX, CountSources, key_prefix, merge_counts
+from ragline.cache.crypto import cipher_from
 from ragline.cache.disk import DiskTier
 from ragline.cache.keys import KEY_ROOT
 from ragline.cache.memory import MemoryTier
@@ -388,9 +389,11 @@ def build_cache(settings: CacheSettings, data_dir: Path, *, metrics: bool = True
     """Assemble the tiers the settings enable: L1 (memory), L2 (Redis, only with a
     ``redis_url``), L3 (disk under ``data_dir/"cache"``), plus the invalidation bus
     when Redis is configured.  ``cache.enabled=False`` gives a cache with no tiers
-    (every read misses, writes are dropped)."""
+    (every read misses, writes are dropped).  With ``cache.encryption_key`` L2 and L3 seal their
+    values (:mod:`ragline.cache.crypto`); L1 keeps plaintext."""
     tiers: list[CacheTier] = []
     bus: InvalidationBus | None = None
+    cipher = cipher_from(settings)
     if settings.enabled:
         if settings.l1_enabled and settings.l1_max_bytes > 0:
             tiers.append(MemoryTier(settings.l1_max_bytes, max_ttl_s=settings.l1_max_ttl_s))
@@ -403,11 +406,16 @@ def build_cache(settings: CacheSettings, data_dir: Path, *, metrics: bool = True
                     max_connections=settings.redis_max_connections,
                     failure_threshold=settings.breaker_failures,
                     reset_s=settings.breaker_reset_s,
+                    cipher=cipher,
                 )
             )
             bus = InvalidationBus(settings.redis_url, settings.pubsub_channel)
         if settings.l3_enabled and settings.l3_max_bytes > 0:
-            tiers.append(DiskTier(Path(data_dir) / "cache", settings.l3_max_bytes, timeout_s=settings.l3_timeout_s))
+            tiers.append(
+                DiskTier(
+                    Path(data_dir) / "cache", settings.l3_max_bytes, timeout_s=settings.l3_timeout_s, cipher=cipher
+                )
+            )
     return TieredCache(
         tiers,
         default_ttl_s=settings.ttl_s,
