@@ -32,7 +32,6 @@ import asyncio
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,35 +41,7 @@ from typing import Any
 import httpx
 import orjson
 from _common import DATA, RESULTS, clean_env, free_port, process, wait_http
-
-LUA = """
-local bodies = {}
-local i = 0
-for line in io.lines("%s") do bodies[#bodies + 1] = line end
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = i %% #bodies + 1
-  return wrk.format(nil, "/v1/query", nil, bodies[i])
-end
-"""
-
-
-def wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-
-    def ms(label: str) -> float:
-        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if m is None:
-            return float("nan")
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": ms("50"), "p99_ms": ms("99"), "non_2xx": float(non2xx.group(1)) if non2xx else 0}
+from scale import LUA, wrk  # the same wrk script and output parsing as the scale benchmark
 
 
 async def one(port: int, body: bytes, timeout: float) -> tuple[int, float, bool]:

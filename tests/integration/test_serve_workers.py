@@ -8,11 +8,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,57 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.fixtures.serve import serve
 
 
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A server with two workers and the directory their metric sample files go to."""
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w+b")
     prom = tmp_path / "prom"
     prom.mkdir()
-    env = {**os.environ, "RAGLINE_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
-    cmd = [
-        str(Path(sys.executable).parent / "ragline"),
-        "serve",
-        "--workers",
-        "2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"ragline serve exited with status {proc.returncode}:\n{log.read()[-4000:].decode()}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"ragline serve not ready after 120 s:\n{log.read()[-4000:].decode()}")
-            time.sleep(0.5)
+    with serve(tmp_path, {"PROMETHEUS_MULTIPROC_DIR": str(prom)}, "--workers", "2") as url:
         yield url, prom
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _count(text: str, route: str) -> float:
