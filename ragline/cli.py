@@ -1,4 +1,4 @@
-"""Command line: ingest | delete | search | ask | serve | bench | cache.
+"""Command line: ingest | delete | search | ask | serve | bench | cache | jobs.
 
 Every command builds ``Settings`` once (``--config`` YAML, ``RAGLINE_*`` env,
 ``--data-dir``) and drives the same pipeline the server uses.  Errors a user
@@ -38,6 +38,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML set
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="where the index lives (default ./.ragline)")]
 TenantOpt = Annotated[str, typer.Option("--tenant", help="tenant to read or write")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="a running ragline server, e.g. http://127.0.0.1:8080")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", envvar="RAGLINE_API_KEY", help="--url: sent as Authorization: Bearer")
+]
 
 
 def _settings(config: Path | None, data_dir: Path | None, **extra: Any) -> Settings:
@@ -73,13 +77,25 @@ def ingest(
     data_dir: DataDirOpt = None,
     tenant: TenantOpt = DEFAULT_TENANT,
     json: JsonOpt = False,
+    background: Annotated[
+        bool, typer.Option("--background", help="as a background job: progress, cancel, resumed after a crash")
+    ] = False,
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    wait: Annotated[bool, typer.Option(help="--background: follow the job to its end (else: print its id)")] = True,
 ) -> None:
-    """Add or update documents; unchanged files cost no embedding work."""
+    """Add or update documents; unchanged files cost no embedding work.
+
+    --url sends them to a running server as background jobs (POST /v1/jobs); --background without it
+    runs a job in this process (with --no-wait it is left queued for the server on this data dir)."""
     for p in paths:
         if not p.exists():
             err.print(f"[red]error:[/red] no such file or folder: {p}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
     settings = _settings(config, data_dir)
+    if background or url is not None:
+        _ingest_job(paths, settings, tenant, url, api_key, wait, json)
+        return
 
     async def go(rag: Any) -> Any:
         with Progress(
@@ -118,6 +134,52 @@ def ingest(
             f"{report.unchanged} unchanged; {report.chunks_added} chunks written, "
             f"{report.chunks_embedded} embedded, {report.chunks_removed} removed"
         )
+
+
+def _skipped(path: Path, why: str) -> None:
+    err.print(f"[yellow]skipped[/yellow] {path}: {why}", highlight=False, soft_wrap=True)
+
+
+def _ingest_job(
+    paths: list[Path], settings: Settings, tenant: str, url: str | None, api_key: str | None, wait: bool, json: bool
+) -> None:
+    """``ingest --background`` / ``--url``: submit jobs, follow them with a progress bar, print their reports."""
+    from ragline import jobclient
+    from ragline.ingest.loaders import iter_documents
+
+    docs = iter_documents([str(p) for p in paths], settings.limits, on_skip=_skipped)
+
+    async def remote() -> list[dict[str, Any]]:
+        client = jobclient.HttpJobs(url or "", api_key)
+        try:
+            bodies = jobclient.request_bodies(docs, settings.limits.max_request_bytes // 2, settings.jobs.max_documents)
+            ids = [(await client.submit(body))["id"] for body in bodies]
+            return await jobclient.watch(client, ids, err, quiet=json) if wait else [await client.get(i) for i in ids]
+        finally:
+            await client.aclose()
+
+    async def local(rag: Any) -> list[dict[str, Any]]:
+        job = await rag.jobs.submit(docs, tenant, source="cli", start=wait)
+        if not wait:
+            return [job.to_dict()]
+        return await jobclient.watch(jobclient.PipelineJobs(rag.jobs, tenant), [job.id], err, quiet=json)
+
+    jobs = _run(remote()) if url is not None else _run(_with_rag(settings, local))
+    _print_jobs(jobs, json)
+    if any(j["state"] in ("failed", "interrupted", "cancelled") for j in jobs):
+        raise typer.Exit(1)
+
+
+def _print_jobs(jobs: list[dict[str, Any]], json: bool) -> None:
+    if json:
+        sys.stdout.write(orjson.dumps(jobs, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    from ragline.jobclient import describe
+
+    for j in jobs:
+        out.print(describe(j), highlight=False, soft_wrap=True)
+    if not jobs:
+        out.print("no jobs")
 
 
 @app.command()
@@ -410,6 +472,83 @@ def cache_invalidate(
     else:
         n = _run(_with_rag(settings, lambda rag: rag.invalidate(tenant=tenant, doc_id=doc)))
     out.print(f"invalidated {n} cache entries")
+
+
+jobs_app = typer.Typer(help="Background ingest jobs: list, show, cancel.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+def _jobs(
+    url: str | None, api_key: str | None, config: Path | None, data_dir: Path | None, tenant: str, fn: Any
+) -> Any:
+    """Run ``fn(jobs)`` against a server (``--url``) or the data dir's jobs database."""
+    from ragline import jobclient
+
+    async def go() -> Any:
+        client: Any = (
+            jobclient.HttpJobs(url, api_key)
+            if url is not None
+            else jobclient.LocalJobs(_settings(config, data_dir).data_dir, tenant)
+        )
+        try:
+            return await fn(client)
+        finally:
+            await client.aclose()
+
+    return _run(go())
+
+
+@jobs_app.command("list")
+def jobs_list(
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+    state: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    limit: Annotated[int, typer.Option(help="newest first, at most this many")] = 20,
+    json: JsonOpt = False,
+) -> None:
+    """The tenant's recent jobs (with --url: the API key's tenant)."""
+    _print_jobs(_jobs(url, api_key, config, data_dir, tenant, lambda c: c.recent(limit, state)), json)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: str,
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+    watch: Annotated[bool, typer.Option("--watch", help="follow it with a progress bar until it finishes")] = False,
+    json: JsonOpt = False,
+) -> None:
+    """One job: state, progress, error, report."""
+    from ragline.jobclient import watch as follow
+
+    async def show(c: Any) -> list[dict[str, Any]]:
+        return await follow(c, [job_id], err, quiet=json) if watch else [await c.get(job_id)]
+
+    _print_jobs(_jobs(url, api_key, config, data_dir, tenant, show), json)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: str,
+    url: UrlOpt = None,
+    api_key: ApiKeyOpt = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    tenant: TenantOpt = DEFAULT_TENANT,
+    json: JsonOpt = False,
+) -> None:
+    """Cancel a job: it stops at its next step (the process running it notices within jobs.poll_s)."""
+
+    async def cancel(c: Any) -> list[dict[str, Any]]:
+        return [await c.cancel(job_id)]
+
+    _print_jobs(_jobs(url, api_key, config, data_dir, tenant, cancel), json)
 
 
 def main() -> None:

@@ -117,7 +117,7 @@ class EmbedderSettings(Section):
     micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
     ingest_slice: int = Field(16, ge=1, le=4096)
     """Texts per model call on the write path (local models): a query or another tenant's ingest waits
-    for one slice at most (16 chunks of MiniLM: ~0.7 s on 2 cores), not for a whole ingest batch."""
+    for one slice at most (16 chunks of MiniLM: 0.4-0.7 s on 2 cores), not for a whole ingest batch."""
     dim: int | None = Field(None, ge=1, le=65_536, description="remote vector width; None: asked once at start")
     gateway: GatewaySettings = GatewaySettings()
     """Remote (``openai``) embedders: the endpoints; empty means one built from ``base_url``/``model``."""
@@ -186,8 +186,8 @@ class LimitSettings(Section):
     """A body is buffered whole and parsed into Python objects several times its size: 16 MiB still
     carries three maximum-size documents, or thousands of typical ones, in one job."""
     max_sync_ingest_bytes: int = Field(256 * 1024, ge=1)
-    """Text + titles one ``POST /v1/documents`` may ingest while the client waits (~850 MiniLM chunks,
-    ~35 s on 2 cores); more is a 413 that points to ``POST /v1/jobs`` (or ``?async=true``)."""
+    """Text + titles one ``POST /v1/documents`` may ingest while the client waits (~700 MiniLM chunks,
+    ~17 s on 2 cores); more is a 413 that points to ``POST /v1/jobs`` (or ``?async=true``)."""
     max_k: int = Field(100, ge=1)
     max_file_bytes: int = Field(50_000_000, ge=1)
     max_history_messages: int = Field(50, ge=0)
@@ -207,6 +207,9 @@ class JobSettings(Section):
     batch_bytes: int = Field(256 * 1024, ge=1, description="text bytes per step (one larger document is one step)")
     max_documents: int = Field(100_000, ge=1, description="documents in one job")
     max_open_per_tenant: int = Field(20, ge=1, description="queued + running jobs per tenant; more is a 429")
+    adopt: bool = True
+    """A server (``create_app``: ``ragline serve``) takes over the unfinished jobs of processes that died or
+    stopped, at start and every few ``poll_s``; a library or CLI pipeline only runs its own jobs."""
     resume: bool = True
     """A job whose process died (kill -9, crash) is resumed where it stopped by the next process that
     starts on the data dir; False: it is marked ``interrupted`` instead."""
@@ -238,6 +241,12 @@ class ServerSettings(Section):
     rate_limit_local_share: float = Field(1.0, gt=0, le=1.0)
     """Fraction of each request limit a process enforces alone while Redis (``cache.redis_url``, which
     shares the limits between every worker and instance) is unreachable; 1/N for N processes."""
+    rate_limit_sync_s: float = Field(0.05, ge=0, le=10)
+    """With Redis, how the request limits are shared: > 0 admits from each process' own view of the buckets
+    and exchanges counts with Redis every ``rate_limit_sync_s`` in the background (no Redis call on the request
+    path: +6 µs per exact hit; across N processes a client may get about N × (burst + rpm × sync_s / 60)
+    requests beyond its limit, once); 0 asks Redis on every request (exact; one Lua call, +0.18 ms of CPU per
+    request, more than the exact hit itself)."""
     invalidate_rpm: int | None = Field(30, ge=1, description="cache invalidations per minute per admin key")
     invalidate_burst: int = Field(5, ge=1)
     audit_log: Path | None = None

@@ -40,6 +40,7 @@ from ragline.infra.admission import Admission
 from ragline.ingest.chunking import Chunker
 from ragline.ingest.follow import Follower
 from ragline.ingest.indexer import Indexer, Progress
+from ragline.ingest.jobs import JobManager
 from ragline.ingest.loaders import iter_documents
 from ragline.llm.base import FALLBACK_FINISH, LLM, Completion
 from ragline.llm.cached import CachedLLM
@@ -145,6 +146,7 @@ class AsyncRAG:
         self._sync_lock = asyncio.Lock()
         self.ready = False
         self.admission = Admission.from_limits(self.settings.limits)  # embed, retrieve, pack of uncached requests
+        self.jobs = JobManager(self.settings, self.ingest)  # background ingest; a server also calls jobs.start()
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> AsyncRAG:
@@ -199,7 +201,6 @@ class AsyncRAG:
         self, paths: Sequence[str | Path], tenant: str = DEFAULT_TENANT, progress: Progress | None = None
     ) -> IngestReport:
         """Ingest files and folders (txt, md, html, pdf, BEIR jsonl)."""
-        await self.start()
         return await self.ingest(iter_documents(paths, self.settings.limits), tenant, progress)
 
     async def delete(self, doc_ids: Sequence[str], tenant: str = DEFAULT_TENANT) -> list[str]:
@@ -532,8 +533,9 @@ def _wire(self: AsyncRAG) -> None:
         )
         self.cache.attach_clock(term_clock(self._store))
     self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
+    e = s.embedder
     self._embed = CachedEmbedder(
-        emb, self.cache, max_batch=s.embedder.batch_size, max_wait_ms=s.embedder.micro_batch_wait_ms
+        emb, self.cache, max_batch=e.batch_size, max_wait_ms=e.micro_batch_wait_ms, ingest_slice=e.ingest_slice
     )
     self._generate = CachedLLM(self._llm, self.cache, s.llm)
     self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation, catch_up=self.catch_up)
@@ -542,6 +544,7 @@ def _wire(self: AsyncRAG) -> None:
 
 
 async def _close(self: AsyncRAG) -> None:
+    await self.jobs.aclose()  # first: a running job's step lands before the store closes
     if self._embed is not None:
         await self._embed.aclose()
     if self._llm is not None:

@@ -155,13 +155,30 @@ for i, key in ipairs(KEYS) do
   tats[i] = tat + interval
   if tat - tolerance - now > worst then worst, why = tat - tolerance - now, i end
 end
-if why > 0 then return {0, tostring(worst), why} end
+if why > 0 then return {0, string.format('%.17g', worst), why} end  -- 17 digits: tostring keeps 10 us
 for i, key in ipairs(KEYS) do
-  redis.call('SET', key, tostring(tats[i]), 'PX', math.ceil(tats[i] - now) + 1000)
+  redis.call('SET', key, string.format('%.17g', tats[i]), 'PX', math.ceil(tats[i] - now) + 1000)
 end
 return {1, '0', 0}
 """
 """Plain request-rate buckets (see :meth:`LocalState.take_now`): all admit, and all are charged, or none."""
+
+_CHARGE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local out = {}
+local since = now - tonumber(ARGV[#ARGV])  -- when the first of these requests was admitted
+for i, key in ipairs(KEYS) do
+  local interval, n = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local tat = math.max(tonumber(redis.call('GET', key)) or 0, since) + n * interval
+  if n > 0 then
+    redis.call('SET', key, string.format('%.17g', tat), 'PX', math.max(math.ceil(tat - now), 0) + 1000)
+  end
+  out[i] = string.format('%.17g', tat - now)
+end
+return out
+"""
+"""Add requests already admitted elsewhere to the same buckets; returns each one's debt (ms)."""
 
 _LOCAL: Final = "L:"
 """Prefix of a lease admitted by the local fallback (it settles there, not in Redis)."""
@@ -192,6 +209,7 @@ class RedisState:
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._counts = redis.register_script(_COUNTS)
         self._take = redis.register_script(_TAKE)
+        self._charge = redis.register_script(_CHARGE)
         self._prefix = prefix
         self._timeout = timeout_s
         self.local = LocalState()
@@ -263,6 +281,29 @@ class RedisState:
         if ok:
             return Verdict(True, 0.0, "ok")
         return Verdict(False, float(wait_ms) / 1000, buckets[int(why) - 1][0])
+
+    async def charge(self, buckets: Sequence[tuple[str, float, int]], age_s: float = 0.0) -> list[float] | None:
+        """Add ``n`` requests, admitted without asking over the last ``age_s`` seconds, to each
+        ``(name, rpm, n)`` bucket of :meth:`take` (``n`` 0 only reads it); returns each bucket's debt in
+        seconds afterwards, ``None`` while Redis is unusable.  One call for many buckets: how a process
+        that admits from its own view of the buckets tells the others what it admitted, and learns what
+        they did."""
+        keys = [f"{self._prefix}{{take}}:{name}" for name, _, _ in buckets]
+        args: list[str] = []
+        for _, rpm, n in buckets:
+            args += [repr(60_000.0 / rpm), str(n)]
+        args.append(repr(max(0.0, age_s) * 1000))
+
+        async def run(_: Redis) -> Any:
+            async with asyncio.timeout(self._timeout):
+                return await self._charge(keys=keys, args=args)
+
+        try:
+            out = await self._conn.call(run)
+        except RedisUnavailable:
+            self.fallbacks += 1
+            return None
+        return [float(x) / 1000 for x in out]
 
     async def settle(
         self,

@@ -252,6 +252,12 @@ class LocalState:
             tats[name] = max(tats.get(name, 0.0), now) + 60_000.0 / rpm
         return Verdict(True, 0.0, "ok")
 
+    def raise_debt(self, name: str, debt_s: float) -> None:
+        """Bucket ``name`` owes at least ``debt_s`` seconds from now (e.g. what a shared state reported;
+        never lowers a debt)."""
+        now = self._clock()
+        self._buckets[name] = max(self._buckets.get(name, 0.0), now + debt_s * 1000)
+
     async def settle(
         self,
         name: str,

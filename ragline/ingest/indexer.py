@@ -6,16 +6,23 @@ hash; a changed one reuses the vectors of its replaced chunks, then the
 embedding cache, and embeds only what is left, once per unique text.  Each
 batch is one atomic upsert, overlapped with the embedding of the next batch.
 After each commit, the cache is told exactly what changed, as the store logged
-it for every process (see :mod:`ragline.cache.invalidation`).  Writers of this
-pipeline are serialised by one lock; across processes the store serialises the
-writers of each tenant.
+it for every process (see :mod:`ragline.cache.invalidation`).
+
+Writers are serialised per tenant (:class:`WriterLocks` here, the store's
+``TenantLocks`` across processes): tenant B never waits for tenant A's writes.
+The CPU-heavy steps run off the event loop (validation and chunking in a worker
+thread, embedding in fair slices: see :class:`~ragline.embed.cached.CachedEmbedder`),
+and a commit, once started, runs to its end and is reported to the cache even
+if the ingest is cancelled (a write the cache never heard of would leave stale
+answers).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Protocol
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -34,12 +41,55 @@ Progress = Callable[[int], None]
 Prepared = list[tuple[Document, str, list[Chunk], Vectors]]
 
 BATCH_CHUNKS = 256
+T = TypeVar("T")
 
 
 class ChangeListener(Protocol):
     """What the indexer tells the cache (:class:`~ragline.cache.invalidation.Invalidation`)."""
 
     async def changed(self, change: Change, vectors: Vectors | None, *, foreign: bool = False) -> None: ...
+
+
+class WriterLocks:
+    """One asyncio lock per tenant, forgotten once no writer holds or awaits it: as many entries as
+    tenants with writes in flight, never one per tenant ever seen."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, tenant: str) -> AsyncIterator[None]:
+        slot = self._slots.get(tenant)
+        if slot is None:
+            slot = self._slots[tenant] = (asyncio.Lock(), [0])
+        lock, users = slot
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._slots[tenant]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+async def settle(task: asyncio.Future[T]) -> T:
+    """``task``'s result, waiting for it to finish even if the caller is cancelled meanwhile (the
+    cancellation is re-raised afterwards): a store write must not be abandoned half-reported."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise asyncio.CancelledError
+    return task.result()
 
 
 class Indexer:
@@ -62,7 +112,7 @@ class Indexer:
         self.settings = settings
         self.changes = changes
         self.batch_chunks = batch_chunks
-        self._lock = asyncio.Lock()
+        self.writers = WriterLocks()
 
     async def ingest(self, docs: Iterable[Document], tenant: str, progress: Progress | None = None) -> IngestReport:
         """Upsert documents by id; unchanged ones cost a hash, changed ones replace their chunks."""
@@ -75,22 +125,29 @@ class Indexer:
             "chunks_removed": 0,
             "chunks_embedded": 0,
         }
-        async with self._lock:
+        async with self.writers.hold(tenant):
+            # validation and chunking (tokenising) in a worker thread, one batch at a time
+            batches = doc_batches(docs, self.chunker, self.settings, self.batch_chunks)
             pending: asyncio.Task[None] | None = None
             pending_ids: set[str] = set()
-            for batch in doc_batches(docs, self.chunker, self.settings, self.batch_chunks):
-                ids = {d.id for d, _, _ in batch}
-                if pending is not None and not pending_ids.isdisjoint(ids):
-                    # the same document again: compare against what the pending commit writes
-                    await pending
-                    pending = None
-                prepared = await self._prepare(batch, tenant, counts)
+            try:
+                while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                    ids = {d.id for d, _, _ in batch}
+                    if pending is not None and not pending_ids.isdisjoint(ids):
+                        # the same document again: compare against what the pending commit writes
+                        await settle(pending)
+                        pending = None
+                    prepared = await self._prepare(batch, tenant, counts)
+                    if pending is not None:
+                        await settle(pending)
+                    pending = asyncio.create_task(self._commit(tenant, prepared, len(batch), progress))
+                    pending_ids = ids
                 if pending is not None:
-                    await pending
-                pending = asyncio.create_task(self._commit(tenant, prepared, len(batch), progress))
-                pending_ids = ids
-            if pending is not None:
-                await pending
+                    await settle(pending)
+            finally:  # failed or cancelled: a commit under way still lands and is reported first
+                if pending is not None and not pending.done():
+                    with contextlib.suppress(BaseException):
+                        await settle(pending)
         return IngestReport(**counts)  # type: ignore[arg-type]
 
     async def delete(self, doc_ids: Sequence[str], tenant: str) -> list[str]:
@@ -98,7 +155,7 @@ class Indexer:
         if not doc_ids:
             raise InvalidInput("no document ids given")
         store = self.store
-        async with self._lock:
+        async with self.writers.hold(tenant):
             states = await asyncio.to_thread(store.doc_state, tenant, list(doc_ids))
             missing = [d for d in doc_ids if d not in states]
             if len(missing) == len(doc_ids):
@@ -107,12 +164,16 @@ class Indexer:
                     if len(missing) == 1
                     else f"none of the {len(missing)} document ids exist"
                 )
-            change = await asyncio.to_thread(store.delete, tenant, list(states))
-            if self.catch_up is not None:
-                await self.catch_up()
-            if self.changes is not None and change.seq:
-                await self.changes.changed(change, None)
+            change = await settle(asyncio.ensure_future(self._delete(tenant, list(states))))
         return list(change.removed)
+
+    async def _delete(self, tenant: str, doc_ids: list[str]) -> Change:
+        change = await asyncio.to_thread(self.store.delete, tenant, doc_ids)
+        if self.catch_up is not None:
+            await self.catch_up()
+        if self.changes is not None and change.seq:
+            await self.changes.changed(change, None)
+        return change
 
     async def chunk_ids(self, tenant: str, doc_id: str) -> list[str]:
         """The chunk ids of one document; NotFound if there is no such document."""

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
-from ragline.server import errors, limits, routes
+from ragline.server import errors, jobs, limits, routes
 from ragline.server.auth import Auth
 from ragline.server.middleware import RequestGuard, Timing
 
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pipeline.start()
+        await pipeline.jobs.start()  # takes over the unfinished jobs of processes that died or stopped
         try:
             yield
         finally:
@@ -40,7 +41,9 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     app.state.rag = pipeline
     app.state.settings = settings
     errors.install(app)
-    routes.install(app, pipeline, settings, Auth(settings.server))
+    auth = Auth(settings.server)
+    routes.install(app, pipeline, settings, auth)
+    jobs.install(app, pipeline, settings, auth)  # background ingest jobs: /v1/jobs
     app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes)
     limits.install(app, settings)  # per-key/tenant limits outside the guard: refused before the body is read
     app.add_middleware(Timing)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from starlette.responses import Response, StreamingResponse
 
@@ -23,7 +23,7 @@ from ragline.codec import response_bytes
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge, RaglineError, ServiceUnavailable
 from ragline.pipeline import AsyncRAG
-from ragline.server import audit, errors
+from ragline.server import audit, errors, jobs
 from ragline.server import limits as api_limits
 from ragline.server.auth import Auth
 from ragline.server.schemas import CACHE_MODES, DocumentsIn, InvalidateIn, QueryIn, SearchIn
@@ -62,13 +62,19 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
     # -- documents ---------------------------------------------------------
     @app.post("/v1/documents", summary="Add or replace documents by id")
     async def add_documents(
-        body: DocumentsIn, authorization: str | None = Header(None), x_api_key: str | None = Header(None)
+        body: DocumentsIn,
+        authorization: str | None = Header(None),
+        x_api_key: str | None = Header(None),
+        run_async: bool = Query(False, alias="async", description="run as a background job: 202, as POST /v1/jobs"),
     ) -> Response:
         tenant = tenant_of(authorization, x_api_key)
+        docs = [Document(d.id, d.text, d.title, d.metadata, source="api") for d in body.documents]
+        if run_async:
+            return await jobs.submit_response(pipeline, docs, tenant)
         lim = settings.limits.max_documents_per_request
         if len(body.documents) > lim:
             raise PayloadTooLarge(f"{len(body.documents)} documents in one request; the limit is {lim}")
-        docs = [Document(d.id, d.text, d.title, d.metadata, source="api") for d in body.documents]
+        jobs.check_sync(docs, settings.limits)  # more is a 413 that says to submit a job
         report = await pipeline.ingest(docs, tenant)
         return _json(report.to_dict())
 

@@ -6,6 +6,8 @@ and rate-limited invalidation), on the in-process app; the bucket algorithm on a
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ from ragline.gateway.state import LocalState
 from ragline.pipeline import AsyncRAG
 from ragline.server.app import create_app
 from ragline.server.audit import key_id
+from ragline.server.limits import SyncedBuckets
 from ragline.testing import HashEmbedder
 
 KEYS = {"key-a1": "acme", "key-a2": "acme", "key-b": "globex"}
@@ -105,6 +108,59 @@ def test_idle_buckets_are_dropped_when_there_are_many() -> None:
     clock.ms += 10
     s.take_now([("new", 60.0, 1)])
     assert len(s._buckets) < 10
+
+
+def test_raise_debt_never_lowers_it() -> None:
+    clock = Clock()
+    s = LocalState(clock)
+    s.raise_debt("k", 2.0)
+    assert s.take_now([("k", 60.0, 1)]).wait_s == pytest.approx(2.0)
+    s.raise_debt("k", 0.5)
+    assert s.take_now([("k", 60.0, 1)]).wait_s == pytest.approx(2.0)
+
+
+class FakeShared:
+    """The shared buckets (what RedisState.charge does, on a LocalState of its own): for SyncedBuckets."""
+
+    def __init__(self) -> None:
+        self.mode = "redis"
+        self.tats: dict[str, float] = {}
+        self.calls: list[list[tuple[str, float, int]]] = []
+
+    async def charge(self, buckets: list[tuple[str, float, int]], age_s: float = 0.0) -> list[float] | None:
+        self.calls.append(list(buckets))
+        if self.mode != "redis":
+            return None
+        now = time.monotonic()
+        out = []
+        for name, rpm, n in buckets:
+            self.tats[name] = max(self.tats.get(name, 0.0), now - age_s) + n * 60.0 / rpm
+            out.append(self.tats[name] - now)
+        return out
+
+
+async def test_synced_buckets_admit_in_process_and_exchange_in_the_background() -> None:
+    shared = FakeShared()
+    b = SyncedBuckets(shared, 0.02)  # type: ignore[arg-type]
+    bucket = [("k", 60.0, 3)]
+    assert [(await b.take(bucket)).ok for _ in range(4)] == [True, True, True, False]
+    assert shared.calls == [[("k", 60.0, 0)]]  # one read when first seen, nothing per request
+    await asyncio.sleep(0.1)
+    assert shared.calls[1] == [("k", 60.0, 3)] and b.syncs == 1  # the three admitted, in one exchange
+    assert shared.tats["k"] - time.monotonic() == pytest.approx(3.0, abs=0.5)
+    # another process charged 5 more: the next exchange raises this view
+    shared.tats["k"] += 5.0
+    assert not (await b.take(bucket)).ok
+    await asyncio.sleep(0.1)
+    v = await b.take(bucket)
+    assert not v.ok and v.wait_s == pytest.approx(6.0, abs=0.5)  # 8 s owed, minus the burst's 2 s
+    # Redis away: the view decides alone, exchanges fail and are counted
+    shared.mode = "local"
+    assert not (await b.take(bucket)).ok
+    assert (await b.take([("new", 60.0, 2)])).ok
+    await asyncio.sleep(0.1)
+    assert b.failed_syncs >= 1
+    await b.aclose()
 
 
 # ------------------------------------------------------------------------------------------ the API
