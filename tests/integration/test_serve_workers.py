@@ -52,18 +52,26 @@ def _per_worker(prom: Path, route: str) -> dict[str, float]:
 
 def test_metrics_are_summed_over_workers(two_workers: tuple[str, Path]) -> None:
     url, prom = two_workers
-    n = 80
 
     def one(_: int) -> int:  # a new connection per request: the workers compete for each accept
         return httpx.get(url + "/healthz", timeout=10, headers={"connection": "close"}).status_code
 
+    # The kernel may hand a whole batch to one worker when the machine is loaded, so send bounded batches
+    # until both workers have served some (at most 10 x 40); the sum must hold after every batch.
+    sent = 0
+    per_worker: dict[str, float] = {}
     with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(one, range(n))) == {200}
-    scrapes = [httpx.get(url + "/metrics", timeout=10, headers={"connection": "close"}).text for _ in range(8)]
-    assert {_count(s, "/healthz") for s in scrapes} == {float(n)}  # every scrape, from either worker, sees all
-    per_worker = _per_worker(prom, "/healthz")
+        for _ in range(10):
+            assert set(pool.map(one, range(40))) == {200}
+            sent += 40
+            scrapes = [httpx.get(url + "/metrics", timeout=10, headers={"connection": "close"}).text for _ in range(4)]
+            assert {_count(s, "/healthz") for s in scrapes} == {float(sent)}  # every scrape, from either worker
+            per_worker = _per_worker(prom, "/healthz")
+            assert sum(per_worker.values()) == sent, per_worker
+            if sum(v > 0 for v in per_worker.values()) == 2:
+                break
     # the master process has a (zero) file too; both workers served some of the requests
-    assert sum(per_worker.values()) == n and sum(v > 0 for v in per_worker.values()) == 2, per_worker
+    assert sum(v > 0 for v in per_worker.values()) == 2, per_worker
 
 
 DOCS = [
