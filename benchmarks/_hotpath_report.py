@@ -28,8 +28,34 @@ def print_in_process(report: dict[str, Any]) -> None:
 def print_report(report: dict[str, Any]) -> None:
     print_in_process(report)
     h = report["http"]
+    if h["load_generator"].startswith("wrk"):
+        import _hotpath_wrk
+
+        _hotpath_wrk.print_summary(h)
+    else:
+        _print_python_client(report)
+    llm = report["llm"]
     print(
-        f"\n(b) HTTP, {report['server']['workers']} workers, load generator in a separate process "
+        f"\n(c) fake upstream {llm['upstream']['latency_ms']:.0f} ms + {llm['upstream']['tokens_per_s']:.0f} tok/s: "
+        f"uncached median {llm['median_uncached_ms']:.1f} ms, cached median {llm['median_cached_ms']:.2f} ms, "
+        f"speed-up ×{llm['speedup_median']}; upstream calls {llm['upstream_calls']}"
+    )
+    for route, p in report["profile"].items():
+        pk = list(p["own_time_by_package_us_per_req"].items())[:8]
+        print(
+            f"\nprofile {route}: {p['profiled_us_per_req']} µs/req (under cProfile); own time by package: "
+            + ", ".join(f"{k} {v}" for k, v in pk)
+        )
+    print(
+        f"\nchecks: {report['checks']}  ({report['seconds']} s; load average "
+        f"{report['machine']['loadavg_start']} → {report['machine']['loadavg_end']})"
+    )
+
+
+def _print_python_client(report: dict[str, Any]) -> None:
+    h = report["http"]
+    print(
+        f"\n(b) HTTP, {report['server']['workers']} workers, {h['load_generator']} in a separate process "
         f"(median of {len(h['ratio_rps_per_round'])} rounds)"
     )
     print(
@@ -48,22 +74,6 @@ def print_report(report: dict[str, Any]) -> None:
         f"of medians {h['ratio_rps_of_medians']}), server CPU per request {h['ratio_server_cpu']} "
         f"(rounds {h['ratio_server_cpu_per_round']}); target ≥ {TARGET_RATIO}; "
         f"L1 hits {h['query_hits_from_l1']}"
-    )
-    llm = report["llm"]
-    print(
-        f"\n(c) fake upstream {llm['upstream']['latency_ms']:.0f} ms + {llm['upstream']['tokens_per_s']:.0f} tok/s: "
-        f"uncached median {llm['median_uncached_ms']:.1f} ms, cached median {llm['median_cached_ms']:.2f} ms, "
-        f"speed-up ×{llm['speedup_median']}; upstream calls {llm['upstream_calls']}"
-    )
-    for route, p in report["profile"].items():
-        pk = list(p["own_time_by_package_us_per_req"].items())[:8]
-        print(
-            f"\nprofile {route}: {p['profiled_us_per_req']} µs/req (under cProfile); own time by package: "
-            + ", ".join(f"{k} {v}" for k, v in pk)
-        )
-    print(
-        f"\nchecks: {report['checks']}  ({report['seconds']} s; load average "
-        f"{report['machine']['loadavg_start']} → {report['machine']['loadavg_end']})"
     )
 
 
@@ -85,15 +95,34 @@ def plot(report: dict[str, Any], path: Path) -> None:
     a1.set_title("(a) in-process latency")
     a1.legend()
     h = report["http"]
-    rounds = len(h["ratio_rps_per_round"])
-    xr = np.arange(rounds)
-    hz = [r["rps"] for r in h["runs"] if r["route"] == "healthz"]
-    qh = [r["rps"] for r in h["runs"] if r["route"] == "query_hit"]
-    a2.bar(xr - 0.2, hz, 0.4, label="GET /healthz")
-    a2.bar(xr + 0.2, qh, 0.4, label="POST /v1/query (hit)")
-    a2.set_xticks(xr, [f"round {i}\nratio {v}" for i, v in enumerate(h["ratio_rps_per_round"])], fontsize=8)
+    if h["load_generator"].startswith("wrk"):
+        rounds = len(h["ratio_vs_hello_per_round"])
+        xr = np.arange(rounds)
+        for off, (t, label) in zip(
+            (-0.27, 0.0, 0.27),
+            (("hello", "FastAPI hello world"), ("healthz", "ragline /healthz"), ("query_hit", "ragline exact hit")),
+            strict=True,
+        ):
+            a2.bar(xr + off, [r["rps"] for r in h["runs"] if r["target"] == t], 0.27, label=label)
+        a2.set_xticks(xr, [f"round {i}" for i in range(rounds)], fontsize=8)
+        a2.set_title(
+            f"(b) wrk, {report['server']['workers']} workers: hit/hello {h['ratio_vs_hello']}, "
+            f"hit/healthz {h['ratio_vs_healthz']}",
+            fontsize=9,
+        )
+    else:
+        rounds = len(h["ratio_rps_per_round"])
+        xr = np.arange(rounds)
+        hz = [r["rps"] for r in h["runs"] if r["route"] == "healthz"]
+        qh = [r["rps"] for r in h["runs"] if r["route"] == "query_hit"]
+        a2.bar(xr - 0.2, hz, 0.4, label="GET /healthz")
+        a2.bar(xr + 0.2, qh, 0.4, label="POST /v1/query (hit)")
+        a2.set_xticks(xr, [f"round {i}\nratio {v}" for i, v in enumerate(h["ratio_rps_per_round"])], fontsize=8)
+        a2.set_title(
+            f"(b) HTTP (Python client), {report['server']['workers']} workers: ratio {h['ratio_rps']} "
+            f"(target ≥ {TARGET_RATIO})"
+        )
     a2.set_ylabel("req/s")
-    a2.set_title(f"(b) HTTP, {report['server']['workers']} workers: ratio {h['ratio_rps']} (target ≥ {TARGET_RATIO})")
     a2.legend(fontsize=8)
     llm = report["llm"]
     a3.bar([0, 1], [llm["median_uncached_ms"], llm["median_cached_ms"]], color=["tab:red", "tab:green"])

@@ -63,7 +63,7 @@ from ragline.types import (
 )
 from ragline.validate import build_query
 
-__all__ = ["AsyncRAG", "CacheMode", "Progress", "Query"]
+__all__ = ["AsyncRAG", "CacheMode", "Progress", "Query", "exact_l1"]
 
 T = TypeVar("T")
 Timings = dict[str, float]
@@ -510,6 +510,18 @@ async def _relay(
             "cache": CACHE_MISS.to_dict(),
         },
     )
+
+
+def exact_l1(rag: AsyncRAG, query: object, k: object, tenant: str = DEFAULT_TENANT) -> bytes | None:
+    """The stored answer of a history-free query asked before (cache mode "default") if L1 holds it,
+    as :meth:`AsyncRAG.ask_body` would serve it, without awaiting anything: the server's exact-hit
+    fast path answers from it.  ``None`` (ask ``ask_body``) when it is not such a hit, or when another
+    process changed the corpus since this one last caught up.  (A function: the class is at its size limit.)"""
+    cache, follower = rag.cache, rag._follower
+    if cache is None or not rag._cache_answers or (follower is not None and follower.behind()):
+        return None
+    key = cache.known_answer_key(tenant, query, rag._default_k if k is None else k)
+    return cache.get_l1(key, tenant) if key is not None else None
 
 
 def _wire(self: AsyncRAG) -> None:

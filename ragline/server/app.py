@@ -2,7 +2,8 @@
 
 The routes are in :mod:`ragline.server.routes`, the request schemas in
 :mod:`ragline.server.schemas`, the pure-ASGI middleware (body limit, request
-timer) in :mod:`ragline.server.middleware`.
+timer) in :mod:`ragline.server.middleware`, the exact-hit fast path of
+``POST /v1/query`` in :mod:`ragline.server.fastpath`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ragline.config import Settings
 from ragline.pipeline import AsyncRAG
 from ragline.server import errors, jobs, limits, routes
 from ragline.server.auth import Auth
+from ragline.server.fastpath import ExactHitPath
 from ragline.server.middleware import RequestGuard, Timing
 
 __all__ = ["create_app"]
@@ -45,6 +47,11 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     routes.install(app, pipeline, settings, auth)
     jobs.install(app, pipeline, settings, auth)  # background ingest jobs: /v1/jobs
     app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes)
+    # exact hits of POST /v1/query in pure ASGI, inside the limits and the timer; the rest falls through
+    query_route = next(r for r in app.routes if getattr(r, "path", "") == "/v1/query")
+    app.add_middleware(
+        ExactHitPath, pipeline=pipeline, auth=auth, max_body=routes.query_body_bytes(settings), route=query_route
+    )
     limits.install(app, settings)  # per-key/tenant limits outside the guard: refused before the body is read
     app.add_middleware(Timing)
     errors.document_errors(app)  # after every route is registered

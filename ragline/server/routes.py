@@ -48,13 +48,17 @@ def _parse_json(body: bytes) -> Any:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
 
 
+def query_body_bytes(settings: Settings) -> int:
+    """The largest valid ``/v1/query`` body: query and history at 4 UTF-8 bytes per character, JSON
+    escaping and the messages' keys included (a larger one is a 413 before it is parsed)."""
+    lim = settings.limits
+    return (lim.max_query_chars + lim.max_history_chars) * 6 + 100 * lim.max_history_messages + 4096
+
+
 def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) -> None:
     """Register every route of the API on ``app``."""
     answer_counters: dict[str, Any] = {}
-    lim = settings.limits
-    # the largest valid /v1/query body: query and history at 4 UTF-8 bytes per character, JSON escaping
-    # and 50 messages' keys included
-    query_body_limit = (lim.max_query_chars + lim.max_history_chars) * 6 + 100 * lim.max_history_messages + 4096
+    query_body_limit = query_body_bytes(settings)
 
     def tenant_of(authorization: str | None, x_api_key: str | None) -> str:
         return auth.tenant(auth.key_from_headers(authorization, x_api_key))
