@@ -102,8 +102,10 @@ def measure(
     duration_s: int,
     threads: int = 1,
     warmup_s: int = 2,
+    granian_url: str | None = None,
 ) -> dict[str, Any]:
-    """Start the hello-world app next to the running ragline server and run the interleaved rounds."""
+    """Start the hello-world app next to the running ragline server and run the interleaved rounds
+    (with ``granian_url``, the same ragline app served by granian is measured in the same rounds)."""
     script = tmp / "query_hit.lua"
     script.write_text(LUA % bodies_file)
     port = free_port()
@@ -115,6 +117,9 @@ def measure(
         "healthz": (ragline_url + "/healthz", None),
         "query_hit": (ragline_url + "/v1/query", script),
     }
+    if granian_url is not None:
+        targets["granian_healthz"] = (granian_url + "/healthz", None)
+        targets["granian_query_hit"] = (granian_url + "/v1/query", script)
     how = f"{version()} -t{threads} -c{connections} -d{duration_s}s --latency"
     runs: list[dict[str, Any]] = []
     with process(cmd, clean_env(), tmp / "hello.log") as proc:
@@ -126,16 +131,17 @@ def measure(
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 u, s = targets[name]
-                before = _exact_answers(ragline_url) if name == "query_hit" else 0.0
+                base = u.removesuffix("/v1/query")
+                before = _exact_answers(base) if s is not None else 0.0
                 res: dict[str, Any] = run_wrk(
                     u, threads=threads, connections=connections, duration_s=duration_s, script=s
                 )
-                if name == "query_hit":
-                    res["exact_answers"] = _exact_answers(ragline_url) - before
+                if s is not None:
+                    res["exact_answers"] = _exact_answers(base) - before
                 res.update(round=r, target=name, load_generator=how)
                 runs.append(res)
                 print(
-                    f"  round {r} {name:<10} {res['rps']:>8.0f} req/s  p50 {res['p50_ms']:>6.2f} ms  "
+                    f"  round {r} {name:<17} {res['rps']:>8.0f} req/s  p50 {res['p50_ms']:>6.2f} ms  "
                     f"p99 {res['p99_ms']:>6.2f} ms  non-2xx {res['non_2xx']:.0f}  (wrk)",
                     flush=True,
                 )
@@ -163,6 +169,18 @@ def summarise(runs: list[dict[str, Any]], how: str, workers: int) -> dict[str, A
         out[f"ratio_vs_{base}_per_round"] = per_round
         out[f"ratio_vs_{base}_of_medians"] = round(out["query_hit"]["rps"] / max(out[base]["rps"], 1e-9), 3)
         out[f"target_vs_{base}"] = target
+    if any(r["target"] == "granian_query_hit" for r in runs):
+        g: dict[str, Any] = {"server": "granian (ASGI, 2 workers, uvloop), the same ragline app and data dir"}
+        for t in ("granian_healthz", "granian_query_hit"):
+            g[t] = {f: med(t, f) for f in ("rps", "p50_ms", "p99_ms")}
+            g[t]["non_2xx"] = sum(r["non_2xx"] for r in runs if r["target"] == t)
+        gq = [r for r in runs if r["target"] == "granian_query_hit"]
+        g["granian_query_hit"]["exact_answers"] = (
+            f"{sum(r['exact_answers'] for r in gq):.0f}/{sum(r['requests'] for r in gq):.0f}"
+        )
+        g["query_hit_granian_over_uvicorn"] = round(g["granian_query_hit"]["rps"] / out["query_hit"]["rps"], 3)
+        g["healthz_granian_over_uvicorn"] = round(g["granian_healthz"]["rps"] / out["healthz"]["rps"], 3)
+        out["granian"] = g
     out["runs"] = runs
     return out
 
@@ -185,3 +203,10 @@ def print_summary(w: dict[str, Any]) -> None:
         f"(rounds {w['ratio_vs_healthz_per_round']}; target ≥ {TARGET_VS_HEALTHZ});  "
         f"exact answers {w['query_hit']['exact_answers']}"
     )
+    g = w.get("granian")
+    if g is not None:
+        print(
+            f"    granian, same app: healthz {g['granian_healthz']['rps']:.0f} req/s "
+            f"(×{g['healthz_granian_over_uvicorn']} of uvicorn), exact hit {g['granian_query_hit']['rps']:.0f} req/s "
+            f"p99 {g['granian_query_hit']['p99_ms']:.2f} ms (×{g['query_hit_granian_over_uvicorn']} of uvicorn)"
+        )

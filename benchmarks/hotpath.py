@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,8 @@ class HotpathConfig:
     wrk_connections: int = 32
     wrk_duration_s: int = 8
     wrk_rounds: int = 3
+    granian: bool = False
+    """Also measure the same app served by granian (``pip install granian``) in the wrk rounds."""
 
 
 def load_data(folder: Path, n_docs: int, n_queries: int) -> tuple[list[Document], list[str]]:
@@ -328,15 +332,17 @@ def _http(
 
             # --- (b) interleaved rounds
             if _hotpath_wrk.available() and not cfg.python_client:
-                report["http"] = _hotpath_wrk.measure(
-                    url,
-                    bodies_file,
-                    tmp,
-                    workers=cfg.workers,
-                    rounds=cfg.wrk_rounds,
-                    connections=cfg.wrk_connections,
-                    duration_s=cfg.wrk_duration_s,
-                )
+                with _granian(env, cfg, tmp) as granian_url:
+                    report["http"] = _hotpath_wrk.measure(
+                        url,
+                        bodies_file,
+                        tmp,
+                        workers=cfg.workers,
+                        rounds=cfg.wrk_rounds,
+                        connections=cfg.wrk_connections,
+                        duration_s=cfg.wrk_duration_s,
+                        granian_url=granian_url,
+                    )
             else:
                 report["http"] = _python_client_rounds(url, bodies_file, srv.pid, cfg)
 
@@ -387,6 +393,26 @@ def _http(
                     "cached_repeats": stats3 - stats_mid,
                 },
             }
+
+
+@contextlib.contextmanager
+def _granian(env: dict[str, str], cfg: HotpathConfig, tmp: Path) -> Iterator[str | None]:
+    """With ``--granian`` (and granian installed): the same app and data dir served by granian, the
+    candidate runner of issue 14, measured in the same wrk rounds (``ragline serve`` stays on uvicorn)."""
+    if not cfg.granian or importlib.util.find_spec("granian") is None:
+        yield None
+        return
+    port = free_port()
+    metrics_dir = tmp / "granian-metrics"
+    metrics_dir.mkdir()
+    cmd = [sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", str(cfg.workers), "--loop", "uvloop", "--no-ws"]
+    cmd += ["--log-level", "warning", "ragline.server.app:create_app"]
+    genv = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with process(cmd, genv, tmp / "granian.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, proc, tmp / "granian.log", path="/readyz", timeout_s=240)
+        yield url
 
 
 LOADGEN = "benchmarks/loadgen.py (Python, httpx, one process)"
@@ -559,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wrk-connections", type=int, default=d.wrk_connections)
     ap.add_argument("--wrk-duration", type=int, default=d.wrk_duration_s, help="seconds per wrk run")
     ap.add_argument("--wrk-rounds", type=int, default=d.wrk_rounds, help="interleaved wrk rounds")
+    ap.add_argument("--granian", action="store_true", help="also measure the app served by granian (if installed)")
     a = ap.parse_args(argv)
     run(
         a.data,
@@ -576,6 +603,7 @@ def main(argv: list[str] | None = None) -> None:
             wrk_connections=a.wrk_connections,
             wrk_duration_s=min(max(a.wrk_duration, 1), 60),
             wrk_rounds=min(max(a.wrk_rounds, 1), 10),
+            granian=a.granian,
         ),
     )
 

@@ -4,6 +4,7 @@ per-key limits and the metrics; everything else falls through to the route uncha
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from fastapi import FastAPI
 
 from ragline.codec import response_bytes
@@ -160,3 +162,19 @@ async def test_chunked_body_and_early_disconnect(tmp_path: Path) -> None:
         assert sent[0]["status"] == 200 and b'"kind":"exact"' in sent[1]["body"]
         assert fast_path(app).served == 1
         assert await run([{"type": "http.disconnect"}]) == []  # gone before its body: nothing sent
+
+
+def test_fastapi_native_telemetry_off_unless_opentelemetry_is_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = Settings(data_dir=tmp_path / "data")
+    for k in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
+    off: Any = create_app(s, AsyncRAG(s, embedder=HashEmbedder()))
+    if not hasattr(off, "_telemetry"):
+        pytest.skip("this FastAPI has no native telemetry")
+    assert not off._telemetry["tracing"] and not off._telemetry["metrics"] and not off._telemetry["logs"]
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "ragline")
+    on: Any = create_app(s, AsyncRAG(s, embedder=HashEmbedder()))
+    assert on._telemetry["tracing"] and on._telemetry["metrics"]
