@@ -17,6 +17,7 @@ from ragline.pipeline import AsyncRAG
 from ragline.server import errors, jobs, limits, routes
 from ragline.server.auth import Auth
 from ragline.server.middleware import RequestGuard, Timing
+from ragline.server.shedding import Shedder
 
 __all__ = ["create_app"]
 
@@ -44,7 +45,8 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     auth = Auth(settings.server)
     routes.install(app, pipeline, settings, auth)
     jobs.install(app, pipeline, settings, auth)  # background ingest jobs: /v1/jobs
-    app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes)
+    shedder = Shedder(pipeline, auth, settings.retrieval.k)  # 503 before routing when admission is full
+    app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes, shedder=shedder)
     limits.install(app, settings)  # per-key/tenant limits outside the guard: refused before the body is read
     app.add_middleware(Timing)
     errors.document_errors(app)  # after every route is registered
