@@ -19,6 +19,7 @@ public boundary.
     │   ├── UpstreamTimeout           504  it did not answer within the deadline
     │   └── RateLimited               429  it (or our own limiter) refused; carries retry_after
     ├── ServiceUnavailable            503  a component is not ready (circuit open, shutting down)
+    │   └── AtCapacity                503  admission control refused it (slots and queue full); Retry-After
     └── StoreError                    500  the document store failed; the transaction rolled back
 """
 
@@ -147,6 +148,11 @@ class ServiceUnavailable(RaglineError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class AtCapacity(ServiceUnavailable):
+    """Admission control refused the request: every slot held and the queue full, or its queue
+    deadline passed (:mod:`ragline.infra.admission`).  Expected under load: counted, not logged."""
 
 
 class StoreError(RaglineError):

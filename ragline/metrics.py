@@ -37,6 +37,10 @@ ERRORS = Counter("ragline_errors_total", "Errors returned to clients by code", [
 REQUESTS_CANCELLED = Counter(
     "ragline_requests_cancelled_total", "Requests whose client disconnected before the answer: their work was stopped"
 )
+REQUESTS_FINISHED_AFTER_DISCONNECT = Counter(
+    "ragline_requests_finished_after_disconnect_total",
+    "Requests whose work ran to its end although their client had disconnected (a shared single-flight result)",
+)
 
 _STAGE_CHILDREN: dict[str, Any] = {}
 
@@ -157,5 +161,7 @@ ADMISSION_WAIT = Histogram(
     "ragline_admission_wait_seconds", "Time a request waited for admission (when it had to)", buckets=_LATENCY_BUCKETS
 )
 ADMISSION_REJECTED = Counter(
-    "ragline_admission_rejected_total", "Requests refused with 503 at capacity, by reason: full, timeout", ["reason"]
+    "ragline_admission_rejected_total",
+    "Requests refused with 503 at capacity, by reason: early (before routing), full, timeout",
+    ["reason"],
 )

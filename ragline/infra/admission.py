@@ -7,7 +7,7 @@ expensive part of a request — embedding, retrieval, context packing: CPU — r
 
 * at most ``limit`` at once;
 * at most ``queue`` more waiting, each at most ``timeout_s``;
-* beyond that, at once, ``ServiceUnavailable`` (503) with a Retry-After estimated from the measured
+* beyond that, at once, ``AtCapacity`` (a ``ServiceUnavailable``: 503) with a Retry-After estimated from the measured
   time a slot is held and the queue ahead.
 
 What is cheap stays outside: an exact cache hit never waits for a slot, so hits are not shed before
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 
 from ragline import metrics
 from ragline.config import LimitSettings
-from ragline.errors import ServiceUnavailable
+from ragline.errors import AtCapacity
 
 __all__ = ["Admission"]
 
@@ -47,8 +47,8 @@ class Admission:
 
     @classmethod
     def from_limits(cls, lim: LimitSettings) -> Admission:
-        """``max_concurrent_work`` (0: 2 per CPU core), ``max_queued_work`` (-1: as many), ``queue_timeout_s``."""
-        work = lim.max_concurrent_work or 2 * (os.cpu_count() or 1)
+        """``max_concurrent_work`` (0: one per CPU core), ``max_queued_work`` (-1: as many), ``queue_timeout_s``."""
+        work = lim.max_concurrent_work or (os.cpu_count() or 1)
         return cls(work, work if lim.max_queued_work < 0 else lim.max_queued_work, lim.queue_timeout_s)
 
     @property
@@ -59,13 +59,24 @@ class Admission:
     def waiting(self) -> int:
         return self._waiting
 
+    @property
+    def full(self) -> bool:
+        """Whether a request asking for a slot now would be refused at once (every slot held, queue full)."""
+        return self._waiting >= self.queue and self._sem.locked()
+
+    def refuse_early(self) -> float:
+        """Count a request refused before it asked for a slot (:mod:`ragline.server.shedding`); its Retry-After."""
+        self.rejected += 1
+        metrics.ADMISSION_REJECTED.labels("early").inc()
+        return self.retry_after()
+
     def retry_after(self) -> float:
         """Seconds until the queue ahead would have drained, at least 1."""
         return max(1.0, (self._waiting + self._held) * self._hold_s / self.limit)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold one unit of capacity for the block, or raise ``ServiceUnavailable`` (see module docs)."""
+        """Hold one unit of capacity for the block, or raise ``AtCapacity`` (see module docs)."""
         sem = self._sem
         if sem.locked():
             if self._waiting >= self.queue:
@@ -100,7 +111,7 @@ class Admission:
         self.rejected += 1
         metrics.ADMISSION_REJECTED.labels(why).inc()
         wait = self.retry_after()
-        raise ServiceUnavailable(
+        raise AtCapacity(
             f"the server is at capacity ({self._held} requests being worked on, {self._waiting} waiting); "
             f"retry after {round(wait)}s",
             wait,

@@ -21,6 +21,7 @@ from ragline.server import errors, jobs, limits, routes
 from ragline.server.auth import Auth
 from ragline.server.fastpath import ExactHitPath
 from ragline.server.middleware import RequestGuard, Timing
+from ragline.server.shedding import Shedder
 
 __all__ = ["create_app"]
 
@@ -62,7 +63,8 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     auth = Auth(settings.server)
     routes.install(app, pipeline, settings, auth)
     jobs.install(app, pipeline, settings, auth)  # background ingest jobs: /v1/jobs
-    app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes)
+    shedder = Shedder(pipeline, auth, settings.retrieval.k)  # 503 before routing when admission is full
+    app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes, shedder=shedder)
     # exact hits of POST /v1/query in pure ASGI, inside the limits and the timer; the rest falls through
     query_route = next(r for r in app.routes if getattr(r, "path", "") == "/v1/query")
     app.add_middleware(

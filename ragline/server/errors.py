@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ragline import metrics
-from ragline.errors import RaglineError, RateLimited, ServiceUnavailable, UpstreamError
+from ragline.errors import AtCapacity, RaglineError, RateLimited, ServiceUnavailable, UpstreamError
 
 log = logging.getLogger("ragline.server")
 
@@ -51,8 +51,8 @@ def install(app: FastAPI) -> None:
         message = public_message(exc)
         if isinstance(exc, UpstreamError):
             log.warning("%s: %s", exc.code, exc.message)
-        elif exc.status >= 500:
-            log.error("%s: %s", exc.code, exc.message)
+        elif exc.status >= 500 and not isinstance(exc, AtCapacity):
+            log.error("%s: %s", exc.code, exc.message)  # not "at capacity, retry": counted, expected under load
         return error_response(exc.status, exc.code, message, headers)
 
     @app.exception_handler(RequestValidationError)

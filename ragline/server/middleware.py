@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragline import metrics
 from ragline.server import errors
+from ragline.server.shedding import Shedder
 
 
 class RequestGuard:
@@ -25,13 +26,18 @@ class RequestGuard:
     * **Cancellation**: while the route runs, the connection is watched; when the client disconnects
       before the response is complete, the route's task is cancelled, so abandoned work stops (the
       pipeline's single-flight keeps a computation alive while another caller still awaits it).
-      ``cancelled`` counts such requests.
+      ``cancelled`` counts such requests; ``finished_after_disconnect`` those whose work could not be
+      stopped (another caller awaited the same result).
+    * **Load shedding**: with a :class:`~ragline.server.shedding.Shedder`, a request that admission
+      would only refuse gets its 503 here, before any routing (see that module).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, shedder: Shedder | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.shedder = shedder
         self.cancelled = 0
+        self.finished_after_disconnect = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,6 +73,9 @@ class RequestGuard:
                                f"application/json' (got: {shown})", scope, receive, send)  # fmt: skip
             return
         body = b"".join(chunks)
+        if self.shedder is not None and self.shedder.should_shed(scope, body):
+            await self.shedder.refuse(send)
+            return
         await self._run(scope, body, receive, send)
 
     async def _run(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
@@ -99,6 +108,9 @@ class RequestGuard:
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
             await self.app(scope, replay, tracked)
+            if disconnected.is_set():
+                self.finished_after_disconnect += 1
+                metrics.REQUESTS_FINISHED_AFTER_DISCONNECT.inc()
         except asyncio.CancelledError:
             if not disconnected.is_set() or me is None:
                 raise
