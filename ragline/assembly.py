@@ -11,11 +11,12 @@ from ragline.cache.clock import TermClock
 from ragline.config import EmbedderSettings, Settings
 from ragline.embed.base import Embedder
 from ragline.embed.local import resolve_model_dir
+from ragline.errors import ConfigError
 from ragline.ingest.chunking import Chunker
 from ragline.llm.base import LLM
 from ragline.store.base import Store
 
-__all__ = ["load_components", "term_clock", "update_gauges", "upstreams_of"]
+__all__ = ["check_embedder", "load_components", "term_clock", "update_gauges", "upstreams_of"]
 
 
 async def upstreams_of(component: object) -> dict[str, Any] | None:
@@ -47,9 +48,39 @@ def load_components(
         factory = plugins.load("ragline.stores", s.store)
         opener = getattr(factory, "from_settings", None)  # built-ins read their own settings
         store = opener(s, emb.dim) if opener is not None else factory(s.data_dir, emb.dim)
+    check_embedder(store, emb.id, s.embedder.model)
     if llm is None:
         llm = plugins.load("ragline.llms", s.llm.provider)(s.llm)
     return emb, chunker, store, llm
+
+
+def check_embedder(store: Store, embedder_id: str, model: str) -> None:
+    """Refuse a store whose vectors another embedder made (never mix two vector spaces silently).
+
+    A store records the id of the embedder that wrote it (meta ``embedder``) when first opened empty.
+    A store written before ragline recorded it is taken as sentence-transformers' (``st:<model>``),
+    the only local embedder there was.  Stores without ``meta``/``set_meta`` (plugins) are not checked.
+    """
+    meta, set_meta = getattr(store, "meta", None), getattr(store, "set_meta", None)
+    if meta is None or set_meta is None:
+        return
+    recorded = meta("embedder")
+    if recorded is None:
+        if store.stats()["chunks"] == 0 or not embedder_id.startswith("onnx"):
+            set_meta("embedder", embedder_id)
+            return
+        recorded = f"st:{model}"
+    if recorded != embedder_id:
+        where = getattr(store, "data_dir", "the PostgreSQL store")
+        hint = " (embedder.provider: local)" if recorded.startswith("st:") else ""
+        if recorded.startswith("onnx"):
+            hint = " (embedder.provider: onnx, embedder.quantize: " + (
+                "int8)" if recorded.startswith("onnx-int8") else "none)"
+            )
+        raise ConfigError(
+            f"the store in {where} holds vectors made by the embedder {recorded!r}, not by the configured "
+            f"{embedder_id!r}: configure that embedder again{hint}, or ingest into a new data_dir with this one"
+        )
 
 
 def update_gauges(store: Store | None) -> None:

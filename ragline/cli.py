@@ -272,7 +272,8 @@ def serve(
     workers = workers or settings.server.workers
     if workers > 1:
         _multiprocess_metrics()
-    err.print(f"ragline serving {settings.data_dir} on http://{host}:{port}  (docs: /docs)")
+    err.print(f"ragline starting on http://{host}:{port} ({workers} worker{'s' if workers > 1 else ''})…")
+    _announce_when_serving(host, port, f"ragline serving {settings.data_dir} on http://{host}:{port}  (docs: /docs)")
     srv = settings.server
     os.environ["RAGLINE_READ_TIMEOUT_S"] = str(srv.request_read_timeout_s)  # read by the protocol, in every worker
     os.environ["RAGLINE_MAX_HEADER_BYTES"] = str(srv.max_header_bytes)
@@ -289,6 +290,31 @@ def serve(
         limit_concurrency=srv.max_connections,
         h11_max_incomplete_event_size=srv.max_header_bytes,
     )
+
+
+def _announce_when_serving(host: str, port: int, line: str, timeout_s: float = 600.0) -> None:
+    """Print ``line`` once the server answers ``/healthz``, i.e. once a worker has loaded the model and
+    accepts requests (uvicorn blocks this thread; a daemon thread polls the port until then)."""
+    import threading
+    import time
+
+    import httpx
+
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://[{target}]:{port}/healthz" if ":" in target else f"http://{target}:{port}/healthz"
+
+    def poll() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=2.0, trust_env=False).status_code < 500:
+                    err.print(line)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+
+    threading.Thread(target=poll, name="ragline-announce", daemon=True).start()
 
 
 def _multiprocess_metrics() -> None:

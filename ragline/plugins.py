@@ -18,6 +18,10 @@ GROUPS = ("ragline.embedders", "ragline.llms", "ragline.stores")
 
 _cache: dict[str, dict[str, Any]] = {}
 
+_BUILTIN: dict[str, dict[str, str]] = {"ragline.embedders": {"onnx": "ragline.embed.onnx:make_embedder"}}
+"""Built-ins newer than an installed copy's entry-point metadata (an editable install made before
+they existed): found by name even then.  pyproject.toml registers them as entry points too."""
+
 
 def available(group: str) -> dict[str, Any]:
     """name → entry point for one group (cached until ``reload``)."""
@@ -30,6 +34,11 @@ def load(group: str, name: str) -> Any:
     """The factory registered under ``name``; ConfigError lists the known names."""
     eps = available(group)
     ep = eps.get(name)
+    if ep is None and name in _BUILTIN.get(group, {}):
+        from importlib import import_module
+
+        module, _, attr = _BUILTIN[group][name].partition(":")
+        return getattr(import_module(module), attr)
     if ep is None:
         known = ", ".join(sorted(eps)) or "none"
         raise ConfigError(f"no {group.split('.')[-1][:-1]} named {name!r} (installed: {known})")

@@ -44,6 +44,7 @@ import orjson
 from ragline.errors import InvalidInput, StoreError
 from ragline.store.base import DocState
 from ragline.store.changelog import CHANGES_SCHEMA, ChangeLog, LoggedChange, SeqFile, TenantLocks
+from ragline.store.meta import MetaRecord
 from ragline.store.tenant_index import TenantIndex
 from ragline.store.writes import analyze, delete_rows, keyword_query_text, upsert_rows
 from ragline.types import Change, Chunk, Document, Scored, Vectors
@@ -78,7 +79,7 @@ tenant lock, so the repair just waits for it)."""
 _TENANT_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class EmbeddedStore:
+class EmbeddedStore(MetaRecord):
     """The default, single-machine Store.  Thread-safe; blocking (run in threads); any number of
     processes may open one data dir (see the module docstring)."""
 
@@ -98,14 +99,14 @@ class EmbeddedStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA + CHANGES_SCHEMA)
-        stored_dim = self._meta("dim")
+        stored_dim = self.meta("dim")
         if stored_dim is not None and int(stored_dim) != dim:
             raise StoreError(
                 f"the store in {self.data_dir} holds {stored_dim}-dim vectors but the embedder gives "
                 f"{dim}; use another data_dir or re-ingest into an empty one"
             )
         if stored_dim is None:
-            self._set_meta("dim", str(dim))
+            self.set_meta("dim", str(dim))
         self._origin = secrets.token_hex(8)
         """Names this store's own rows in the change log (they are applied when written)."""
         self._locks = TenantLocks()
@@ -124,16 +125,6 @@ class EmbeddedStore:
             self._open_tenant(tenant, repair=True)
 
     # -- internals -------------------------------------------------------
-    def _meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def _set_meta(self, key: str, value: str) -> None:
-        self._db.execute(
-            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (key, value),
-        )
-
     def _tenant_dir(self, tenant: str) -> Path:
         if not _TENANT_SAFE.match(tenant):
             raise InvalidInput(f"invalid tenant {tenant!r}: use 1-64 of A-Z a-z 0-9 _ . -")

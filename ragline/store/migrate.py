@@ -27,6 +27,9 @@ def copy_store(
     """Copy every tenant of ``src`` into ``dst``; returns documents copied per tenant."""
     if getattr(dst, "dim", src.dim) != src.dim:
         raise ValueError(f"the stores hold vectors of different dimensions ({src.dim} vs {dst.dim})")  # type: ignore[attr-defined]
+    recorded, set_meta = src.meta("embedder"), getattr(dst, "set_meta", None)
+    if recorded is not None and set_meta is not None:  # the vectors keep saying what made them
+        set_meta("embedder", recorded)
     db, lock = src._db, src._db_lock
     with lock:
         tenants = [r[0] for r in db.execute("SELECT DISTINCT tenant FROM documents ORDER BY tenant")]

@@ -371,6 +371,19 @@ class PostgresStore:
             n = c.execute(f"SELECT coalesce(sum(n), 0) FROM tenant_stats {where}", args).fetchone()
         return {"documents": int(d[0]) if d else 0, "chunks": int(n[0]) if n else 0}
 
+    def meta(self, key: str) -> str | None:
+        """A value of the store's own record (``dim``, ``embedder``: what its vectors were made with)."""
+        with self.pool.connection() as c:
+            row = c.execute("SELECT value FROM ragline_meta WHERE key = %s", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.pool.connection() as c:
+            c.execute(
+                "INSERT INTO ragline_meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
     def tenants(self) -> list[str]:
         with self.pool.connection() as c:
             return [r[0] for r in c.execute("SELECT tenant FROM tenant_stats WHERE n > 0 ORDER BY tenant")]
