@@ -162,6 +162,28 @@ class ContextSettings(Section):
     history_turns: int = Field(6, ge=0, le=100)
 
 
+class ConversationSettings(Section):
+    """Server-side conversations (``conversation_id`` on ``/v1/query`` and ``/v1/chat/completions``):
+    each turn retrieves with a standalone question condensed from the history, and history past
+    ``history_token_budget`` is compressed by summarising the oldest turns (:mod:`ragline.condense`)."""
+
+    condense: Literal["auto", "llm", "rules"] = "auto"
+    """How a follow-up becomes a standalone question: ``llm`` asks the configured model, ``rules`` prefixes
+    an anaphoric or short follow-up with the salient terms of the previous questions; ``auto``: ``rules``
+    with the extractive answerer, ``llm`` otherwise.  Summaries of older turns follow the same choice."""
+    history_token_budget: int = Field(600, ge=64, le=32_000, description="summary + recent turns, in tokens")
+    summary_token_budget: int = Field(200, ge=16, le=8_000, description="the summary of older turns, in tokens")
+    history_in_prompt: bool = False
+    """Also put the (compressed) history in the answer prompt.  Off: the answer depends only on the standalone
+    question and its sources, so identical standalone questions share cached answers across conversations."""
+    max_turns: int = Field(100, ge=1, le=10_000, description="user turns one conversation may hold")
+    max_conversations_per_tenant: int = Field(10_000, ge=1)
+    ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="an idle conversation is deleted after this")
+    max_id_chars: int = Field(128, ge=8, le=512)
+    sources_in_text: bool = True
+    """``/v1/chat/completions``: append a "Sources:" list ([1] title (doc id) ...) to the answer text."""
+
+
 class LLMSettings(Section):
     """``extractive`` needs no server; ``openai`` speaks the chat-completions API to ``base_url``;
     ``gateway`` routes over ``gateway.upstreams`` with ``model`` as the primary group."""
@@ -370,6 +392,7 @@ class Settings(BaseSettings):
     chunk: ChunkSettings = ChunkSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     context: ContextSettings = ContextSettings()
+    conversation: ConversationSettings = ConversationSettings()
     llm: LLMSettings = LLMSettings()
     limits: LimitSettings = LimitSettings()
     jobs: JobSettings = JobSettings()

@@ -32,9 +32,11 @@ class RaglineError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param
+        """The request field at fault, when one is (``error.param`` of the OpenAI-shaped body)."""
 
 
 class InvalidInput(RaglineError):

@@ -16,8 +16,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from ragline.config import Settings
+from ragline.conversation import Conversations
 from ragline.pipeline import AsyncRAG
-from ragline.server import errors, jobs, limits, routes
+from ragline.server import conversation_routes, errors, jobs, limits, openai_routes, routes
 from ragline.server.auth import Auth
 from ragline.server.fastpath import ExactHitPath
 from ragline.server.middleware import RequestGuard, Timing
@@ -62,6 +63,9 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     errors.install(app)
     auth = Auth(settings.server)
     routes.install(app, pipeline, settings, auth)
+    app.state.conversations = conversations = Conversations(pipeline)  # conversation_id turns
+    conversation_routes.install(app, conversations, auth)
+    openai_routes.install(app, conversations, settings, auth)  # /v1/chat/completions, /v1/models
     jobs.install(app, pipeline, settings, auth)  # background ingest jobs: /v1/jobs
     shedder = Shedder(pipeline, auth, settings.retrieval.k)  # 503 before routing when admission is full
     app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes, shedder=shedder)

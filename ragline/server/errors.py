@@ -22,9 +22,22 @@ from ragline.errors import AtCapacity, RaglineError, RateLimited, ServiceUnavail
 log = logging.getLogger("ragline.server")
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_type(status: int) -> str:
+    """The OpenAI error ``type`` of a status: every error body is also an OpenAI-shaped one."""
+    if status >= 500:
+        return "server_error"
+    return _TYPES.get(status, "invalid_request_error")
+
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> Response:
+    """``{"error": {"code", "message", "type", "param"}}``: ragline's shape and OpenAI's at once."""
     metrics.ERRORS.labels(code).inc()
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = orjson.dumps({"error": {"code": code, "message": message, "type": error_type(status), "param": param}})
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -53,7 +66,7 @@ def install(app: FastAPI) -> None:
             log.warning("%s: %s", exc.code, exc.message)
         elif exc.status >= 500 and not isinstance(exc, AtCapacity):
             log.error("%s: %s", exc.code, exc.message)  # not "at capacity, retry": counted, expected under load
-        return error_response(exc.status, exc.code, message, headers)
+        return error_response(exc.status, exc.code, message, headers, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:

@@ -23,10 +23,10 @@ from ragline.codec import response_bytes
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge, RaglineError, ServiceUnavailable
 from ragline.pipeline import AsyncRAG
-from ragline.server import audit, errors, jobs
+from ragline.server import audit, conversation_routes, errors, jobs
 from ragline.server import limits as api_limits
 from ragline.server.auth import Auth
-from ragline.server.schemas import CACHE_MODES, DocumentsIn, InvalidateIn, QueryIn, SearchIn
+from ragline.server.schemas import CACHE_MODES, QUERY_FIELDS, DocumentsIn, InvalidateIn, QueryIn, SearchIn
 from ragline.types import Document
 
 _MAX_OFFSET = 2**31 - 1
@@ -147,6 +147,15 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
         mode = body.get("cache", "default")
         if mode not in CACHE_MODES:
             raise InvalidInput("'cache' must be one of 'default', 'bypass', 'refresh'")
+        if not QUERY_FIELDS.issuperset(body):
+            unknown = sorted(set(body) - QUERY_FIELDS)
+            raise InvalidInput(f"unknown field(s) {unknown}; a query takes {sorted(QUERY_FIELDS)}", param=unknown[0])
+        cid = body.get("conversation_id")
+        if cid is not None:  # server-side history (ragline.conversation)
+            if history:
+                raise InvalidInput("send 'conversation_id' (history kept by the server) or 'history', not both")
+            convs = request.app.state.conversations
+            return await conversation_routes.query_turn(convs, tenant, q, k, cid, mode, body, _sse)
         if body.get("stream") is True:
             events = await pipeline.ask_stream(q, k, tenant, history=history, cache_mode=mode)
             return StreamingResponse(

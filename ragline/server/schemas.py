@@ -37,6 +37,11 @@ class SearchIn(_Strict):
     mmr: bool = False
     timings: bool = False
     cache: Literal["default", "bypass", "refresh"] = "default"
+    conversation_id: str | None = Field(
+        None,
+        description="keep the history server-side under this id (created on first use; GET/DELETE "
+        "/v1/conversations/{id}); the question is condensed with it into a standalone one",
+    )
 
 
 class InvalidateIn(_Strict):
@@ -57,3 +62,12 @@ class QueryIn(BaseModel):
     history: list[dict[str, str]] = Field(default_factory=list)
     timings: bool = True
     cache: Literal["default", "bypass", "refresh"] = "default"
+    conversation_id: str | None = Field(
+        None,
+        description="keep the history server-side under this id (created on first use; GET/DELETE "
+        "/v1/conversations/{id}); the question is condensed with it into a standalone one",
+    )
+
+
+QUERY_FIELDS = frozenset(QueryIn.model_fields)
+"""The fields ``POST /v1/query`` takes; any other is a 400 (a misspelt field is not silently ignored)."""

@@ -94,3 +94,63 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# -- conversations (``conversation_id``): kept by the store, so every instance serving it sees them --------------
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One message of a stored conversation.  A user turn keeps the standalone question its retrieval
+    used (the next follow-up is condensed from it); an assistant turn keeps its sources' ids."""
+
+    role: str
+    """``user`` or ``assistant``."""
+    content: str
+    standalone: str = ""
+    sources: tuple[dict[str, str], ...] = ()
+    """``{"doc_id", "chunk_id", "title"}`` per cited source, numbered as the answer cites them."""
+    at: float = 0.0
+    """When it was stored (Unix seconds)."""
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"role": self.role, "content": self.content, "at": self.at}
+        if self.role == "user":
+            out["standalone_question"] = self.standalone
+        else:
+            out["sources"] = list(self.sources)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A conversation as stored: every turn, plus the summary of the first ``summarized`` of them."""
+
+    id: str
+    turns: tuple[Turn, ...] = ()
+    summary: str = ""
+    summarized: int = 0
+    """Messages (from the first) the summary stands for in prompts; the turns themselves are kept."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@runtime_checkable
+class ConversationStore(Protocol):
+    """Conversations per tenant: a store offers one as its ``conversations`` attribute.  Blocking (run in
+    threads).  Another tenant's conversation with the same id is a different conversation."""
+
+    def get(self, tenant: str, conversation_id: str) -> Conversation | None: ...
+
+    def append(
+        self, tenant: str, conversation_id: str, turns: list[Turn], *, max_messages: int, max_conversations: int
+    ) -> int:
+        """Add turns (creating the conversation); returns its message count.  ``PayloadTooLarge`` past
+        ``max_messages`` messages, or when creating it would exceed ``max_conversations`` of the tenant."""
+        ...
+
+    def set_summary(self, tenant: str, conversation_id: str, summary: str, summarized: int) -> None: ...
+
+    def delete(self, tenant: str, conversation_id: str) -> bool: ...
+
+    def prune(self, idle_s: float) -> int:
+        """Delete conversations idle for over ``idle_s`` seconds; returns how many."""
+        ...

@@ -44,6 +44,7 @@ import orjson
 from ragline.errors import InvalidInput, StoreError
 from ragline.store.base import DocState
 from ragline.store.changelog import CHANGES_SCHEMA, ChangeLog, LoggedChange, SeqFile, TenantLocks
+from ragline.store.conversations import WithConversations
 from ragline.store.meta import MetaRecord
 from ragline.store.tenant_index import TenantIndex
 from ragline.store.writes import analyze, delete_rows, keyword_query_text, upsert_rows
@@ -79,7 +80,7 @@ tenant lock, so the repair just waits for it)."""
 _TENANT_SAFE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class EmbeddedStore(MetaRecord):
+class EmbeddedStore(MetaRecord, WithConversations):
     """The default, single-machine Store.  Thread-safe; blocking (run in threads); any number of
     processes may open one data dir (see the module docstring)."""
 

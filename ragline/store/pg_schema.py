@@ -52,7 +52,22 @@ def _v1(dim: int) -> list[str]:
     ]
 
 
-MIGRATIONS: Final[list[Callable[[int], list[str]]]] = [_v1]
+def _v2(dim: int) -> list[str]:
+    """Conversations (``conversation_id``): one row per conversation, one per message."""
+    return [
+        """CREATE TABLE IF NOT EXISTS conversations (
+            tenant text NOT NULL, id text NOT NULL, created_at double precision NOT NULL,
+            updated_at double precision NOT NULL, summary text NOT NULL DEFAULT '', summarized int NOT NULL DEFAULT 0,
+            messages int NOT NULL DEFAULT 0, PRIMARY KEY (tenant, id))""",
+        "CREATE INDEX IF NOT EXISTS conversations_idle ON conversations (updated_at)",
+        """CREATE TABLE IF NOT EXISTS conversation_turns (
+            tenant text NOT NULL, id text NOT NULL, seq int NOT NULL, role text NOT NULL, content text NOT NULL,
+            standalone text NOT NULL, sources jsonb NOT NULL, at double precision NOT NULL,
+            PRIMARY KEY (tenant, id, seq))""",
+    ]
+
+
+MIGRATIONS: Final[list[Callable[[int], list[str]]]] = [_v1, _v2]
 """Migration i brings the schema from version i to i + 1; append, never edit."""
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -31,6 +31,7 @@ from psycopg_pool import ConnectionPool
 
 from ragline.errors import ConfigError, InvalidInput, StoreError
 from ragline.store.base import DocState
+from ragline.store.pg_conversations import PgConversations
 from ragline.store.pg_schema import migrate, partition_name
 from ragline.store.pg_writes import insert_chunks, remove_docs
 from ragline.store.writes import analyze, diff_chunks, keyword_query_text
@@ -93,6 +94,8 @@ class PostgresStore:
         self.pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, kwargs={"autocommit": True}, configure=_configure, open=True
         )
+        self.conversations = PgConversations(self.pool)
+        """``conversation_id`` turns, shared by every instance on this database."""
         self._origin = secrets.token_hex(8)
         self._lock = threading.Lock()
         self._version = 1
