@@ -1,9 +1,11 @@
 """ragline: a fast, cache-first retrieval-augmented generation server and library.
 
 Public API: ``AsyncRAG`` (the async pipeline), ``RAG`` (its sync facade),
-``Settings``, the value types and the ``RaglineError`` tree.
+``Settings``, ``cached`` (users' functions on the same cache tiers), the value types and
+the ``RaglineError`` tree.
 """
 
+from ragline.cache.functions import cached, invalidate_function
 from ragline.config import Settings
 from ragline.errors import (
     ConfigError,
@@ -50,4 +52,6 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "Usage",
+    "cached",
+    "invalidate_function",
 ]

@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from ragline.errors import ConfigError
+from ragline.profiles import Profile, preset
 
 
 class Section(BaseModel):
@@ -286,6 +287,25 @@ class ServerSettings(Section):
     """When set, ``/metrics`` needs ``Authorization: Bearer <token>``."""
 
 
+MAX_TTL_S = 365 * 24 * 3600.0
+"""Longest lifetime of any cache entry (the generation of a ``@cached`` function outlives them all)."""
+
+
+class CacheTTLs(Section):
+    """Lifetime of each kind of cache entry, in seconds; unset (None): ``cache.ttl_s``.
+
+    Embeddings are a pure function of (embedder, text), both in their key, so they never go stale and
+    default to 7 days; answers and retrievals are kept exact by invalidation, LLM responses depend on an
+    upstream model that may change under its name: they follow ``ttl_s`` (24 h)."""
+
+    answer: float | None = Field(None, gt=0, le=MAX_TTL_S)
+    retrieval: float | None = Field(None, gt=0, le=MAX_TTL_S)
+    embedding: float | None = Field(7 * 24 * 3600.0, gt=0, le=MAX_TTL_S)
+    llm: float | None = Field(None, gt=0, le=MAX_TTL_S)
+    function: float | None = Field(3600.0, gt=0, le=MAX_TTL_S)
+    """Default of ``@ragline.cached`` functions that name no ``ttl`` of their own."""
+
+
 class CacheSettings(Section):
     """Cache tiers and semantics (see DESIGN.md §3)."""
 
@@ -300,7 +320,9 @@ class CacheSettings(Section):
     breaker_reset_s: float = Field(1.0, gt=0)
     l3_enabled: bool = True
     l3_max_bytes: int = Field(1024 * 1024 * 1024, ge=0)
-    ttl_s: float = Field(24 * 3600.0, gt=0)
+    ttl_s: float = Field(24 * 3600.0, gt=0, le=MAX_TTL_S, description="default lifetime of every kind")
+    ttls: CacheTTLs = CacheTTLs()
+    """Per kind (answer, retrieval, embedding, llm, function); unset kinds follow ``ttl_s``."""
     cache_nonzero_temperature: bool = False
     semantic: bool = True
     # τ = 0.93 is calibrated by benchmarks/semantic_accuracy.py (results/semantic.json): the smallest τ whose
@@ -369,11 +391,26 @@ class CacheSettings(Section):
             decode_encryption_key(key.get_secret_value())  # ValueError naming no key material
         return v
 
+    def ttl_for(self, kind: str) -> float:
+        """The lifetime of entries of ``kind`` (``ttls.<kind>``, else ``ttl_s``)."""
+        ttl: float | None = getattr(self.ttls, kind, None)
+        return self.ttl_s if ttl is None else ttl
+
     @model_validator(mode="after")
     def _previous_needs_current(self) -> CacheSettings:
         if self.encryption_previous_keys and self.encryption_key is None:
             raise ValueError("cache.encryption_previous_keys needs cache.encryption_key (the key that writes)")
         return self
+
+
+class _ProfileSource(PydanticBaseSettingsSource):
+    """The preset of the profile the higher sources named (pydantic-settings merges it beneath them)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return preset(self.current_state.get("profile"))
 
 
 class Settings(BaseSettings):
@@ -386,6 +423,8 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    profile: Profile | None = None
+    """A named preset beneath every explicit setting (:mod:`ragline.profiles`; env ``RAGLINE_PROFILE``)."""
     data_dir: Path = Path(".ragline")
     log_level: str = "WARNING"
     embedder: EmbedderSettings = EmbedderSettings()
@@ -430,6 +469,7 @@ class Settings(BaseSettings):
         path = os.environ.get("RAGLINE_CONFIG")
         if path:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        sources.append(_ProfileSource(settings_cls))  # last: beneath every explicit setting
         return tuple(sources)
 
     @classmethod

@@ -42,6 +42,7 @@ from ragline.ingest.follow import Follower
 from ragline.ingest.indexer import Indexer, Progress
 from ragline.ingest.jobs import JobManager
 from ragline.ingest.loaders import iter_documents
+from ragline.library import LibrarySurface
 from ragline.llm.base import FALLBACK_FINISH, LLM, Completion
 from ragline.llm.cached import CachedLLM
 from ragline.llm.prompt import PROMPT_VERSION, build_messages
@@ -115,9 +116,9 @@ Deliver = Callable[[Query, list[Hit], list[Message], Timings | None], Awaitable[
 """Step 7: generate an answer from its context (``complete`` for ask, a stream for ask_stream)."""
 
 
-class AsyncRAG:
+class AsyncRAG(LibrarySurface):
     """The whole pipeline in-process.  Components are built from ``Settings``
-    through the plugin registry unless passed in (tests, custom wiring)."""
+    through the plugin registry unless passed in (tests, custom wiring); ``ask_many``, ``cached``: ``library``."""
 
     def __init__(
         self,
@@ -156,8 +157,7 @@ class AsyncRAG:
         async with self._start_lock:
             if not self.ready:
                 await asyncio.to_thread(self._build)
-                if self.cache is not None:
-                    await self.cache.start()
+                await self._start_cache()  # and bind @ragline.cached's default tiers
                 self.ready = True
                 update_gauges(self._store)
         return self
@@ -556,6 +556,7 @@ def _wire(self: AsyncRAG) -> None:
 
 
 async def _close(self: AsyncRAG) -> None:
+    self._unbind_functions()
     await self.jobs.aclose()  # first: a running job's step lands before the store closes
     if self._embed is not None:
         await self._embed.aclose()

@@ -38,8 +38,9 @@ from ragline.errors import InvalidInput
 SCHEMA_VERSION: Final = 1
 """Bump when the serialised form or the canonical material of any kind changes."""
 
-Kind = Literal["answer", "retrieval", "embedding", "llm", "semantic"]
-KINDS: Final[frozenset[str]] = frozenset({"answer", "retrieval", "embedding", "llm", "semantic"})
+Kind = Literal["answer", "retrieval", "embedding", "llm", "semantic", "function"]
+KINDS: Final[frozenset[str]] = frozenset({"answer", "retrieval", "embedding", "llm", "semantic", "function"})
+"""``function``: results of users' ``@ragline.cached`` functions (:mod:`ragline.cache.functions`)."""
 
 KEY_ROOT: Final = "rl:"
 """Every ragline key starts with this; ``clear(None)`` on a shared Redis only removes these."""

@@ -46,7 +46,7 @@ from ragline.cache.crypto import cipher_from
 from ragline.cache.deps import DepRecord, DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.cache.deps_sqlite import DependencyIndex
-from ragline.cache.keys import canonical_query, kind_prefix, make_key_for, tenant_prefix
+from ragline.cache.keys import KINDS, canonical_query, kind_of, kind_prefix, make_key_for, tenant_prefix
 from ragline.cache.marks import MARK, STAMP, STAMP_LEN, new_token, stamped, unmarked
 from ragline.cache.redis import RedisTier
 from ragline.cache.semantic import SemanticIndex
@@ -139,7 +139,8 @@ class CacheLayer:
             wait_s=self.cs.singleflight_wait_s,
             poll_s=self.cs.singleflight_poll_s,
         )
-        self.ttl = self.cs.ttl_s
+        self.ttls: dict[str, float] = {kind: self.cs.ttl_for(kind) for kind in KINDS}  # a write: its kind's
+        self.ttl = max(self.ttls["answer"], self.ttls["retrieval"])  # dependency records: the longer of the two
         self._answer_keys: dict[tuple[str, str, int], str] = {}
         """(tenant, raw query, k) → answer key of history-less requests (keys are pure functions of these)."""
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
@@ -280,7 +281,7 @@ class CacheLayer:
         if dep is not None:
             if self._clock_now is not None:
                 value = stamped(value, self.reading(dep.tenant) if stamp is None else stamp)
-            shared = await self.deps.add(dep, time.time() + self.ttl)
+            shared = await self.deps.add(dep, time.time() + self.ttl_of(key))
             if semantic and self.cs.semantic:
                 self.semantic.add(dep.tenant, self.fingerprint, key, dep.query, dep.qvec)
                 if shared:
@@ -288,13 +289,17 @@ class CacheLayer:
             if not shared:
                 await self._put_local_only(key, value)
                 return
-        await self.tiers.set_many({key: value}, self.ttl)
+        await self.tiers.set_many({key: value}, self.ttl_of(key))
+
+    def ttl_of(self, key: str) -> float:
+        """The lifetime of ``key``'s kind (``cache.ttls``; ``cache.ttl_s`` for a key of no known kind)."""
+        return self.ttls.get(kind_of(key), self.cs.ttl_s)
 
     async def _put_local_only(self, key: str, value: bytes) -> None:
         """The record reached only this instance's index: keep the entry out of shared tiers
         (no other instance could invalidate it there)."""
         local = [t for t in self.tiers.tiers if not t.shared]
-        await asyncio.gather(*(t.set_many({key: value}, self.ttl) for t in local), return_exceptions=True)
+        await asyncio.gather(*(t.set_many({key: value}, self.ttl_of(key)) for t in local), return_exceptions=True)
         # the reconciler may have taken the record meanwhile (Redis is back): then it may have
         # dropped the entry before it was written, so drop it here
         if not await self.deps.local_only(key):
@@ -316,7 +321,7 @@ class CacheLayer:
             self.embedding_key(tenant, t): np.ascontiguousarray(v, dtype=np.float32).tobytes()
             for t, v in zip(texts, vectors, strict=True)
         }
-        await self.tiers.set_many(items, self.ttl)
+        await self.tiers.set_many(items, self.ttls["embedding"])
 
     # -- semantic -----------------------------------------------------------------------
     async def semantic_match(

@@ -418,7 +418,8 @@ def build_cache(settings: CacheSettings, data_dir: Path, *, metrics: bool = True
             )
     return TieredCache(
         tiers,
-        default_ttl_s=settings.ttl_s,
+        # the longest kind's: a promotion copies an entry with its remaining TTL, capped by this
+        default_ttl_s=max(settings.ttl_for(kind) for kind in ("answer", "retrieval", "embedding", "llm", "function")),
         bus=bus,
         resync_clear_local=settings.resync_clear_local,
         metrics=metrics,
