@@ -55,6 +55,7 @@ def test_abandoned_requests_stop_their_work(tmp_path: Path) -> None:
         assert llm.calls == 8 and llm.finished == 0  # every one started, none finished
         metrics = c.get("/metrics").text
         assert "ragline_requests_cancelled_total 8.0" in metrics
+        assert "ragline_requests_finished_after_disconnect_total 0.0" in metrics
 
 
 def test_a_shared_computation_survives_one_callers_disconnect(tmp_path: Path) -> None:
