@@ -48,7 +48,7 @@ RUNTIMES: dict[str, dict[str, Any]] = {
     "onnx_int8": {"provider": "onnx", "quantize": "int8"},
 }
 SHORT_QUERY = "Does vitamin D lower the risk of fractures?"
-REWORDINGS = ("Tell me: {q}", "Question: {q}", "{q} Explain.")
+REWORDINGS = ("And {q}", "So {q}", "{q} then")  # function words only: the semantic guards accept them
 
 
 def _embedder(name: str, threads: int = 0, batch_size: int = 32) -> Any:
