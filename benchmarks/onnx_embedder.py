@@ -5,7 +5,7 @@
 Measures, every runtime in the same process and the same run (interleaved rounds, medians):
 
 1. parity: cosine between each ONNX runtime's vectors and torch's on the first 1,000 chunks (min, median);
-2. retrieval quality: nDCG@10 / Recall@100 (dense, hybrid) on a store ingested with each runtime
+2. retrieval quality: nDCG@10 / Recall@100 (dense, hybrid) on the store round 0 ingested with each runtime
    (``--docs`` documents: every document a test query judges relevant, then others up to the number;
    0 = the whole corpus);
 3. ingest throughput: the raw model over every chunk (``embed`` in 256-text calls) and the pipeline's
@@ -15,15 +15,14 @@ Measures, every runtime in the same process and the same run (interleaved rounds
    SciFact question answered from the cache: embedding + ANN + decision + verification);
 6. a batch-size x threads sweep of the ONNX fp32 model (what the defaults are based on).
 
-Vectors are cached under benchmarks/results/.cache (keyed by the chunk texts) for re-runs' parity and
-quality figures; throughput is always measured again.  Writes results/onnx_embedder.json.
+The parity sample's vectors are kept under benchmarks/results/.cache (gitignored); the figures are
+written to results/onnx_embedder.json after every section, so a late failure keeps the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import sys
 import tempfile
@@ -49,7 +48,7 @@ RUNTIMES: dict[str, dict[str, Any]] = {
     "onnx_int8": {"provider": "onnx", "quantize": "int8"},
 }
 SHORT_QUERY = "Does vitamin D lower the risk of fractures?"
-REWORDINGS = ("Tell me: {q}", "Question: {q}", "{q} Explain.")
+REWORDINGS = ("And {q}", "So {q}", "{q} then")  # function words only: the semantic guards accept them
 
 
 def _embedder(name: str, threads: int = 0, batch_size: int = 32) -> Any:
@@ -63,17 +62,6 @@ def _docs(data: Path, limit: int, qrels: dict[str, dict[str, int]]) -> list[Docu
         keep = {d for rel in qrels.values() for d in rel}
         docs = ([d for d in docs if d.id in keep] + [d for d in docs if d.id not in keep])[:limit]
     return docs
-
-
-def _cached_vectors(cache: Path, name: str, texts: list[str], emb: Any) -> np.ndarray:
-    key = hashlib.blake2b(orjson.dumps([emb.id, texts]), digest_size=10).hexdigest()
-    path = cache / f"{name}-{key}.npy"
-    if path.is_file():
-        return np.load(path)
-    vecs = np.concatenate([emb.embed(texts[i : i + 256]) for i in range(0, len(texts), 256)])
-    cache.mkdir(parents=True, exist_ok=True)
-    np.save(path, vecs)
-    return vecs
 
 
 def _sweep(texts: list[str]) -> list[dict[str, Any]]:
@@ -90,30 +78,33 @@ def _sweep(texts: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-async def _ingest_round(name: str, emb: Any, docs: list[Document], tmp: Path, rnd: int) -> dict[str, Any]:
-    """Raw model over the chunk texts, then the pipeline's ingest of the same documents (fresh dir)."""
+async def _ingest_round(
+    name: str, emb: Any, docs: list[Document], tmp: Path, rnd: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Raw model over the chunk texts, then the pipeline's ingest of the same documents (fresh dir);
+    returns the rates and the raw vectors of the first 1,000 chunk texts (the parity sample)."""
     settings = Settings(data_dir=tmp / f"{name}-{rnd}", cache={"enabled": False}, embedder=RUNTIMES[name])
     async with AsyncRAG(settings, embedder=emb) as rag:
         chunks = [c for cs in rag.chunker.chunk_many(docs) for c in cs]
         texts = list({c.content_hash: c.index_text for c in chunks}.values())
         t0 = time.perf_counter()
-        for i in range(0, len(texts), 256):
-            emb.embed(texts[i : i + 256])
+        parts = [emb.embed(texts[i : i + 256]) for i in range(0, len(texts), 256)]
         raw_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         rep = await rag.ingest(docs)
         ingest_s = time.perf_counter() - t0
     raw, pipe = len(texts) / raw_s, rep.chunks_embedded / ingest_s
     print(f"  round {rnd} {name}: raw {raw:.1f} chunks/s, ingest {pipe:.1f} chunks/s", flush=True)
-    return {"raw_chunks_per_s": raw, "ingest_chunks_per_s": pipe, "ratio": pipe / raw, "chunks": len(texts)}
+    rates = {"raw_chunks_per_s": raw, "ingest_chunks_per_s": pipe, "ratio": pipe / raw, "chunks": len(texts)}
+    return rates, np.concatenate(parts)[:1000]
 
 
 async def _quality(
-    name: str, emb: Any, docs: list[Document], tmp: Path, queries: dict[str, str], qrels: dict[str, dict[str, int]]
+    name: str, emb: Any, tmp: Path, queries: dict[str, str], qrels: dict[str, dict[str, int]]
 ) -> dict[str, Any]:
-    settings = Settings(data_dir=tmp / f"q-{name}", cache={"enabled": False}, embedder=RUNTIMES[name])
+    """nDCG@10 / Recall@100 on the store round 0 ingested with this runtime."""
+    settings = Settings(data_dir=tmp / f"{name}-0", cache={"enabled": False}, embedder=RUNTIMES[name])
     async with AsyncRAG(settings, embedder=emb) as rag:
-        await rag.ingest(docs)
         quality, _ = await _evaluate(rag, queries, qrels, max(settings.retrieval.candidates, 300))
     return {m: quality[m] for m in ("dense", "hybrid", "bm25")}
 
@@ -173,13 +164,18 @@ def _startup(name: str, tmp: Path, rounds: int) -> list[float]:
     return out
 
 
-def run(data: Path, docs_limit: int, rounds: int, out_dir: Path, n_semantic: int = 100) -> dict[str, Any]:
+def run(
+    data: Path, docs_limit: int, rounds: int, out_dir: Path, n_semantic: int = 100, n_queries: int = 0
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after every section: a late failure keeps the figures measured so far
         (out_dir / "onnx_embedder.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
 
     queries, qrels = load_beir(data)
+    if n_queries:
+        queries = dict(list(queries.items())[:n_queries])
+        qrels = {q: qrels[q] for q in queries}
     docs = _docs(data, docs_limit, qrels)
     print(f"corpus: {len(docs)} documents, {len(queries)} queries", flush=True)
     report: dict[str, Any] = {
@@ -206,12 +202,23 @@ def run(data: Path, docs_limit: int, rounds: int, out_dir: Path, n_semantic: int
 
         texts = asyncio.run(chunk_texts())
         print(f"chunks: {len(texts)}", flush=True)
-        # 1. parity
+        # 6. sweep (before the long runs, on 256 chunks)
+        report["onnx_fp32_sweep_128_chunks"] = _sweep(texts[:128])
+        save()
+        # 3. ingest throughput, interleaved rounds
+        per: dict[str, list[dict[str, Any]]] = {k: [] for k in embs}
+        vecs: dict[str, np.ndarray] = {}
+        for rnd in range(rounds):
+            for name, emb in embs.items():
+                rates, sample = asyncio.run(_ingest_round(name, emb, docs, tmp, rnd))
+                per[name].append(rates)
+                vecs.setdefault(name, sample)
+        # 1. parity on the first 1,000 chunks (round 0's raw vectors; cached for later runs' inspection)
         cache = RESULTS / ".cache"
-        sample = texts[:1000]
-        vecs = {name: _cached_vectors(cache, name, sample, emb) for name, emb in embs.items()}
+        cache.mkdir(parents=True, exist_ok=True)
         report["parity_vs_torch"] = {}
         for name in ("onnx_fp32", "onnx_int8"):
+            np.save(cache / f"onnx_embedder-{name}-{len(vecs[name])}.npy", vecs[name])
             cos = (vecs[name] * vecs["torch"]).sum(axis=1)
             report["parity_vs_torch"][name] = {
                 "n": len(cos),
@@ -220,14 +227,6 @@ def run(data: Path, docs_limit: int, rounds: int, out_dir: Path, n_semantic: int
                 "mean": round(float(cos.mean()), 6),
             }
         print(f"parity: {report['parity_vs_torch']}", flush=True)
-        save()
-        # 6. sweep (before the long runs, on 256 chunks)
-        report["onnx_fp32_sweep_256_chunks"] = _sweep(texts[:256])
-        # 3. ingest throughput, interleaved rounds
-        per: dict[str, list[dict[str, Any]]] = {k: [] for k in embs}
-        for rnd in range(rounds):
-            for name, emb in embs.items():
-                per[name].append(asyncio.run(_ingest_round(name, emb, docs, tmp, rnd)))
         ingest: dict[str, Any] = {}
         for name, rs in per.items():
             ingest[name] = {
@@ -242,9 +241,7 @@ def run(data: Path, docs_limit: int, rounds: int, out_dir: Path, n_semantic: int
         report["ingest"] = ingest
         save()
         # 2. quality
-        report["quality"] = {
-            name: asyncio.run(_quality(name, emb, docs, tmp, queries, qrels)) for name, emb in embs.items()
-        }
+        report["quality"] = {name: asyncio.run(_quality(name, emb, tmp, queries, qrels)) for name, emb in embs.items()}
         tq = report["quality"]["torch"]
         report["ndcg10_minus_torch"] = {
             name: {m: round(report["quality"][name][m]["ndcg@10"] - tq[m]["ndcg@10"], 4) for m in ("dense", "hybrid")}
@@ -258,7 +255,7 @@ def run(data: Path, docs_limit: int, rounds: int, out_dir: Path, n_semantic: int
         save()
         qs = list(queries.values())[:n_semantic]
         report["semantic"] = {
-            name: asyncio.run(_semantic_hits(name, emb, docs[:300], tmp, qs)) for name, emb in embs.items()
+            name: asyncio.run(_semantic_hits(name, emb, docs[:60], tmp, qs)) for name, emb in embs.items()
         }
         print(f"semantic: {report['semantic']}", flush=True)
         save()
@@ -296,9 +293,10 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=1000, help="documents (all judged ones first); 0 = whole corpus")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--semantic-queries", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=0, help="test queries for nDCG; 0 = all")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
-    run(a.data.resolve(), a.docs, a.rounds, a.out, a.semantic_queries)
+    run(a.data.resolve(), a.docs, a.rounds, a.out, a.semantic_queries, a.queries)
 
 
 if __name__ == "__main__":

@@ -91,12 +91,18 @@ class CachedEmbedder:
         turn = self._turn
         if turn is None:
             return await embed_async(self.embedder, texts)
-        parts: list[Vectors] = []
         n = self.ingest_slice
-        for i in range(0, len(texts), n):
+        if len(texts) <= n:
             async with turn:
-                parts.append(await asyncio.to_thread(self.embedder.embed, texts[i : i + n]))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+                return await asyncio.to_thread(self.embedder.embed, texts)
+        # Slices of similar length (longest first), so that a slice's padding is small; back in order after.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i in range(0, len(order), n):
+            idx = order[i : i + n]
+            async with turn:
+                out[idx] = await asyncio.to_thread(self.embedder.embed, [texts[j] for j in idx])
+        return out
 
     async def aclose(self) -> None:
         await self.batcher.aclose()

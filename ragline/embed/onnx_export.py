@@ -35,6 +35,10 @@ log = logging.getLogger("ragline.embed.onnx")
 EXPORT_VERSION = 1
 """Bumped whenever the exported graph changes (inputs, outputs, exporter settings)."""
 OPSET = 17
+INT8_RECIPE = "dynamic-quint8-per-channel-const-b-matmul"
+"""How int8 is made (part of its cache key).  Measured on SciFact chunks against fp32 (median / min
+cosine): quantize_dynamic's defaults 0.944 / 0.905 (every MatMul, the attention products included,
+per-tensor); QInt8 per-channel, weight MatMuls only 0.992 / 0.986; QUInt8 likewise 0.995 / 0.992."""
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _CONFIG_FILES = ("config.json", "sentence_bert_config.json")
 
@@ -70,7 +74,10 @@ def weights_key(model_dir: Path, quantize: str) -> str:
         p = model_dir / name
         if p.is_file():
             h.update(p.read_bytes())
-    h.update(orjson.dumps({"v": EXPORT_VERSION, "opset": OPSET, "quantize": quantize}))
+    options: dict[str, object] = {"v": EXPORT_VERSION, "opset": OPSET, "quantize": quantize}
+    if quantize != "none":
+        options["recipe"] = INT8_RECIPE
+    h.update(orjson.dumps(options))
     return h.hexdigest()
 
 
@@ -174,7 +181,8 @@ def export(model_dir: Path, out: Path) -> None:
 
 
 def _quantize(src: Path, out: Path, mode: str) -> None:
-    """Dynamic int8 quantisation of the weights of ``src`` (activations quantised at run time)."""
+    """Dynamic int8 quantisation of ``src`` (see ``INT8_RECIPE``): the weight matrices per output
+    channel, activations at run time; the attention's activation-by-activation products stay fp32."""
     if mode != "int8":
         raise ConfigError(f"embedder.quantize {mode!r} is not supported (none or int8)")
     try:
@@ -182,4 +190,11 @@ def _quantize(src: Path, out: Path, mode: str) -> None:
     except ImportError:
         raise ConfigError("embedder.quantize int8 needs onnxruntime with its quantization tools and onnx") from None
     log.warning("quantising %s to int8 once", src)
-    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(src),
+        str(out),
+        op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=True,
+        weight_type=QuantType.QUInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )

@@ -168,3 +168,38 @@ def test_importing_the_onnx_embedder_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_serve_announces_only_once_the_port_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    import http.server
+    import socket
+    import time
+
+    from ragline import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli._announce_when_serving("127.0.0.1", port, "ragline serving TEST")
+    time.sleep(0.3)
+    assert "ragline serving TEST" not in capsys.readouterr().err  # nothing listens yet: no claim
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", port), Ok)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 5
+        seen = ""
+        while "ragline serving TEST" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += capsys.readouterr().err
+        assert "ragline serving TEST" in seen
+    finally:
+        srv.shutdown()
