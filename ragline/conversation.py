@@ -136,7 +136,8 @@ class Conversations:
             standalones = self._rules_chain([m["content"] for m in messages if m["role"] == "user"])
         summary, summarized = await self._compress(tenant, conversation_id, messages, standalones, summary, summarized)
         recent = messages[summarized:]
-        prompt_history = cd.fit_history(summary, recent, self.count, self.settings.history_token_budget)
+        budget = self.settings.history_token_budget
+        prompt_history = await asyncio.to_thread(cd.fit_history, summary, recent, self.count, budget)  # tokenizing
         standalone = await self._condense(tenant, question, prompt_history, standalones[-1] if standalones else "")
         keep = tuple(prompt_history) if self.settings.history_in_prompt else ()
         return Prepared(tenant, question, standalone, keep, conversation_id, len(standalones) + 1)
@@ -177,7 +178,9 @@ class Conversations:
         s = self.settings
         count = self.count
         summary_cost = cd.message_cost({"role": "assistant", "content": cd.SUMMARY_PREFIX + summary}, count)
-        fold = cd.plan_fold(messages[summarized:], summary_cost if summary else 0, count, s.history_token_budget)
+        fold = await asyncio.to_thread(  # tokenizing is CPU work: off the event loop
+            cd.plan_fold, messages[summarized:], summary_cost if summary else 0, count, s.history_token_budget
+        )
         if fold == 0:
             return summary, summarized
         folded = messages[summarized : summarized + fold]

@@ -62,6 +62,32 @@ _KNOWN: Final = (
 )
 
 
+CHAT_SCHEMA: Final = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "description": "ragline (GET /v1/models)"},
+        "messages": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                    "content": {"type": "string"},
+                },
+            },
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "conversation_id": {"type": "string", "description": "extension: the history the server keeps"},
+        "k": {"type": "integer", "minimum": 1, "description": "extension: chunks to retrieve"},
+        "cache": {"type": "string", "enum": ["default", "bypass", "refresh"], "description": "extension"},
+    },
+}
+"""The documented request body (``/docs``); the route parses the body by hand, as ``/v1/query`` does."""
+
+
 def _content(m: Any, i: int) -> str:
     """A message's text: a string, or text parts ``[{"type": "text", "text": ...}]`` joined."""
     c = m.get("content")
@@ -169,7 +195,11 @@ def install(app: FastAPI, conversations: Conversations, settings: Settings, auth
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "ragline"} for m in models]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions, answered with cited sources")
+    @app.post(
+        "/v1/chat/completions",
+        summary="OpenAI-compatible chat completions, answered with cited sources",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}},
+    )
     async def chat_completions(request: Request) -> Response:
         tenant = tenant_of(request)
         raw = await request.body()
