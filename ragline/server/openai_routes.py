@@ -14,6 +14,7 @@ conversation), and the response header ``x-ragline-cache``.  Errors are OpenAI-s
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -167,8 +168,13 @@ def _sources(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"index": n, **h} for n, h in enumerate(raw, start=1)]
 
 
-def _footer(sources: list[dict[str, Any]]) -> str:
-    lines = [f"[{s['index']}] {s.get('title') or s['doc_id']} ({s['doc_id']})" for s in sources]
+_CITED = re.compile(r"\[(\d{1,3})\]")
+
+
+def _footer(text: str, sources: list[dict[str, Any]]) -> str:
+    """The "Sources:" list of the sources ``text`` cites ([n] is ``sources[n - 1]``), in citation order."""
+    cited = {int(n) for n in _CITED.findall(text)}
+    lines = [f"[{s['index']}] {s.get('title') or s['doc_id']} ({s['doc_id']})" for s in sources if s["index"] in cited]
     return "\n\nSources:\n" + "\n".join(lines) if lines else ""
 
 
@@ -230,7 +236,7 @@ def install(app: FastAPI, conversations: Conversations, settings: Settings, auth
         answer, info = await conversations.ask_body(p, o["k"], mode, None)
         d = orjson.loads(answer)
         sources = _sources(d["sources"])
-        text = d["answer"] + (_footer(sources) if footer else "")
+        text = d["answer"] + (_footer(d["answer"], sources) if footer else "")
         out = {
             "id": rid,
             "object": "chat.completion",
@@ -273,21 +279,24 @@ async def _stream(
         return b"data: " + orjson.dumps(c) + b"\n\n"
 
     sources: list[dict[str, Any]] = []
+    said: list[str] = []
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for name, data in events:
             if name == "sources":
                 sources = _sources(data["sources"])
             elif name == "delta":
+                said.append(data["text"])
                 yield chunk({"content": data["text"]})
             elif name == "done":
-                if footer and sources:
-                    yield chunk({"content": _footer(sources)})
+                tail = _footer("".join(said), sources) if footer else ""
+                if tail:
+                    yield chunk({"content": tail})
                 ext = {"sources": sources, "ragline": _ragline(p, data.get("cache", {}), data.get("model", ""))}
                 if usage:
                     yield chunk({}, "stop", **ext)
-                    tail = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-                    yield b"data: " + orjson.dumps({**tail, "choices": [], "usage": data["usage"]}) + b"\n\n"
+                    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+                    yield b"data: " + orjson.dumps({**head, "choices": [], "usage": data["usage"]}) + b"\n\n"
                 else:
                     yield chunk({}, "stop", usage=data["usage"], **ext)
     except RaglineError as exc:

@@ -65,10 +65,11 @@ def ask(c: TestClient, cid: str, q: str, h: dict[str, str] = A) -> dict[str, Any
 
 
 def topics(answer: dict[str, Any]) -> set[str]:
-    """The topics of the two best sources and of every source the answer cites."""
+    """The topics of the two best-scored sources and of every source the answer cites."""
     cited = {int(n) for n in re.findall(r"\[(\d+)\]", answer["answer"])}
-    srcs = answer["sources"]
-    return {s["doc_id"].split("-")[0] for i, s in enumerate(srcs, start=1) if i <= 2 or i in cited}
+    srcs = list(enumerate(answer["sources"], start=1))
+    best = {i for i, _ in sorted(srcs, key=lambda x: -x[1]["score"])[:2]}  # RRF order (the context is MMR's)
+    return {s["doc_id"].split("-")[0] for i, s in srcs if i in best | cited}
 
 
 def test_followups_get_their_own_conversations_context(client: TestClient) -> None:
