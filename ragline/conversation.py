@@ -31,8 +31,8 @@ from ragline.llm.cached import CachedLLM
 from ragline.pipeline import AsyncRAG
 from ragline.store.base import Conversation, ConversationStore, Turn
 from ragline.store.conversations import MemoryConversations
-from ragline.types import CacheInfo, CacheMode, Message
-from ragline.validate import build_query, check_unicode
+from ragline.types import DEFAULT_TENANT, CacheInfo, CacheMode, Message
+from ragline.validate import build_query, check_history, check_unicode
 
 __all__ = ["Conversations", "Prepared"]
 
@@ -230,6 +230,26 @@ class Conversations:
             await asyncio.to_thread(self.store.prune, s.ttl_s)
 
     # -- answers ----------------------------------------------------------------------
+    async def ask(
+        self,
+        question: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        conversation_id: str | None = None,
+        history: Sequence[Message] = (),
+        k: int | None = None,
+        cache_mode: CacheMode = "default",
+    ) -> dict[str, Any]:
+        """One turn from Python: ``{conversation, cache, answer, sources, usage, model}`` as ``/v1/query``
+        answers it (``history`` is checked as ``/v1/query`` checks it)."""
+        hist = check_history(history, self.rag.settings.limits.max_history_messages) if history else ()
+        p = await self.prepare(
+            tenant, question, conversation_id=conversation_id, history=hist, k=k, cache_mode=cache_mode
+        )
+        body, info = await self.ask_body(p, k, cache_mode, None)
+        out: dict[str, Any] = {"conversation": p.info(), "cache": info.to_dict(), **orjson.loads(body)}
+        return out
+
     async def ask_body(
         self, p: Prepared, k: int | None, cache_mode: CacheMode, timings: dict[str, float] | None
     ) -> tuple[bytes, CacheInfo]:

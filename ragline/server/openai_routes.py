@@ -24,6 +24,7 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
+from ragline import metrics
 from ragline.config import Settings
 from ragline.conversation import Conversations, Event, Prepared
 from ragline.errors import InvalidInput, NotFound, PayloadTooLarge, RaglineError
@@ -234,6 +235,7 @@ def install(app: FastAPI, conversations: Conversations, settings: Settings, auth
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         answer, info = await conversations.ask_body(p, o["k"], mode, None)
+        metrics.ANSWERS.labels(info.kind).inc()
         d = orjson.loads(answer)
         sources = _sources(d["sources"])
         text = d["answer"] + (_footer(d["answer"], sources) if footer else "")
