@@ -184,6 +184,12 @@ class ConversationSettings(Section):
     sources_in_text: bool = True
     """``/v1/chat/completions``: append a "Sources:" list ([1] title (doc id) ...) to the answer text."""
 
+    @model_validator(mode="after")
+    def _summary_within_history(self) -> ConversationSettings:
+        if self.summary_token_budget * 2 > self.history_token_budget:
+            raise ValueError("conversation.summary_token_budget must be at most half of history_token_budget")
+        return self
+
 
 class LLMSettings(Section):
     """``extractive`` needs no server; ``openai`` speaks the chat-completions API to ``base_url``;

@@ -31,8 +31,8 @@ from ragline.llm.cached import CachedLLM
 from ragline.pipeline import AsyncRAG
 from ragline.store.base import Conversation, ConversationStore, Turn
 from ragline.store.conversations import MemoryConversations
-from ragline.types import CacheInfo, CacheMode, Message
-from ragline.validate import build_query, check_unicode
+from ragline.types import DEFAULT_TENANT, CacheInfo, CacheMode, Message
+from ragline.validate import build_query, check_history, check_unicode
 
 __all__ = ["Conversations", "Prepared"]
 
@@ -136,7 +136,8 @@ class Conversations:
             standalones = self._rules_chain([m["content"] for m in messages if m["role"] == "user"])
         summary, summarized = await self._compress(tenant, conversation_id, messages, standalones, summary, summarized)
         recent = messages[summarized:]
-        prompt_history = cd.fit_history(summary, recent, self.count, self.settings.history_token_budget)
+        budget = self.settings.history_token_budget
+        prompt_history = await asyncio.to_thread(cd.fit_history, summary, recent, self.count, budget)  # tokenizing
         standalone = await self._condense(tenant, question, prompt_history, standalones[-1] if standalones else "")
         keep = tuple(prompt_history) if self.settings.history_in_prompt else ()
         return Prepared(tenant, question, standalone, keep, conversation_id, len(standalones) + 1)
@@ -177,7 +178,9 @@ class Conversations:
         s = self.settings
         count = self.count
         summary_cost = cd.message_cost({"role": "assistant", "content": cd.SUMMARY_PREFIX + summary}, count)
-        fold = cd.plan_fold(messages[summarized:], summary_cost if summary else 0, count, s.history_token_budget)
+        fold = await asyncio.to_thread(  # tokenizing is CPU work: off the event loop
+            cd.plan_fold, messages[summarized:], summary_cost if summary else 0, count, s.history_token_budget
+        )
         if fold == 0:
             return summary, summarized
         folded = messages[summarized : summarized + fold]
@@ -227,6 +230,26 @@ class Conversations:
             await asyncio.to_thread(self.store.prune, s.ttl_s)
 
     # -- answers ----------------------------------------------------------------------
+    async def ask(
+        self,
+        question: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        conversation_id: str | None = None,
+        history: Sequence[Message] = (),
+        k: int | None = None,
+        cache_mode: CacheMode = "default",
+    ) -> dict[str, Any]:
+        """One turn from Python: ``{conversation, cache, answer, sources, usage, model}`` as ``/v1/query``
+        answers it (``history`` is checked as ``/v1/query`` checks it)."""
+        hist = check_history(history, self.rag.settings.limits.max_history_messages) if history else ()
+        p = await self.prepare(
+            tenant, question, conversation_id=conversation_id, history=hist, k=k, cache_mode=cache_mode
+        )
+        body, info = await self.ask_body(p, k, cache_mode, None)
+        out: dict[str, Any] = {"conversation": p.info(), "cache": info.to_dict(), **orjson.loads(body)}
+        return out
+
     async def ask_body(
         self, p: Prepared, k: int | None, cache_mode: CacheMode, timings: dict[str, float] | None
     ) -> tuple[bytes, CacheInfo]:

@@ -16,6 +16,7 @@ import orjson
 from fastapi import FastAPI, Header
 from starlette.responses import Response, StreamingResponse
 
+from ragline import metrics
 from ragline.codec import response_bytes
 from ragline.conversation import Conversations, Event
 from ragline.server.auth import Auth
@@ -56,6 +57,7 @@ async def query_turn(
     t0 = time.perf_counter()
     timings: dict[str, float] | None = {} if body.get("timings", True) is not False else None
     answer, info = await conversations.ask_body(p, k, mode, timings)
+    metrics.ANSWERS.labels(info.kind).inc()
     if timings is not None:
         timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
     return Response(head + response_bytes(answer, info, timings)[1:], media_type="application/json")

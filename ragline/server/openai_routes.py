@@ -14,6 +14,7 @@ conversation), and the response header ``x-ragline-cache``.  Errors are OpenAI-s
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
+from ragline import metrics
 from ragline.config import Settings
 from ragline.conversation import Conversations, Event, Prepared
 from ragline.errors import InvalidInput, NotFound, PayloadTooLarge, RaglineError
@@ -60,6 +62,32 @@ _KNOWN: Final = (
         "function_call",
     }
 )
+
+
+CHAT_SCHEMA: Final = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "description": "ragline (GET /v1/models)"},
+        "messages": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                    "content": {"type": "string"},
+                },
+            },
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "conversation_id": {"type": "string", "description": "extension: the history the server keeps"},
+        "k": {"type": "integer", "minimum": 1, "description": "extension: chunks to retrieve"},
+        "cache": {"type": "string", "enum": ["default", "bypass", "refresh"], "description": "extension"},
+    },
+}
+"""The documented request body (``/docs``); the route parses the body by hand, as ``/v1/query`` does."""
 
 
 def _content(m: Any, i: int) -> str:
@@ -141,8 +169,13 @@ def _sources(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"index": n, **h} for n, h in enumerate(raw, start=1)]
 
 
-def _footer(sources: list[dict[str, Any]]) -> str:
-    lines = [f"[{s['index']}] {s.get('title') or s['doc_id']} ({s['doc_id']})" for s in sources]
+_CITED = re.compile(r"\[(\d{1,3})\]")
+
+
+def _footer(text: str, sources: list[dict[str, Any]]) -> str:
+    """The "Sources:" list of the sources ``text`` cites ([n] is ``sources[n - 1]``), in citation order."""
+    cited = {int(n) for n in _CITED.findall(text)}
+    lines = [f"[{s['index']}] {s.get('title') or s['doc_id']} ({s['doc_id']})" for s in sources if s["index"] in cited]
     return "\n\nSources:\n" + "\n".join(lines) if lines else ""
 
 
@@ -169,7 +202,11 @@ def install(app: FastAPI, conversations: Conversations, settings: Settings, auth
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "ragline"} for m in models]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat completions, answered with cited sources")
+    @app.post(
+        "/v1/chat/completions",
+        summary="OpenAI-compatible chat completions, answered with cited sources",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}},
+    )
     async def chat_completions(request: Request) -> Response:
         tenant = tenant_of(request)
         raw = await request.body()
@@ -198,9 +235,10 @@ def install(app: FastAPI, conversations: Conversations, settings: Settings, auth
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         answer, info = await conversations.ask_body(p, o["k"], mode, None)
+        metrics.ANSWERS.labels(info.kind).inc()
         d = orjson.loads(answer)
         sources = _sources(d["sources"])
-        text = d["answer"] + (_footer(sources) if footer else "")
+        text = d["answer"] + (_footer(d["answer"], sources) if footer else "")
         out = {
             "id": rid,
             "object": "chat.completion",
@@ -243,21 +281,24 @@ async def _stream(
         return b"data: " + orjson.dumps(c) + b"\n\n"
 
     sources: list[dict[str, Any]] = []
+    said: list[str] = []
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for name, data in events:
             if name == "sources":
                 sources = _sources(data["sources"])
             elif name == "delta":
+                said.append(data["text"])
                 yield chunk({"content": data["text"]})
             elif name == "done":
-                if footer and sources:
-                    yield chunk({"content": _footer(sources)})
+                tail = _footer("".join(said), sources) if footer else ""
+                if tail:
+                    yield chunk({"content": tail})
                 ext = {"sources": sources, "ragline": _ragline(p, data.get("cache", {}), data.get("model", ""))}
                 if usage:
                     yield chunk({}, "stop", **ext)
-                    tail = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-                    yield b"data: " + orjson.dumps({**tail, "choices": [], "usage": data["usage"]}) + b"\n\n"
+                    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+                    yield b"data: " + orjson.dumps({**head, "choices": [], "usage": data["usage"]}) + b"\n\n"
                 else:
                     yield chunk({}, "stop", usage=data["usage"], **ext)
     except RaglineError as exc:

@@ -65,10 +65,11 @@ def ask(c: TestClient, cid: str, q: str, h: dict[str, str] = A) -> dict[str, Any
 
 
 def topics(answer: dict[str, Any]) -> set[str]:
-    """The topics of the two best sources and of every source the answer cites."""
+    """The topics of the two best-scored sources and of every source the answer cites."""
     cited = {int(n) for n in re.findall(r"\[(\d+)\]", answer["answer"])}
-    srcs = answer["sources"]
-    return {s["doc_id"].split("-")[0] for i, s in enumerate(srcs, start=1) if i <= 2 or i in cited}
+    srcs = list(enumerate(answer["sources"], start=1))
+    best = {i for i, _ in sorted(srcs, key=lambda x: -x[1]["score"])[:2]}  # RRF order (the context is MMR's)
+    return {s["doc_id"].split("-")[0] for i, s in srcs if i in best | cited}
 
 
 def test_followups_get_their_own_conversations_context(client: TestClient) -> None:
@@ -279,3 +280,24 @@ def test_chat_errors_are_openai_shaped(client: TestClient, body: dict[str, Any],
 
 def test_fixture_settings_unchanged(make_settings: Callable[..., Settings] | None = None) -> None:
     assert Settings().conversation.history_in_prompt is False  # answers shared by standalone question
+
+
+async def test_python_api(tmp_path: Path) -> None:
+    from ragline.conversation import Conversations
+    from ragline.types import Document
+
+    settings = Settings(data_dir=tmp_path / "data", cache={"enabled": True, "redis_url": None})
+    async with AsyncRAG(settings, embedder=HashEmbedder()) as rag:
+        await rag.ingest([Document(d["id"], d["text"], d["title"]) for d in DOCS["documents"]])
+        convs = Conversations(rag)
+        first = await convs.ask("When did the Eiffel Tower open?", conversation_id="py")
+        assert first["conversation"] == {
+            "id": "py",
+            "turn": 1,
+            "standalone_question": "When did the Eiffel Tower open?",
+        }
+        again = await convs.ask("who built it?", conversation_id="py")
+        assert "Eiffel" in again["conversation"]["standalone_question"] and again["sources"]
+        stateless = await convs.ask("who built it?", history=[{"role": "user", "content": "What is the Eiffel Tower?"}])
+        assert "Eiffel" in stateless["conversation"]["standalone_question"] and "id" not in stateless["conversation"]
+        assert (await convs.get("default", "py"))["turns"] == 2
