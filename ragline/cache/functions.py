@@ -173,22 +173,25 @@ class FunctionCache:
         return await self.tiers.clear(prefix)
 
     # -- from other threads or loops ---------------------------------------------------------
-    def usable(self) -> asyncio.AbstractEventLoop:
+    def usable(self, coro: Coroutine[Any, Any, Any] | None = None) -> asyncio.AbstractEventLoop:
+        """The cache's loop; ``ConfigError`` (closing ``coro``, which will not run) if it is not open."""
         loop = self.loop
         if loop is None or self.closed or loop.is_closed():
+            if coro is not None:
+                coro.close()
             raise ConfigError("the cache of this @cached function is not open: start its RAG (or FunctionCache) first")
         return loop
 
     async def run(self, coro: Coroutine[Any, Any, R]) -> R:
         """Await ``coro`` on this cache's loop, from whatever loop the caller runs on."""
-        loop = self.usable()
+        loop = self.usable(coro)
         if asyncio.get_running_loop() is loop:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
         """Block the calling thread (never the cache's loop thread) until ``coro`` ran on the cache's loop."""
-        loop = self.usable()
+        loop = self.usable(coro)
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -203,7 +206,7 @@ class FunctionCache:
 
     def submit(self, coro: Coroutine[Any, Any, R]) -> concurrent.futures.Future[R]:
         """Start ``coro`` on the cache's loop from another thread without waiting for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.usable())
+        return asyncio.run_coroutine_threadsafe(coro, self.usable(coro))
 
     def __repr__(self) -> str:
         is_open = self.loop is not None and not self.closed
