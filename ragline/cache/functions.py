@@ -37,7 +37,8 @@ short lock elects one instance, as for answers).  An async function awaits the c
 through ``run_coroutine_threadsafe`` when the cache lives on another loop (a sync ``RAG``'s).  A sync
 function is called from any thread but the cache's event loop thread (blocking that loop on itself would
 deadlock: ``TypeError``; make the function async or call it with ``asyncio.to_thread``); concurrent threads
-calling it with the same arguments compute once.
+calling it with the same arguments compute once.  A sync call waits for the cache's reads (L1, Redis, and
+L3's synchronous reads) but not for its write, so it never holds an executor thread the write needs.
 
 **Generations and L1**: an instance reads a function's generation through its tiers; another instance's
 ``invalidate_function()`` reaches its L1 through the invalidation bus (milliseconds), and L1 copies live at
@@ -172,22 +173,25 @@ class FunctionCache:
         return await self.tiers.clear(prefix)
 
     # -- from other threads or loops ---------------------------------------------------------
-    def usable(self) -> asyncio.AbstractEventLoop:
+    def usable(self, coro: Coroutine[Any, Any, Any] | None = None) -> asyncio.AbstractEventLoop:
+        """The cache's loop; ``ConfigError`` (closing ``coro``, which will not run) if it is not open."""
         loop = self.loop
         if loop is None or self.closed or loop.is_closed():
+            if coro is not None:
+                coro.close()
             raise ConfigError("the cache of this @cached function is not open: start its RAG (or FunctionCache) first")
         return loop
 
     async def run(self, coro: Coroutine[Any, Any, R]) -> R:
         """Await ``coro`` on this cache's loop, from whatever loop the caller runs on."""
-        loop = self.usable()
+        loop = self.usable(coro)
         if asyncio.get_running_loop() is loop:
             return await coro
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     def run_sync(self, coro: Coroutine[Any, Any, R]) -> R:
         """Block the calling thread (never the cache's loop thread) until ``coro`` ran on the cache's loop."""
-        loop = self.usable()
+        loop = self.usable(coro)
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -199,6 +203,10 @@ class FunctionCache:
                 "make the function async, or call it with asyncio.to_thread"
             )
         return asyncio.run_coroutine_threadsafe(coro, loop).result(_SYNC_TIMEOUT_S)
+
+    def submit(self, coro: Coroutine[Any, Any, R]) -> concurrent.futures.Future[R]:
+        """Start ``coro`` on the cache's loop from another thread without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.usable(coro))
 
     def __repr__(self) -> str:
         is_open = self.loop is not None and not self.closed
@@ -307,6 +315,13 @@ def check_json(value: object, where: str = "the return value") -> None:
     )
 
 
+def _check_options(ttl: float | None, tenant: object) -> None:
+    if ttl is not None and not 0 < ttl <= MAX_TTL_S:
+        raise ValueError(f"ttl must be > 0 and <= {MAX_TTL_S:.0f} s (365 days), got {ttl!r}")
+    if isinstance(tenant, str):
+        validate_tenant(tenant)
+
+
 # -- the decorator ----------------------------------------------------------------------------------
 class CachedFunction(Generic[P, R]):
     """A function wrapped by :func:`cached`: call it as the original; ``invalidate(*args, **kwargs)``
@@ -323,10 +338,7 @@ class CachedFunction(Generic[P, R]):
         rag: object,
         version: str,
     ) -> None:
-        if ttl is not None and not 0 < ttl <= MAX_TTL_S:
-            raise ValueError(f"ttl must be > 0 and <= {MAX_TTL_S:.0f} s (365 days), got {ttl!r}")
-        if isinstance(tenant, str):
-            validate_tenant(tenant)
+        _check_options(ttl, tenant)
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.ttl = ttl
@@ -433,15 +445,20 @@ class CachedFunction(Generic[P, R]):
         try:
             self.computed += 1
             body = self._encode(self.fn(*args, **kwargs))
-            fc.run_sync(fc.set(key, body, self._ttl(fc)))
-            flight.set_result(body)
         except BaseException as exc:
             flight.set_exception(exc)
+            self._forget(key)
             raise
-        finally:
-            with self._threads_lock:
-                self._threads.pop(key, None)
+        flight.set_result(body)  # joined threads go on now; the write must not wait for them
+        # not awaited: a thread of the cache loop's executor (asyncio.to_thread) blocking on a write that
+        # needs such a thread (L3) could deadlock; the flight stays joinable until the write is done
+        written = fc.submit(fc.set(key, body, self._ttl(fc)))
+        written.add_done_callback(lambda _: self._forget(key))
         return orjson.loads(body)
+
+    def _forget(self, key: str) -> None:
+        with self._threads_lock:
+            self._threads.pop(key, None)
 
     # -- invalidation ------------------------------------------------------------------------------
     async def _ainvalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -516,6 +533,8 @@ def cached(
     the call's arguments returning one.  ``key``: a function of the call's arguments returning what
     identifies the call (default: all of them).  ``rag``: an ``AsyncRAG``, ``RAG`` or ``FunctionCache``
     (default: the last started one).  ``version``: bump it when the function's results change meaning."""
+
+    _check_options(ttl, tenant)  # at decoration, not at the first call
 
     def wrap(f: Callable[P, R]) -> CachedFunction[P, R]:
         return CachedFunction(f, ttl=ttl, tenant=tenant, key=key, rag=rag, version=version)
