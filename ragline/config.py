@@ -147,8 +147,8 @@ class RetrievalSettings(Section):
     keyword: bool = True
     multi_query: bool = False
     """Also retrieve ``multi_query_n`` variations of each query (LLM rephrasings when an LLM is configured,
-    cheap rewrites otherwise) and fuse every list with RRF (:mod:`ragline.multiquery`).  Off: on SciFact
-    it did not raise nDCG@10 and costs a query embedding per variation (benchmarks/multi_query.py)."""
+    cheap rewrites otherwise) and fuse every list with RRF (:mod:`ragline.multiquery`).  Off by default:
+    the SciFact measurement is in docs/NOTES.md (benchmarks/multi_query.py)."""
     multi_query_n: int = Field(3, ge=1, le=8, description="variations per query with multi_query")
 
 
