@@ -3,6 +3,7 @@ store's change log, the operator views that are not part of the query flow (``ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,26 @@ from ragline.embed.local import resolve_model_dir
 from ragline.errors import ConfigError
 from ragline.ingest.chunking import Chunker
 from ragline.llm.base import LLM
+from ragline.llm.cached import CachedLLM
+from ragline.multiquery import EmbedFn, MultiQuery
 from ragline.store.base import Store
+from ragline.types import Message
 
-__all__ = ["check_embedder", "load_components", "term_clock", "update_gauges", "upstreams_of"]
+__all__ = ["check_embedder", "load_components", "multi_query", "term_clock", "update_gauges", "upstreams_of"]
+
+
+def multi_query(s: Settings, embed: EmbedFn, generate: Callable[[], CachedLLM | None]) -> MultiQuery | None:
+    """The multi-query expander when ``retrieval.multi_query`` is on: LLM rephrasings through the LLM
+    response cache when a generating LLM is configured, cheap rewrites with the extractive answerer."""
+    if not s.retrieval.multi_query:
+        return None
+
+    async def complete(tenant: str, messages: list[Message]) -> str:
+        llm = generate()
+        assert llm is not None, "the pipeline is started before it retrieves"
+        return (await llm.complete(tenant, messages)).text
+
+    return MultiQuery(s.retrieval.multi_query_n, embed, complete if s.llm.provider != "extractive" else None)
 
 
 async def upstreams_of(component: object) -> dict[str, Any] | None:

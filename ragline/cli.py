@@ -277,8 +277,7 @@ def serve(
     srv = settings.server
     os.environ["RAGLINE_READ_TIMEOUT_S"] = str(srv.request_read_timeout_s)  # read by the protocol, in every worker
     os.environ["RAGLINE_MAX_HEADER_BYTES"] = str(srv.max_header_bytes)
-    uvicorn.run(
-        "ragline.server.app:create_app",
+    options: dict[str, Any] = dict(
         factory=True,
         host=host,
         port=port,
@@ -290,6 +289,12 @@ def serve(
         limit_concurrency=srv.max_connections,
         h11_max_incomplete_event_size=srv.max_header_bytes,
     )
+    if workers > 1:  # uvicorn's supervisor, with SIGHUP forwarded to the workers as a hot reload
+        from ragline.server.supervisor import serve_workers
+
+        serve_workers(uvicorn.Config("ragline.server.app:create_app", **options))
+        return
+    uvicorn.run("ragline.server.app:create_app", **options)
 
 
 def _announce_when_serving(host: str, port: int, line: str, timeout_s: float = 600.0) -> None:

@@ -154,6 +154,11 @@ class RetrievalSettings(Section):
     mmr_lambda: float = Field(0.7, ge=0.0, le=1.0)
     dense: bool = True
     keyword: bool = True
+    multi_query: bool = False
+    """Also retrieve ``multi_query_n`` variations of each query (LLM rephrasings when an LLM is configured,
+    cheap rewrites otherwise) and fuse every list with RRF (:mod:`ragline.multiquery`).  Off by default:
+    the SciFact measurement is in docs/NOTES.md (benchmarks/multi_query.py)."""
+    multi_query_n: int = Field(3, ge=1, le=8, description="variations per query with multi_query")
 
 
 class ContextSettings(Section):

@@ -20,6 +20,7 @@ public boundary.
     │   └── RateLimited               429  it (or our own limiter) refused; carries retry_after
     ├── ServiceUnavailable            503  a component is not ready (circuit open, shutting down)
     │   └── AtCapacity                503  admission control refused it (slots and queue full); Retry-After
+    ├── NotInstalled                  501  an optional feature whose package is missing (e.g. profiling)
     └── StoreError                    500  the document store failed; the transaction rolled back
 """
 
@@ -138,6 +139,13 @@ class RateLimited(UpstreamError):
             return self.public
         wait = "" if self.retry_after is None else f"; retry after {max(1, round(self.retry_after))}s"
         return f"the model upstream is rate-limiting requests{wait}"
+
+
+class NotInstalled(RaglineError):
+    """An optional feature was asked for whose package is not installed on the server."""
+
+    status = 501
+    code = "not_installed"
 
 
 class ServiceUnavailable(RaglineError):

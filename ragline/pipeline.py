@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import orjson
 
 from ragline import metrics
-from ragline.assembly import load_components, term_clock, update_gauges, upstreams_of
+from ragline.assembly import load_components, multi_query, term_clock, update_gauges, upstreams_of
 from ragline.cache.invalidation import CachedRetriever, Invalidation
 from ragline.cache.layer import CacheLayer
 from ragline.codec import (
@@ -165,8 +165,8 @@ class AsyncRAG(LibrarySurface):
     def _build(self) -> None:
         _wire(self)
 
-    async def aclose(self) -> None:
-        await _close(self)
+    async def aclose(self, keep: Sequence[object] = ()) -> None:  # keep: components a hot reload took over
+        await _close(self, keep)
 
     async def catch_up(self) -> None:
         """Apply what other processes committed to this corpus here (:mod:`ragline.ingest.follow`)."""
@@ -529,7 +529,8 @@ def _wire(self: AsyncRAG) -> None:
     s = self.settings
     emb, self._chunker, self._store, self._llm = load_components(s, self._embedder, self._store, self._llm)
     self._embedder = emb
-    retriever = HybridRetriever(self._store, s.retrieval)
+    expand = multi_query(s, lambda tenant, text: self.embed_query(text, tenant), lambda: self._generate)
+    retriever = HybridRetriever(self._store, s.retrieval, expand)
     if s.cache.enabled:
         self.cache = CacheLayer(s, emb.dim, emb.id, self._llm.id, prompt_version=PROMPT_VERSION)
         # decided once, not per request (the exact-hit path reads a bool)
@@ -555,19 +556,24 @@ def _wire(self: AsyncRAG) -> None:
     self._count_tokens = self._chunker.count_tokens  # memoised there, bounded in bytes
 
 
-async def _close(self: AsyncRAG) -> None:
+async def _close(self: AsyncRAG, keep: Sequence[object] = ()) -> None:
+    """Close every component, except those in ``keep`` (taken over by a hot reload's new pipeline)."""
+
+    def mine(component: object) -> bool:
+        return component is not None and all(component is not k for k in keep)
+
     self._unbind_functions()
     await self.jobs.aclose()  # first: a running job's step lands before the store closes
     if self._embed is not None:
         await self._embed.aclose()
-    if self._llm is not None:
+    if self._llm is not None and mine(self._llm):
         await self._llm.aclose()
-    closer = getattr(self._embedder, "aclose", None)  # remote embedders hold connection pools
+    closer = getattr(self._embedder, "aclose", None) if mine(self._embedder) else None  # remote: connection pools
     if closer is not None:
         await closer()
     if self.cache is not None:
         await self.cache.close()
-    if self._store is not None:
+    if self._store is not None and mine(self._store):
         await asyncio.to_thread(self._store.close)
     self.ready = False
 

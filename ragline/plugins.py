@@ -9,6 +9,8 @@ with its settings section (stores: with the data dir and vector width).
 
 from __future__ import annotations
 
+import importlib
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -45,5 +47,18 @@ def load(group: str, name: str) -> Any:
     return ep.load()
 
 
-def reload() -> None:
+def reload() -> list[str]:
+    """Re-read the entry points (a plugin installed since is found) and re-import the third-party
+    plugin modules loaded so far (a plugin's edited code takes effect; ragline's own modules are never
+    re-imported).  Returns the re-imported module names; an import error propagates (hot reload then
+    keeps the running components)."""
+    loaded = {ep.module for eps in _cache.values() for ep in eps.values()}
     _cache.clear()
+    importlib.invalidate_caches()
+    redone: list[str] = []
+    for name in sorted(loaded):
+        mod = sys.modules.get(name)
+        if mod is not None and not (name == "ragline" or name.startswith("ragline.")):
+            importlib.reload(mod)
+            redone.append(name)
+    return redone

@@ -11,6 +11,7 @@ against (DESIGN.md §3.1).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -81,12 +82,42 @@ def best_per_document(hits: list[Hit]) -> list[Hit]:
     return out
 
 
-class HybridRetriever:
-    """Composes a Store's two retrievers; every call is scoped to one tenant."""
+Expand = Callable[[str, str], Awaitable[Sequence[tuple[str, Vectors, bool]]]]
+"""Multi-query (:mod:`ragline.multiquery`): (tenant, query) → variations as (text, vector, searched by
+keyword too); each one's candidate lists join the query's own in the fusion."""
 
-    def __init__(self, store: Index, settings: RetrievalSettings) -> None:
+
+class HybridRetriever:
+    """Composes a Store's two retrievers; every call is scoped to one tenant.  With ``expand``
+    (multi-query), the variations it returns are searched concurrently with the query itself."""
+
+    def __init__(self, store: Index, settings: RetrievalSettings, expand: Expand | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.expand = expand
+
+    async def _candidates(
+        self, tenant: str, qvec: Vectors, query: str | None, depth: int
+    ) -> tuple[list[Scored], list[Scored]]:
+        """The dense and keyword candidate lists of one query (no keyword list when ``query`` is None)."""
+        s = self.settings
+        kw_depth = depth if s.keyword and query is not None else 0
+        both = getattr(self.store, "search_both", None)
+        if both is not None:  # a remote store: both candidate lists in one round trip
+            dense, keyword = await asyncio.to_thread(both, tenant, qvec, query or "", depth if s.dense else 0, kw_depth)
+            return dense, keyword
+        dense_task = asyncio.to_thread(self.store.search_dense, tenant, qvec, depth) if s.dense else _empty()
+        kw_task = asyncio.to_thread(self.store.search_keyword, tenant, query or "", depth) if kw_depth else _empty()
+        dense, keyword = await asyncio.gather(dense_task, kw_task)
+        return dense, keyword
+
+    async def _variant_lists(self, tenant: str, query: str, depth: int) -> list[list[Scored]]:
+        assert self.expand is not None
+        variants = await self.expand(tenant, query)
+        found = await asyncio.gather(
+            *(self._candidates(tenant, vec, text if kw else None, depth) for text, vec, kw in variants)
+        )
+        return [lst for pair in found for lst in pair if lst]
 
     async def retrieve(
         self,
@@ -100,16 +131,14 @@ class HybridRetriever:
     ) -> Retrieval:
         s = self.settings
         depth = max(candidates or s.candidates, k)
-        both = getattr(self.store, "search_both", None)
-        if both is not None:  # a remote store: both candidate lists in one round trip
-            dense, keyword = await asyncio.to_thread(
-                both, tenant, qvec, query, depth if s.dense else 0, depth if s.keyword else 0
+        extra: list[list[Scored]] = []
+        if self.expand is not None and s.multi_query:
+            (dense, keyword), extra = await asyncio.gather(
+                self._candidates(tenant, qvec, query, depth), self._variant_lists(tenant, query, depth)
             )
         else:
-            dense_task = asyncio.to_thread(self.store.search_dense, tenant, qvec, depth) if s.dense else _empty()
-            kw_task = asyncio.to_thread(self.store.search_keyword, tenant, query, depth) if s.keyword else _empty()
-            dense, keyword = await asyncio.gather(dense_task, kw_task)
-        fused = rrf([dense, keyword], s.rrf_k)
+            dense, keyword = await self._candidates(tenant, qvec, query, depth)
+        fused = rrf([dense, keyword, *extra], s.rrf_k)
         dense_info = {x.chunk_id: (r, x.score) for r, x in enumerate(dense, start=1)}
         kw_info = {x.chunk_id: (r, x.score) for r, x in enumerate(keyword, start=1)}
 
@@ -149,8 +178,9 @@ class HybridRetriever:
             hits = best_per_document(hits)
         return Retrieval(
             hits=hits[:k],
-            dense_cutoff=dense[-1].score if len(dense) >= depth else None,
-            keyword_cutoff=keyword[-1].score if len(keyword) >= depth else None,
+            # with variations, other vectors' lists took part: no cutoff (any new chunk re-verifies)
+            dense_cutoff=dense[-1].score if len(dense) >= depth and not extra else None,
+            keyword_cutoff=keyword[-1].score if len(keyword) >= depth and not extra else None,
             candidate_ids=tuple(cid for cid, _ in fused),
         )
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ragline.cache import guards
+from ragline.cache.keys import canonical_query, make_key_for
 from ragline.cache.marks import payload
 from ragline.context import same_evidence
 from ragline.types import Vectors
@@ -91,6 +92,16 @@ async def load_semantic(layer: CacheLayer) -> None:
 
     def add_all() -> None:  # ANN inserts are CPU work: off the event loop
         for rec in recs:
-            layer.semantic.add(rec.tenant, layer.fingerprint, rec.entry_key, rec.query, rec.qvec)
+            if _under_current_settings(layer, rec):
+                layer.semantic.add(rec.tenant, layer.fingerprint, rec.entry_key, rec.query, rec.qvec)
 
     await asyncio.to_thread(add_all)
+
+
+def _under_current_settings(layer: CacheLayer, rec: DepRecord) -> bool:
+    """Was this answer cached under the layer's settings fingerprint?  Records do not store it, but a
+    history-free answer's key is a pure function of (tenant, query, k, fingerprint): an answer cached
+    under other settings (another LLM model, before a restart or hot reload) is never indexed, so it
+    can never be served as a semantic hit under these."""
+    material = {"q": canonical_query(rec.query), "k": rec.k, "fp": layer.fingerprint}
+    return make_key_for(rec.tenant, "answer", material) == rec.entry_key

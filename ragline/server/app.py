@@ -18,10 +18,11 @@ from fastapi import FastAPI
 from ragline.config import Settings
 from ragline.conversation import Conversations
 from ragline.pipeline import AsyncRAG
-from ragline.server import conversation_routes, errors, jobs, limits, openai_routes, routes
+from ragline.server import admin, conversation_routes, errors, jobs, limits, openai_routes, routes
 from ragline.server.auth import Auth
 from ragline.server.fastpath import ExactHitPath
 from ragline.server.middleware import RequestGuard, Timing
+from ragline.server.reload import Live, Loader, Routing
 from ragline.server.shedding import Shedder
 
 __all__ = ["create_app"]
@@ -37,19 +38,22 @@ def _telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
-def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) -> FastAPI:
-    """Build the app; the pipeline starts (model load) in the lifespan, before traffic."""
+def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None, reload: Loader | None = None) -> FastAPI:
+    """Build the app; the pipeline starts (model load) in the lifespan, before traffic.  ``reload``:
+    where a hot reload reads its settings (default ``Settings.load``: the YAML and env, as at start)."""
     settings = settings or Settings.load()
-    pipeline = rag or AsyncRAG(settings)
+    live = Live(rag or AsyncRAG(settings), settings, reload)  # the serving pipeline, swapped by a hot reload
+    pipeline = live.proxy()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        live.handle_sighup()  # SIGHUP: hot reload (each worker process its own)
         await pipeline.start()
         await pipeline.jobs.start()  # takes over the unfinished jobs of processes that died or stopped
         try:
             yield
         finally:
-            await pipeline.aclose()
+            await live.aclose()
 
     app = FastAPI(
         title="ragline",
@@ -59,6 +63,7 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
         **_telemetry(),
     )
     app.state.rag = pipeline
+    app.state.live = live
     app.state.settings = settings
     errors.install(app)
     auth = Auth(settings.server)
@@ -67,6 +72,8 @@ def create_app(settings: Settings | None = None, rag: AsyncRAG | None = None) ->
     conversation_routes.install(app, conversations, auth)
     openai_routes.install(app, conversations, settings, auth)  # /v1/chat/completions, /v1/models
     jobs.install(app, pipeline, settings, auth)  # background ingest jobs: /v1/jobs
+    admin.install(app, live, auth)  # POST /v1/admin/reload
+    app.add_middleware(Routing, live=live)  # innermost: a request runs on the pipeline serving at its arrival
     shedder = Shedder(pipeline, auth, settings.retrieval.k)  # 503 before routing when admission is full
     app.add_middleware(RequestGuard, max_bytes=settings.limits.max_request_bytes, shedder=shedder)
     # exact hits of POST /v1/query in pure ASGI, inside the limits and the timer; the rest falls through

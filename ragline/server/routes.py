@@ -8,6 +8,7 @@ other routes take pydantic bodies (:mod:`ragline.server.schemas`).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from ragline.codec import response_bytes
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge, RaglineError, ServiceUnavailable
 from ragline.pipeline import AsyncRAG
-from ragline.server import audit, conversation_routes, errors, jobs
+from ragline.server import audit, conversation_routes, errors, jobs, profiling
 from ragline.server import limits as api_limits
 from ragline.server.auth import Auth
 from ragline.server.schemas import CACHE_MODES, QUERY_FIELDS, DocumentsIn, InvalidateIn, QueryIn, SearchIn
@@ -156,6 +157,15 @@ def install(app: FastAPI, pipeline: AsyncRAG, settings: Settings, auth: Auth) ->
                 raise InvalidInput("send 'conversation_id' (history kept by the server) or 'history', not both")
             convs = request.app.state.conversations
             return await conversation_routes.query_turn(convs, tenant, q, k, cid, mode, body, _sse)
+        profile = body.get("profile")
+        if profile is not None and profile is not False:  # operators only: a pyinstrument + tracemalloc report
+            auth.require_admin(auth.key_from_headers(h.get("authorization"), h.get("x-api-key")))
+            if body.get("stream") is True:
+                raise InvalidInput("'profile' is not available with 'stream'; profile the request unstreamed")
+            spent: dict[str, float] = {}
+            run = functools.partial(pipeline.ask_body, q, k, tenant, history=history, cache_mode=mode, timings=spent)
+            (answer, info), report = await profiling.profiled(run, profiling.profile_format(profile))
+            return _json({**orjson.loads(response_bytes(answer, info, spent)), "profile": report})
         if body.get("stream") is True:
             events = await pipeline.ask_stream(q, k, tenant, history=history, cache_mode=mode)
             return StreamingResponse(
