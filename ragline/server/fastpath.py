@@ -7,7 +7,8 @@ hit is still charged, timed and counted under the route ``/v1/query``) and outsi
 guard, and serves a request itself only when all of this holds:
 
 * the body is at most the route's own limit, JSON by its content type, and a JSON object whose
-  ``query`` is a string, with no ``history``, ``cache`` absent or ``"default"`` and no ``stream``;
+  ``query`` is a string, with no field but ``query``, an integer ``k``, ``cache`` (absent or
+  ``"default"``), a boolean ``timings``, an empty ``history`` and a false ``stream``;
 * the key (``Authorization: Bearer`` or ``X-API-Key``, the first of each, as the route reads them)
   names a tenant;
 * :func:`ragline.pipeline.exact_l1` returns the stored answer.
@@ -36,6 +37,9 @@ from ragline.server.middleware import _is_json
 __all__ = ["ExactHitPath"]
 
 _JSON_HEADER = (b"content-type", b"application/json")
+_PLAIN = frozenset({"query", "k", "cache", "timings", "history", "stream"})
+"""The only fields a body served here may have (``history`` only empty, ``stream`` only false); any other
+(``conversation_id``, ``profile``, a misspelt one) needs the route, which validates it or answers differently."""
 
 
 class ExactHitPath:
@@ -115,14 +119,17 @@ class ExactHitPath:
             return None
         if (
             type(d) is not dict
+            or not _PLAIN.issuperset(d)  # conversation_id, history, stream, profile, unknown: the route decides
             or type(q := d.get("query")) is not str
-            or d.get("history")
             or d.get("cache", "default") != "default"
-            or d.get("stream") is True
+            or ((k := d.get("k")) is not None and type(k) is not int)  # k: true or "5" is the route's 400
+            or type(d.get("timings", True)) is not bool
+            or d.get("history", []) != []
+            or d.get("stream", False) is not False
         ):
             return None
         t0 = time.perf_counter()
-        stored = exact_l1(self.pipeline, q, d.get("k"), tenant)
+        stored = exact_l1(self.pipeline, q, k, tenant)
         if stored is None:
             return None
         self._exact.inc()

@@ -178,3 +178,20 @@ def test_fastapi_native_telemetry_off_unless_opentelemetry_is_configured(
     monkeypatch.setenv("OTEL_SERVICE_NAME", "ragline")
     on: Any = create_app(s, AsyncRAG(s, embedder=HashEmbedder()))
     assert on._telemetry["tracing"] and on._telemetry["metrics"]
+
+
+async def test_bodies_the_route_must_see_are_not_served_here(tmp_path: Path) -> None:
+    """A conversation turn, a misspelt field, a coerced ``k`` or ``timings`` go to the route (which
+    answers a turn or a 400), never as an exact hit of the plain question."""
+    async with client(tmp_path) as (c, app, _):
+        await c.post("/v1/query", json={"query": Q}, headers=key("key-a"))
+        fp = fast_path(app)
+        for body, status in (
+            ({"query": Q, "k": True}, 400),
+            ({"query": Q, "k": "5"}, 400),
+            ({"query": Q, "conversation_idd": "c1"}, 400),
+            ({"query": Q, "conversation_id": "c1"}, 200),
+        ):
+            r = await c.post("/v1/query", json=body, headers=key("key-a"))
+            assert r.status_code == status, (body, r.text)
+        assert fp.served == 0
