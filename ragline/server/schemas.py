@@ -42,6 +42,11 @@ class SearchIn(_Strict):
         description="keep the history server-side under this id (created on first use; GET/DELETE "
         "/v1/conversations/{id}); the question is condensed with it into a standalone one",
     )
+    profile: bool | Literal["text", "html", "json"] | None = Field(
+        None,
+        description="operators only (an admin key; a tenant's key gets 403): return a pyinstrument profile "
+        "and a tracemalloc summary of this request in the field 'profile'",
+    )
 
 
 class InvalidateIn(_Strict):
@@ -66,6 +71,11 @@ class QueryIn(BaseModel):
         None,
         description="keep the history server-side under this id (created on first use; GET/DELETE "
         "/v1/conversations/{id}); the question is condensed with it into a standalone one",
+    )
+    profile: bool | Literal["text", "html", "json"] | None = Field(
+        None,
+        description="operators only (an admin key; a tenant's key gets 403): return a pyinstrument profile "
+        "and a tracemalloc summary of this request in the field 'profile'",
     )
 
 
