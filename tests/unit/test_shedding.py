@@ -114,3 +114,38 @@ async def test_full_and_refuse_early() -> None:
     hold.set()
     await asyncio.gather(*tasks)
     assert not adm.full
+
+
+async def test_the_guard_counts_work_that_finished_after_its_client_left() -> None:
+    from ragline.server.middleware import RequestGuard
+
+    left = asyncio.Event()
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        # the work is shielded (as a single-flight computation another caller awaits would be)
+        await asyncio.shield(asyncio.sleep(0.05))
+
+    async def receive() -> dict[str, object]:
+        if not left.is_set():
+            left.set()
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(msg: object) -> None:
+        pass
+
+    guard = RequestGuard(app, max_bytes=1000)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+    await guard(scope, receive, send)  # type: ignore[arg-type]
+    assert guard.cancelled == 1 and guard.finished_after_disconnect == 0  # cancelled: the shield's waiter left
+
+    async def stubborn(scope: object, receive: object, send: object) -> None:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.01)  # finishes its work anyway
+
+    left.clear()
+    guard = RequestGuard(stubborn, max_bytes=1000)  # type: ignore[arg-type]
+    await guard(scope, receive, send)  # type: ignore[arg-type]
+    assert guard.finished_after_disconnect == 1
