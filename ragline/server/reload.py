@@ -246,7 +246,8 @@ class Live:
             self.current = new  # the swap: requests arriving from now on run on the new pipeline
             old.retired = True
             swap_ms = (time.perf_counter_ns() - s0) / 1e6
-            task = asyncio.get_running_loop().create_task(self._retire(old, new), name="ragline-retire")
+            at_swap = rag.store.version()
+            task = asyncio.get_running_loop().create_task(self._retire(old, new, at_swap), name="ragline-retire")
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
             self.reloads += 1
@@ -269,11 +270,17 @@ class Live:
             log.log(level, "reload (%s): generation %d, changed %s%s", reason, new.number, report["changed"], note)
             return report
 
-    async def _retire(self, old: Generation, new: Generation) -> None:
-        """Close the old generation once its requests are done, keeping what the new one took over."""
+    async def _retire(self, old: Generation, new: Generation, at_swap: int) -> None:
+        """Close the old generation once its requests are done, keeping what the new one took over.
+
+        A write that ran on the old generation after the swap went through the old one's invalidation
+        only, and the shared store does not report it to the new one's follower as another process's
+        change: so the changes logged since the swap are applied to the new generation's invalidation
+        as foreign ones (idempotent for those it made itself), like another process's."""
         if not await old.drained(self.drain_s):
             log.warning("reload: %d request(s) still running on generation %d after %.0f s; closing it",
                         old.in_flight, old.number, self.drain_s)  # fmt: skip
+        await _replay(new.rag, at_swap)
         try:
             await old.rag.aclose(keep=_shared(old.rag, new.rag))
         except Exception:
@@ -310,6 +317,18 @@ class Live:
             await self.reload(reason)
         except Exception as exc:  # logged, never raised into the loop: the old pipeline keeps serving
             log.error("reload (%s) failed; still serving generation %d: %s", reason, self.current.number, exc)
+
+
+async def _replay(rag: AsyncRAG, since: int) -> None:
+    """Apply the store's changes after seq ``since`` to ``rag``'s cache invalidation."""
+    store, inv = rag.store, rag._invalidation
+    if inv is None or store.version() == since:
+        return
+    changes = [c for c in await asyncio.to_thread(store.recent_changes, 2048) if c.seq > since]
+    for change in changes:
+        added = list(change.added)
+        vecs = await asyncio.to_thread(store.vectors, change.tenant, added) if added else None
+        await inv.changed(change, vecs, foreign=True)
 
 
 def _factories(s: Settings) -> dict[str, Any]:

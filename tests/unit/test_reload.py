@@ -175,3 +175,28 @@ async def test_admin_reload_route_needs_an_admin_key(make: Callable[..., Setting
             q = await c.post("/v1/query", json={"query": Q})
             assert q.status_code == 200
         await live.retiring()
+
+
+async def test_a_write_on_the_draining_pipeline_does_not_leave_the_new_l1_stale(
+    live: tuple[Live, list[Settings]], make: Callable[..., Settings]
+) -> None:
+    holder, configs = live
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+
+    old = holder.current
+    slow = asyncio.create_task(Routing(app, holder)({"type": "http"}, None, None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    configs.append(make(llm={"extractive_sentences": 2}))
+    await holder.reload("test")
+    new = holder.current.rag
+    assert "1889" in (await new.ask(Q)).text
+    assert (await new.ask(Q)).cache.kind == "exact"  # in the new L1
+    changed = Document("paris", "Paris is the capital of France. The Eiffel Tower opened in 1890.", "Paris")
+    await old.rag.ingest([changed])  # a write still running on the old pipeline after the swap
+    release.set()
+    await slow
+    await holder.retiring()
+    assert "1890" in (await new.ask(Q)).text
