@@ -186,3 +186,23 @@ async def test_bad_input_raises_before_any_work(rag: AsyncRAG, llm: ScriptedLLM)
     with pytest.raises(InvalidInput):
         await rag.ask_stream("")
     assert llm.calls == 0
+
+
+async def test_trivial_variants_are_exact_hits_with_one_llm_call(rag: AsyncRAG, llm: ScriptedLLM) -> None:
+    await rag.ingest(DOCS)
+    first = await rag.ask(QUESTION)
+    assert first.cache.kind == "miss"
+    calls = llm.calls
+    variants = (
+        "when did the eiffel tower open",
+        "  When did the Eiffel Tower open.  ",
+        "Please tell me about when did the Eiffel Tower open?",
+        "I'd like to know when did the Eiffel Tower open",
+    )
+    for variant in variants:
+        body, info = await rag.ask_body(variant)
+        assert info.kind == "exact", variant
+        body2, info2 = await rag.ask_body(variant)  # the memoised key of the raw text: L1 at once
+        assert (info2.kind, info2.tier, body2) == ("exact", "l1", body)
+    assert llm.calls == calls
+    assert (await rag.ask("When did the Eiffel Tower not open?")).cache.kind != "exact"  # a negation is kept
