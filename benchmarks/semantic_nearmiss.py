@@ -8,9 +8,11 @@ semantic cache serves a wrong answer.  For each pair the first claim is asked
 (its answer is cached), then the second; we count how often the second is
 served the first's answer, in three configurations measured in the same run:
 
-* similarity only (no guards, no retrieval verification) — the baseline;
-* guards only;
-* guards + retrieval verification (ragline's default) — must accept 0.
+* similarity only (no decision, no retrieval verification) — the baseline;
+* the accept decision only (``ragline.cache.semantic_decision``, default profile);
+* decision + retrieval verification (ragline's default) — must accept 0.
+
+τ here is the cosine floor of the candidates (``semantic_min_cosine``, default 0.80).
 """
 
 from __future__ import annotations
@@ -72,7 +74,14 @@ async def _accepted(
     return {"pairs": len(pairs), "accepted": accepted, "examples": examples}
 
 
-def run(data: Path, out_dir: Path, extra_docs: int = 700, seed: int = 3, tau: float | None = None) -> dict[str, Any]:
+def run(
+    data: Path,
+    out_dir: Path,
+    extra_docs: int = 700,
+    seed: int = 3,
+    tau: float | None = None,
+    only: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """``tau`` defaults to the configured threshold; a lower one stresses the guards and verification."""
     data = data.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +90,7 @@ def run(data: Path, out_dir: Path, extra_docs: int = 700, seed: int = 3, tau: fl
     claims.update(train_claims)  # all 1,109 claims: more near-miss pairs than the 300 test ones alone
     qrels.update(train_qrels)
     base = Settings()
-    tau = base.cache.semantic_threshold if tau is None else tau
+    tau = base.cache.semantic_min_cosine if tau is None else tau
     embedder = LocalEmbedder(EmbedderSettings())
     ids = list(claims)
     vecs = embedder.embed([claims[i] for i in ids])
@@ -96,18 +105,21 @@ def run(data: Path, out_dir: Path, extra_docs: int = 700, seed: int = 3, tau: fl
     report: dict[str, Any] = {"tau": tau, "claims": len(ids), "corpus_docs": len(corpus)}
     configs = {
         "similarity_only": {"semantic_guards": False, "semantic_verify_retrieval": False},
-        "guards_only": {"semantic_guards": True, "semantic_verify_retrieval": False},
-        "guards_and_verification": {"semantic_guards": True, "semantic_verify_retrieval": True},
+        "decision_only": {"semantic_guards": True, "semantic_verify_retrieval": False},
+        "decision_and_verification": {"semantic_guards": True, "semantic_verify_retrieval": True},
     }
     for name, cache in configs.items():
+        if only and name not in only:
+            continue
         with tempfile.TemporaryDirectory(prefix="ragline-nearmiss-") as tmp:
-            settings = Settings(data_dir=Path(tmp), cache={"enabled": True, "semantic_threshold": tau, **cache})
+            settings = Settings(data_dir=Path(tmp), cache={"enabled": True, "semantic_min_cosine": tau, **cache})
             t0 = time.perf_counter()
             res = asyncio.run(_accepted(settings, embedder, corpus, pairs, claims))
             res["wall_s"] = round(time.perf_counter() - t0, 1)
         report[name] = res
         print(f"{name}: accepted {res['accepted']} of {res['pairs']}", flush=True)
-    report["checks"] = {"zero_accepted_with_verification": report["guards_and_verification"]["accepted"] == 0}
+    if "decision_and_verification" in report:
+        report["checks"] = {"zero_accepted_with_verification": report["decision_and_verification"]["accepted"] == 0}
     (out_dir / f"nearmiss_tau{tau:.2f}.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return report
 
@@ -117,9 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=DATA / "scifact")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--extra-docs", type=int, default=700)
-    ap.add_argument("--tau", type=float, default=None, help="default: the configured semantic_threshold")
+    ap.add_argument("--tau", type=float, default=None, help="candidate floor; default: semantic_min_cosine")
+    ap.add_argument("--configs", default="", help="comma-separated subset of the configurations (default: all)")
     a = ap.parse_args(argv)
-    run(a.data, a.out, a.extra_docs, tau=a.tau)
+    run(a.data, a.out, a.extra_docs, tau=a.tau, only=tuple(c for c in a.configs.split(",") if c))
 
 
 if __name__ == "__main__":

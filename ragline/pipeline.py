@@ -368,7 +368,7 @@ class AsyncRAG(LibrarySurface):
         cache = self.cache
         if cache is None or q.cache_mode == "bypass" or not self._cache_answers:
             return None
-        return cache.answer_key(q.tenant, q.text, q.k or 0, q.history)
+        return cache.answer_key(q.tenant, q.raw or q.text, q.k or 0, q.history, q.canonical or None)
 
     async def _exact(self, key: str, tenant: str, skip_l1: bool = False) -> Result | None:
         """Step 1: the answer cache, L1 → L2 → L3; an entry a change marked is re-verified first."""

@@ -227,3 +227,7 @@ class Query:
     """Diversify with MMR; ``None``: the configured ``retrieval.mmr``."""
     candidates: int | None = None
     """Candidates per retriever; ``None``: the configured ``retrieval.candidates``."""
+    raw: str = ""
+    """The query as sent (``text`` is its :func:`~ragline.canonical.query_form`); memoises its key."""
+    canonical: str = ""
+    """The exact-key material (:func:`~ragline.canonical.canonical`), computed once by validation."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ragline.canonical import query_form
 from ragline.config import Settings
 from ragline.errors import InvalidInput, PayloadTooLarge
 from ragline.types import CacheMode, Message, Query
@@ -42,8 +43,10 @@ def build_query(
 ) -> Query:
     """The validated :class:`Query` of a call (``k`` and ``mmr`` resolved, ``history`` checked); the
     fields of a ``Query`` passed as ``query`` win over the other arguments."""
+    raw = ""
     if isinstance(query, Query):
         q = query
+        raw = q.raw
         query, k, tenant, history, cache_mode = q.text, q.k, q.tenant, q.history, q.cache_mode
         timings, doc_level, mmr, candidates = q.timings, q.doc_level, q.mmr, q.candidates
     lim = settings.limits
@@ -58,7 +61,8 @@ def build_query(
         raise InvalidInput(f"k must be an integer between 1 and {lim.max_k}, got {k!r}")
     hist = check_history(history, lim.max_history_messages, lim.max_history_chars) if history else ()
     mmr = settings.retrieval.mmr if mmr is None else mmr
-    return Query(query, k, tenant, hist, cache_mode, timings, doc_level, mmr, candidates)
+    text = query_form(query)  # once per request: what cannot change an answer is absorbed here
+    return Query(text, k, tenant, hist, cache_mode, timings, doc_level, mmr, candidates, raw or query, text.casefold())
 
 
 def check_history(history: Sequence[Message], limit: int, max_chars: int | None = None) -> tuple[Message, ...]:

@@ -39,7 +39,7 @@ have equal features.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -68,9 +68,12 @@ from ragline.cache.guards_words import (
 
 __all__ = [
     "ALL_CHECKS",
+    "ANTONYMS",
     "DEFAULT_CHECKS",
+    "STOP_STEMS",
     "QueryFeatures",
     "extract_features",
+    "guard_failures",
     "guards_pass",
 ]
 
@@ -183,6 +186,9 @@ for _x, _y in ANTONYM_PAIRS:
     _ANTONYMS[_sx] = _ANTONYMS.get(_sx, frozenset()) | {_sy}
     _ANTONYMS[_sy] = _ANTONYMS.get(_sy, frozenset()) | {_sx}
 _STOP_STEMS = frozenset(stem(w) for w in STOPWORDS) | STOPWORDS
+ANTONYMS = _ANTONYMS
+"""stem → the stems of its antonyms (for :mod:`ragline.cache.guards_structure`)."""
+STOP_STEMS = _STOP_STEMS
 _FILLER_STEMS = frozenset(stem(w) for w in FILLER) | FILLER
 _ROLE_STEMS = frozenset(stem(w) for w in ROLE_WORDS) | ROLE_WORDS
 
@@ -478,34 +484,91 @@ def guards_pass(a: QueryFeatures, b: QueryFeatures, checks: Iterable[str] = DEFA
     of ``ALL_CHECKS`` (ablations; ``CacheSettings.semantic_guard_checks``).
     """
     enabled = checks if isinstance(checks, (frozenset, set, tuple, list)) else tuple(checks)
-    if "negation" in enabled and a.negated != b.negated:
-        return False, "negation differs"
-    if "numbers" in enabled and a.numbers != b.numbers:
-        diff = sorted(a.numbers ^ b.numbers)
-        return False, f"numbers differ: {{{', '.join(diff)}}}"
-    if "entities" in enabled and (a.entities or b.entities):
-        missing = _entity_gap(a, frozenset(b.terms)) + _entity_gap(b, frozenset(a.terms))
-        if missing:
-            return False, f"entities differ: {{{', '.join(missing)}}}"
-    if "qtype" in enabled and QTYPE_CLASS.get(a.qtype, a.qtype) != QTYPE_CLASS.get(b.qtype, b.qtype):
-        return False, f"question type differs: {a.qtype}/{b.qtype}"
-    if "compound" in enabled and (a.questions > 1) != (b.questions > 1):
-        return False, f"question count differs: {a.questions}/{b.questions}"
-    if "polarity" in enabled and (a.polarity or b.polarity):
-        conflict = _polarity_conflict(a.polarity, b.polarity)
-        if conflict:
-            return False, f"polarity differs: {conflict}"
-    if "modality" in enabled and a.modality and b.modality and a.modality != b.modality:
-        return False, f"modality differs: {'+'.join(sorted(a.modality))}/{'+'.join(sorted(b.modality))}"
-    if "person" in enabled and a.person != b.person:
-        return False, f"person differs: {'+'.join(sorted(a.person)) or '-'}/{'+'.join(sorted(b.person)) or '-'}"
-    if "deixis" in enabled and a.deixis != b.deixis:
-        return False, "deixis differs (this/these)"
-    if "content" in enabled and a.content != b.content:
-        extra = sorted(a.content ^ b.content)
-        return False, f"content differs: {{{', '.join(extra)}}}"
-    if "order" in enabled:
-        swap = _swapped(a.terms, b.terms)
-        if swap:
-            return False, f"roles swapped: {swap}"
+    for name in ALL_CHECKS:
+        if name in enabled:
+            reason = _CHECKS[name](a, b)
+            if reason:
+                return False, reason
     return True, ""
+
+
+def guard_failures(a: QueryFeatures, b: QueryFeatures) -> tuple[bool, ...]:
+    """For each of :data:`ALL_CHECKS`, in order: would that check alone reject the pair?  (The
+    semantic decision's features: every check evaluated once, no early exit.)"""
+    return tuple(bool(_CHECKS[name](a, b)) for name in ALL_CHECKS)
+
+
+def _negation(a: QueryFeatures, b: QueryFeatures) -> str:
+    return "negation differs" if a.negated != b.negated else ""
+
+
+def _numbers(a: QueryFeatures, b: QueryFeatures) -> str:
+    if a.numbers == b.numbers:
+        return ""
+    return f"numbers differ: {{{', '.join(sorted(a.numbers ^ b.numbers))}}}"
+
+
+def _entities(a: QueryFeatures, b: QueryFeatures) -> str:
+    if not (a.entities or b.entities):
+        return ""
+    missing = _entity_gap(a, frozenset(b.terms)) + _entity_gap(b, frozenset(a.terms))
+    return f"entities differ: {{{', '.join(missing)}}}" if missing else ""
+
+
+def _qtype(a: QueryFeatures, b: QueryFeatures) -> str:
+    if QTYPE_CLASS.get(a.qtype, a.qtype) == QTYPE_CLASS.get(b.qtype, b.qtype):
+        return ""
+    return f"question type differs: {a.qtype}/{b.qtype}"
+
+
+def _compound(a: QueryFeatures, b: QueryFeatures) -> str:
+    if (a.questions > 1) == (b.questions > 1):
+        return ""
+    return f"question count differs: {a.questions}/{b.questions}"
+
+
+def _polarity(a: QueryFeatures, b: QueryFeatures) -> str:
+    conflict = _polarity_conflict(a.polarity, b.polarity) if a.polarity or b.polarity else None
+    return f"polarity differs: {conflict}" if conflict else ""
+
+
+def _modality(a: QueryFeatures, b: QueryFeatures) -> str:
+    if not (a.modality and b.modality and a.modality != b.modality):
+        return ""
+    return f"modality differs: {'+'.join(sorted(a.modality))}/{'+'.join(sorted(b.modality))}"
+
+
+def _person(a: QueryFeatures, b: QueryFeatures) -> str:
+    if a.person == b.person:
+        return ""
+    return f"person differs: {'+'.join(sorted(a.person)) or '-'}/{'+'.join(sorted(b.person)) or '-'}"
+
+
+def _deixis(a: QueryFeatures, b: QueryFeatures) -> str:
+    return "deixis differs (this/these)" if a.deixis != b.deixis else ""
+
+
+def _content(a: QueryFeatures, b: QueryFeatures) -> str:
+    if a.content == b.content:
+        return ""
+    return f"content differs: {{{', '.join(sorted(a.content ^ b.content))}}}"
+
+
+def _order(a: QueryFeatures, b: QueryFeatures) -> str:
+    swap = _swapped(a.terms, b.terms)
+    return f"roles swapped: {swap}" if swap else ""
+
+
+_CHECKS: dict[str, Callable[[QueryFeatures, QueryFeatures], str]] = {
+    "negation": _negation,
+    "numbers": _numbers,
+    "entities": _entities,
+    "qtype": _qtype,
+    "compound": _compound,
+    "polarity": _polarity,
+    "modality": _modality,
+    "person": _person,
+    "deixis": _deixis,
+    "content": _content,
+    "order": _order,
+}

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Final, Literal
 
 import orjson
 
+from ragline.canonical import canonical
 from ragline.errors import InvalidInput
 
 SCHEMA_VERSION: Final = 1
@@ -49,7 +49,6 @@ DIGEST_HEX_LEN: Final = 32
 """blake2b with digest_size=16 gives 32 hex characters."""
 
 _TENANT_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-_WS_RE: Final = re.compile(r"\s+")
 
 
 @lru_cache(maxsize=4096)
@@ -107,28 +106,16 @@ def make_key_for(tenant: str, kind: str, material: Mapping[str, Any], schema: in
 
 
 def canonical_query(text: str) -> str:
-    """Normalise a user query for the exact-match cache key.
+    """Normalise a user query for the exact-match cache key: :func:`ragline.canonical.canonical`.
 
-    Applied, in order:
-
-    1. Unicode **NFC** (canonical composition): ``"e\\u0301"`` and ``"é"`` are
-       the same text in every sense, so they must share a key.
-    2. Collapse every run of whitespace (including newlines, tabs, NBSP) to one
-       space, and strip both ends.
-    3. ``str.casefold()``: case differences do not change what the retriever
-       finds (the embedder is uncased, BM25 lowercases) and almost never what
-       a user means.
-
-    Deliberately *not* applied:
-
-    * NFKC (compatibility folding): it rewrites ``x²`` to ``x2``, ``½`` to
-      ``1⁄2``, ``ℌ`` to ``H`` — different questions must not share an answer.
-    * punctuation or stop-word removal, stemming: ``"is it safe?"`` and
-      ``"is it safe"`` may be the same question, but ``"not safe"`` and
-      ``"safe"`` are not; near-duplicates are the semantic cache's job, which
-      has guards, not the exact key's.
+    NFC, whitespace collapsed, case folded, a polite opening ("please tell me about", "can you tell
+    me", "I'd like to know") and trailing sentence punctuation and "please"/"thanks" removed: what
+    cannot change an answer.  Negations, numbers, quoted text, inner punctuation and NFKC folding are
+    kept (see :mod:`ragline.canonical` for why).  The schema version was not bumped when filler and
+    trailing punctuation joined the rule: an older entry found through the new rule was written for a
+    query of the same class ("what is x" for "what is x?"), whose answer is the same.
     """
-    return _WS_RE.sub(" ", unicodedata.normalize("NFC", text)).strip().casefold()
+    return canonical(text)
 
 
 def tenant_prefix(tenant: str, schema: int = SCHEMA_VERSION) -> str:

@@ -196,19 +196,24 @@ class CacheLayer:
         except TypeError:  # an unhashable query or k: not one we have seen
             return None
 
-    def answer_key(self, tenant: str, query: str, k: int, history: Sequence[dict[str, str]]) -> str:
+    def answer_key(
+        self, tenant: str, query: str, k: int, history: Sequence[dict[str, str]], canonical: str | None = None
+    ) -> str:
+        """The answer key of ``query`` as sent; ``canonical`` is its canonical form if the caller has it
+        (validation computes it once per request), else it is computed here."""
         if not history:  # the hot path: a query asked again costs a dict lookup, not a hash
             memo = (tenant, query, k)
             key = self._answer_keys.get(memo)
             if key is None:
-                key = make_key_for(tenant, "answer", {"q": canonical_query(query), "k": k, "fp": self.fingerprint})
+                q = canonical_query(query) if canonical is None else canonical
+                key = make_key_for(tenant, "answer", {"q": q, "k": k, "fp": self.fingerprint})
                 if len(query) <= _MEMO_QUERY_CHARS:
                     if len(self._answer_keys) >= _MEMO_KEYS:
                         self._answer_keys.clear()
                     self._answer_keys[memo] = key
             return key
         material: dict[str, Any] = {
-            "q": canonical_query(query),
+            "q": canonical_query(query) if canonical is None else canonical,
             "k": k,
             "fp": self.fingerprint,
             "h": [[m["role"], m["content"]] for m in history],

@@ -2,9 +2,10 @@
 
 One usearch index per (tenant, pipeline fingerprint) over the vectors of
 queries whose answers are cached.  ``candidates`` returns cached queries with
-cosine ≥ τ (cosine of L2-normalised vectors, 0–1 scale); the caller must then
-pass the guards (``ragline.cache.guards``) and retrieval verification (same
-context chunk ids) before serving one.  Partitioning by tenant in separate
+cosine ≥ a floor (cosine of L2-normalised vectors, 0–1 scale) and their
+vectors; the caller must then pass the accept decision
+(``ragline.cache.semantic_decision``) and retrieval verification (the cached
+answer's evidence in this query's fresh context) before serving one.  Partitioning by tenant in separate
 indexes means no query can even *see* another tenant's candidates.
 
 The index is in-process (per instance) and is rebuilt from the dependency
@@ -27,6 +28,8 @@ class Candidate:
     answer_key: str
     query: str
     similarity: float
+    vector: Vectors | None = None
+    """The cached query's vector (the decision's embedding features), when the index returns it."""
 
 
 class SemanticIndex:
@@ -66,7 +69,8 @@ class SemanticIndex:
                 sim = 1.0 - float(dist)
                 entry = self._entries.get(int(label))
                 if entry is not None and sim >= threshold:
-                    out.append(Candidate(entry[1], entry[2], min(sim, 1.0)))
+                    vec = idx.get(int(label))
+                    out.append(Candidate(entry[1], entry[2], min(sim, 1.0), None if vec is None else np.asarray(vec)))
             return out
 
     def _remove_locked(self, answer_key: str) -> None:

@@ -7,22 +7,63 @@ layer's semantic index, tiers and counters.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ragline.cache import guards
+from ragline.cache.guards import QueryFeatures
 from ragline.cache.keys import canonical_query, make_key_for
 from ragline.cache.marks import payload
-from ragline.context import same_evidence
+from ragline.cache.semantic import Candidate
+from ragline.cache.semantic_decision import cached_features, decide, guards_accept, load_model
 from ragline.types import Vectors
 
 if TYPE_CHECKING:
     from ragline.cache.deps import DepRecord
     from ragline.cache.layer import CacheLayer
 
-__all__ = ["load_semantic", "semantic_from_peer", "semantic_match"]
+__all__ = ["evidence_holds", "evidence_of", "load_semantic", "semantic_from_peer", "semantic_match"]
+
+
+_CITATION_RE = re.compile(r"\[(\d{1,3})\]")
+EVIDENCE_TOP = 3
+"""Without citations in the answer, its evidence is its best-ranked sources, this many."""
+
+
+def evidence_of(answer: Mapping[str, Any]) -> list[str]:
+    """The chunk ids a cached answer rests on: the sources its text cites ("[2]"), else its top sources."""
+    sources = answer.get("sources") or []
+    ids = [str(s["chunk_id"]) for s in sources]
+    cited: list[str] = []
+    for m in _CITATION_RE.finditer(str(answer.get("answer", ""))):
+        n = int(m.group(1))
+        if 1 <= n <= len(ids) and ids[n - 1] not in cited:
+            cited.append(ids[n - 1])
+    return cited or ids[:EVIDENCE_TOP]
+
+
+def evidence_holds(answer: Mapping[str, Any], context_ids: Sequence[str]) -> bool:
+    """Retrieval verification of a semantic hit: every chunk the cached answer rests on is in this
+    query's fresh context (so no evidence it used has gone or changed: a changed chunk drops its
+    entries), and this query's best chunk was in the cached answer's context (it saw what this query
+    would rest on first).  Ties moving at the bottom of either list no longer discard a stable answer."""
+    if not context_ids:
+        return False
+    fresh = set(context_ids)
+    cached = {str(s["chunk_id"]) for s in answer.get("sources") or []}
+    return context_ids[0] in cached and all(c in fresh for c in evidence_of(answer))
+
+
+def _accepts(layer: CacheLayer, tenant: str, query: str, qvec: Vectors, c: Candidate, fa: QueryFeatures) -> bool:
+    cs = layer.cs
+    if not cs.semantic_guards:
+        return True
+    profile = cs.semantic_profile(tenant)
+    if cs.semantic_decision == "guards":
+        return guards_accept(profile, query, c.query, c.similarity, fa, tuple(cs.semantic_guard_checks))
+    return decide(load_model(), profile, query, c.query, c.similarity, qvec, c.vector, fa).accept
 
 
 async def semantic_match(
@@ -30,25 +71,22 @@ async def semantic_match(
 ) -> tuple[bytes, float, str] | None:
     """A cached answer for a *different* query that may serve this one, or None.
 
-    Candidates come from the ANN index (cos ≥ τ); each must pass the guards,
-    then retrieval verification: its context must hold the same chunks as this
-    query's freshly retrieved one (:func:`~ragline.context.same_evidence`).
-    Returns (stored body, similarity, matched query).
+    Candidates come from the ANN index (cos ≥ ``semantic_min_cosine``); each must pass the accept
+    decision (:mod:`ragline.cache.semantic_decision`), then retrieval verification
+    (:func:`evidence_holds`).  Returns (stored body, similarity, matched query).
     """
     if not layer.cs.semantic:
         return None
-    cands = layer.semantic.candidates(tenant, layer.fingerprint, qvec, layer.cs.semantic_threshold)
+    cands = layer.semantic.candidates(tenant, layer.fingerprint, qvec, layer.cs.semantic_min_cosine)
     if not cands:
         return None
-    feats = guards.extract_features(query)
+    fa = cached_features(query)
     for c in cands:
         if c.answer_key == exclude:
             continue
-        if layer.cs.semantic_guards:
-            ok, _ = guards.guards_pass(feats, guards.extract_features(c.query), layer.cs.semantic_guard_checks)
-            if not ok:
-                layer.counters["semantic_rejected_guard"] += 1
-                continue
+        if not _accepts(layer, tenant, query, qvec, c, fa):
+            layer.counters["semantic_rejected_guard"] += 1
+            continue
         body, _tier = await layer.get(c.answer_key)
         if body is None:
             layer.semantic.remove([c.answer_key])
@@ -56,11 +94,9 @@ async def semantic_match(
         if not layer.cs.semantic_verify_retrieval and not layer.fresh(body, tenant):
             continue  # a change may have moved its evidence: only verification can serve it
         body = payload(body)
-        if layer.cs.semantic_verify_retrieval:
-            cached_ctx = [s["chunk_id"] for s in orjson.loads(body)["sources"]]
-            if not same_evidence(cached_ctx, context_ids):
-                layer.counters["semantic_rejected_verify"] += 1
-                continue
+        if layer.cs.semantic_verify_retrieval and not evidence_holds(orjson.loads(body), context_ids):
+            layer.counters["semantic_rejected_verify"] += 1
+            continue
         layer.counters["semantic_hits"] += 1
         return body, c.similarity, c.query
     return None

@@ -66,7 +66,7 @@ async def test_semantic_hit_is_verified_and_guarded(
         await rag.ask(Q)
         para = await rag.ask("when was the eiffel tower completed")
         assert para.cache.kind == "semantic" and para.cache.matched_query == Q
-        assert para.cache.similarity is not None and para.cache.similarity >= rag.settings.cache.semantic_threshold
+        assert para.cache.similarity is not None and para.cache.similarity >= rag.settings.cache.semantic_min_cosine
         # numbers differ -> the guard refuses even though the vectors are close
         other = await rag.ask("Was the Eiffel Tower completed in 1890?")
         assert other.cache.kind == "miss"

@@ -113,11 +113,12 @@ def test_unknown_kind() -> None:
 
 
 def test_canonical_query() -> None:
-    assert canonical_query("  What   is\tRAG?\n") == "what is rag?"
+    assert canonical_query("  What   is\tRAG?\n") == "what is rag"  # trailing punctuation: ragline.canonical
     assert canonical_query("CAFE\u0301") == canonical_query("café")  # NFC
     assert canonical_query("Straße") == canonical_query("STRASSE")  # casefold
     assert canonical_query("x²") != canonical_query("x2")  # no NFKC
-    assert canonical_query("is it safe?") != canonical_query("is it safe")  # punctuation kept
+    assert canonical_query("is it safe?") == canonical_query("is it safe")  # trailing punctuation absorbed
+    assert canonical_query("is it safe?") != canonical_query("is it not safe")  # negation kept
     assert canonical_query("a\u00a0b") == "a b"  # NBSP is whitespace
 
 

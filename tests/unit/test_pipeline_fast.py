@@ -103,7 +103,7 @@ async def test_ingest_search_ask_hit_update_delete(rag: AsyncRAG, llm: ScriptedL
     first = await rag.ask(QUESTION)
     assert first.cache.kind == "miss" and llm.calls == 1
     assert first.sources[0].doc_id == "paris" and "1889" in first.text
-    assert QUESTION in llm.prompts[-1][-1]["content"]
+    assert QUESTION.rstrip("?") in llm.prompts[-1][-1]["content"]  # the query form (ragline.canonical)
 
     again = await rag.ask(QUESTION)
     assert again.cache.kind == "exact" and llm.calls == 1  # an exact hit makes no LLM call
@@ -157,7 +157,7 @@ async def test_history_reaches_the_llm_and_is_validated(rag: AsyncRAG, llm: Scri
     await rag.ask("and the tower?", history=history)
     sent = llm.prompts[-1]
     assert sent[1:3] == history  # after the system prompt, before the question
-    assert sent[-1]["role"] == "user" and sent[-1]["content"].endswith("Question: and the tower?")
+    assert sent[-1]["role"] == "user" and sent[-1]["content"].endswith("Question: and the tower")
     with pytest.raises(InvalidInput, match="history"):
         await rag.ask("and the tower?", history=[{"role": "system", "content": "x"}])
 
@@ -186,3 +186,23 @@ async def test_bad_input_raises_before_any_work(rag: AsyncRAG, llm: ScriptedLLM)
     with pytest.raises(InvalidInput):
         await rag.ask_stream("")
     assert llm.calls == 0
+
+
+async def test_trivial_variants_are_exact_hits_with_one_llm_call(rag: AsyncRAG, llm: ScriptedLLM) -> None:
+    await rag.ingest(DOCS)
+    first = await rag.ask(QUESTION)
+    assert first.cache.kind == "miss"
+    calls = llm.calls
+    variants = (
+        "when did the eiffel tower open",
+        "  When did the Eiffel Tower open.  ",
+        "Please tell me about when did the Eiffel Tower open?",
+        "I'd like to know when did the Eiffel Tower open",
+    )
+    for variant in variants:
+        body, info = await rag.ask_body(variant)
+        assert info.kind == "exact", variant
+        body2, info2 = await rag.ask_body(variant)  # the memoised key of the raw text: L1 at once
+        assert (info2.kind, info2.tier, body2) == ("exact", "l1", body)
+    assert llm.calls == calls
+    assert (await rag.ask("When did the Eiffel Tower not open?")).cache.kind != "exact"  # a negation is kept
