@@ -46,7 +46,8 @@ from ragline.cache.crypto import cipher_from
 from ragline.cache.deps import DepRecord, DepsIndex
 from ragline.cache.deps_redis import RedisDependencyIndex
 from ragline.cache.deps_sqlite import DependencyIndex
-from ragline.cache.keys import KINDS, canonical_query, kind_of, kind_prefix, make_key_for, tenant_prefix
+from ragline.cache.keys import KINDS, kind_of, kind_prefix, tenant_prefix
+from ragline.cache.layer_keys import LayerKeys
 from ragline.cache.marks import MARK, STAMP, STAMP_LEN, new_token, stamped, unmarked
 from ragline.cache.redis import RedisTier
 from ragline.cache.semantic import SemanticIndex
@@ -57,9 +58,6 @@ from ragline.config import Settings
 from ragline.types import Vectors
 
 T = TypeVar("T")
-
-_MEMO_KEYS = 4096
-_MEMO_QUERY_CHARS = 256
 
 
 COUNTERS: tuple[str, ...] = (
@@ -113,7 +111,7 @@ class InvalidationReport:
     causes: dict[str, int] = field(default_factory=dict)
 
 
-class CacheLayer:
+class CacheLayer(LayerKeys):
     def __init__(self, settings: Settings, dim: int, embedder_id: str, llm_id: str, *, prompt_version: str) -> None:
         """``prompt_version`` names the prompt template: part of every answer key (bump it, old answers go)."""
         self.settings = settings
@@ -189,50 +187,6 @@ class CacheLayer:
         await self.deps.close()
 
     # -- keys -----------------------------------------------------------------
-    def known_answer_key(self, tenant: str, query: object, k: object) -> str | None:
-        """The memoised answer key of a history-free (tenant, query, k) seen before, else None."""
-        try:
-            return self._answer_keys.get((tenant, query, k))  # type: ignore[arg-type]
-        except TypeError:  # an unhashable query or k: not one we have seen
-            return None
-
-    def answer_key(
-        self, tenant: str, query: str, k: int, history: Sequence[dict[str, str]], canonical: str | None = None
-    ) -> str:
-        """The answer key of ``query`` as sent; ``canonical`` is its canonical form if the caller has it
-        (validation computes it once per request), else it is computed here."""
-        if not history:  # the hot path: a query asked again costs a dict lookup, not a hash
-            memo = (tenant, query, k)
-            key = self._answer_keys.get(memo)
-            if key is None:
-                q = canonical_query(query) if canonical is None else canonical
-                key = make_key_for(tenant, "answer", {"q": q, "k": k, "fp": self.fingerprint})
-                if len(query) <= _MEMO_QUERY_CHARS:
-                    if len(self._answer_keys) >= _MEMO_KEYS:
-                        self._answer_keys.clear()
-                    self._answer_keys[memo] = key
-            return key
-        material: dict[str, Any] = {
-            "q": canonical_query(query) if canonical is None else canonical,
-            "k": k,
-            "fp": self.fingerprint,
-            "h": [[m["role"], m["content"]] for m in history],
-        }
-        return make_key_for(tenant, "answer", material)
-
-    def retrieval_key(self, tenant: str, query: str, k: int, mmr: bool, doc_level: bool, candidates: int | None) -> str:
-        return make_key_for(
-            tenant,
-            "retrieval",
-            {"q": canonical_query(query), "k": k, "m": mmr, "d": doc_level, "c": candidates, "fp": self.fingerprint},
-        )
-
-    def embedding_key(self, tenant: str, text: str) -> str:
-        return make_key_for(tenant, "embedding", {"e": self.embedder_id, "t": text})
-
-    def llm_key(self, tenant: str, params: dict[str, Any], messages: list[dict[str, str]]) -> str:
-        return make_key_for(tenant, "llm", {"llm": self.llm_id, "p": params, "m": messages})
-
     def cacheable_llm(self, temperature: float) -> bool:
         return temperature == 0.0 or self.cs.cache_nonzero_temperature
 
