@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+import ragline.infra.native  # noqa: F401  # isort: skip  (loaded before usearch: see that module)
 from usearch.index import Index
 
 from ragline.types import Vectors

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import tantivy
+
+import ragline.infra.native  # noqa: F401  # isort: skip  (loaded before usearch: see that module)
 from usearch.index import Index
 
 from ragline.types import Scored, Vectors
