@@ -356,6 +356,8 @@ class CachedFunction(Generic[P, R]):
         )
         self._threads: dict[str, concurrent.futures.Future[bytes]] = {}
         self._threads_lock = threading.Lock()
+        self._writes: set[concurrent.futures.Future[None]] = set()
+        """Writes of sync calls not yet landed (an invalidation waits for them first)."""
 
     def __get__(self, obj: object, owner: type | None = None) -> Any:  # as a method: bind like a function
         return self if obj is None else functools.partial(self.__call__, obj)  # type: ignore[arg-type]
@@ -453,17 +455,29 @@ class CachedFunction(Generic[P, R]):
         # not awaited: a thread of the cache loop's executor (asyncio.to_thread) blocking on a write that
         # needs such a thread (L3) could deadlock; the flight stays joinable until the write is done
         written = fc.submit(fc.set(key, body, self._ttl(fc)))
-        written.add_done_callback(lambda _: self._forget(key))
+        with self._threads_lock:
+            self._writes.add(written)
+        written.add_done_callback(lambda w: self._forget(key, w))
         return orjson.loads(body)
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str, written: concurrent.futures.Future[None] | None = None) -> None:
         with self._threads_lock:
             self._threads.pop(key, None)
+            if written is not None:
+                self._writes.discard(written)
+
+    async def _settle_writes(self) -> None:
+        """Wait for sync calls' writes still in flight, so an invalidation is not overtaken by one."""
+        with self._threads_lock:
+            pending = [asyncio.wrap_future(w) for w in self._writes]
+        if pending:
+            await asyncio.wait(pending, timeout=_SYNC_TIMEOUT_S)
 
     # -- invalidation ------------------------------------------------------------------------------
     async def _ainvalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         fc = _resolve(self.rag)
         if fc is not None:
+            await self._settle_writes()
             tenant, material = self._identity(args, kwargs)
             key = self._entry_key(tenant, material, await fc.run(fc.generation(self.fn_id)))
             await fc.run(fc.delete(key))
@@ -472,6 +486,7 @@ class CachedFunction(Generic[P, R]):
         fc = _resolve(self.rag)
         if fc is None:
             return
+        await self._settle_writes()
         if tenant is None:
             await fc.run(fc.bump(self.fn_id))
         else:
