@@ -64,8 +64,10 @@ async def test_semantic_hit_is_verified_and_guarded(
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
         await rag.ask(Q)
-        para = await rag.ask("when was the eiffel tower completed")
-        assert para.cache.kind == "semantic" and para.cache.matched_query == Q
+        variant = await rag.ask("when was the eiffel tower completed")  # the canonical form: an exact hit
+        assert variant.cache.kind == "exact"
+        para = await rag.ask("When exactly was the Eiffel Tower completed?")
+        assert para.cache.kind == "semantic" and para.cache.matched_query == Q.rstrip("?")
         assert para.cache.similarity is not None and para.cache.similarity >= rag.settings.cache.semantic_min_cosine
         # numbers differ -> the guard refuses even though the vectors are close
         other = await rag.ask("Was the Eiffel Tower completed in 1890?")
