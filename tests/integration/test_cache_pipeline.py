@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from ragline.canonical import query_form
 from ragline.config import Settings
 from ragline.embed.local import LocalEmbedder
 from ragline.errors import UpstreamError
@@ -65,9 +64,10 @@ async def test_semantic_hit_is_verified_and_guarded(
     async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
         await rag.ingest(DOCS)
         await rag.ask(Q)
-        # (a case/punctuation variant is an exact hit now: the canonical key absorbs it)
-        para = await rag.ask("When did the Eiffel Tower get completed?")
-        assert para.cache.kind == "semantic" and para.cache.matched_query in (Q, query_form(Q))
+        variant = await rag.ask("when was the eiffel tower completed")  # the canonical form: an exact hit
+        assert variant.cache.kind == "exact"
+        para = await rag.ask("When exactly was the Eiffel Tower completed?")
+        assert para.cache.kind == "semantic" and para.cache.matched_query == Q.rstrip("?")
         assert para.cache.similarity is not None and para.cache.similarity >= rag.settings.cache.semantic_min_cosine
         # numbers differ -> the guard refuses even though the vectors are close
         other = await rag.ask("Was the Eiffel Tower completed in 1890?")
