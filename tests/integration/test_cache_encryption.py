@@ -43,7 +43,7 @@ DOCS = [
     Document("cats", "Domestic cats sleep for up to sixteen hours a day.", title="Cats"),
     Document("tea", "Green tea contains caffeine and antioxidants called catechins.", title="Tea"),
 ]
-SECRETS = (SOURCE, ANSWER, QUESTION)
+SECRETS = (SOURCE, ANSWER, QUESTION.rstrip("?"))  # the cache holds the query form (no trailing "?")
 
 
 def new_key() -> str:
