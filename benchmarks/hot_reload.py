@@ -15,9 +15,10 @@ documents; ``wrk`` (a C client) sends ``POST /v1/query`` for ``--queries`` SciFa
 
 Reported per mode: requests, failed requests (non-2xx + socket errors), latency p50/p99/max; per reload
 the server's ``swap_ms`` (the assignment that stops routing to the old pipeline and starts routing to the
-new one) and ``build_ms`` (the new pipeline built off to the side).  Then a cache check: after a reload to
-model B the same question is answered by model B (a miss, not model A's cached answer), and after a
-reload back to model A its cached answer is served again (same fingerprint).  Writes ``hot_reload.json``.
+new one) and ``build_ms`` (the new pipeline built off to the side).  Then a cache check on a question outside
+the load, asked twice under model A (a miss, then cached): after a reload to model B it is answered by model
+B (a miss, not model A's cached answer), and after a reload back to model A, A's cached answer is served
+again (same fingerprint).  Writes ``hot_reload.json``.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         : max(0, a.docs - len(docs))
     ]
     questions = list(queries.values())[: a.queries]
+    extra = list(queries.values())[a.queries]  # never in the load: its only answers are the check's
     with tempfile.TemporaryDirectory(prefix="ragline-reload-") as tmp_s, FakeUpstream() as fake:
         tmp = Path(tmp_s)
         cfg, data_dir = tmp / "ragline.yaml", tmp / "data"
@@ -210,15 +212,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                         print(f"round {r} {mode}: {res}", flush=True)
                     write_config(cfg, data_dir, fake.url, MODELS[0])
                     reload_to(c, cfg, data_dir, fake.url, MODELS[0])
-                # the cache check, on a question asked (and cached) under model A
-                q = questions[0]
-                a0 = ask(c, q)
+                # the cache check, on a question outside the load (so model B never answered it), cached under A
+                q = extra
+                a0, a0b = ask(c, q), ask(c, q)
                 rb = reload_to(c, cfg, data_dir, fake.url, MODELS[1])
                 b1, b2 = ask(c, q), ask(c, q)
                 ra = reload_to(c, cfg, data_dir, fake.url, MODELS[0])
                 a1 = ask(c, q)
                 cache_check = {
-                    "before": [a0["model"], a0["cache"]["kind"]],
+                    "before": [a0["model"], a0["cache"]["kind"], a0b["cache"]["kind"]],
                     "after_reload_to_b": [b1["model"], b1["cache"]["kind"]],
                     "b_again": [b2["model"], b2["cache"]["kind"]],
                     "after_reload_back_to_a": [a1["model"], a1["cache"]["kind"]],
@@ -261,6 +263,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     report["checks"] = {
         "zero_failed_requests_under_reload": s["reload"]["failed"] == 0 and not errors,
         "swap_under_100_ms": bool(swaps) and max(swaps) < 100,
+        "cached_under_a_first": cache_check["before"] == [MODELS[0], "miss", "exact"],
         "new_model_not_served_from_old_cache": cache_check["after_reload_to_b"] == [MODELS[1], "miss"],
         "old_model_cache_back_with_old_settings": cache_check["after_reload_back_to_a"][0] == MODELS[0]
         and cache_check["after_reload_back_to_a"][1] == "exact",

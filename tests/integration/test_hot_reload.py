@@ -145,7 +145,7 @@ def test_sighup_to_the_workers_master_reloads_every_worker(tmp_path: Path, fake_
         deadline = time.monotonic() + 90
         reloaded: dict[int, int] = {}
         while len(reloaded) < 2 and time.monotonic() < deadline:
-            st = c.get("/v1/admin/reload", headers=ADMIN).json()
+            st = httpx.get(url + "/v1/admin/reload", headers=ADMIN).json()  # a new connection: either worker
             if st["generation"] == 2:
                 reloaded[st["pid"]] = st["generation"]
             time.sleep(0.05)
