@@ -4,7 +4,7 @@
 # types; any failure fails the run) and then the whole suite (unit + integration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "dev,bench,llama"
+bash scripts/setup.sh "dev,bench,llama,profile"
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
