@@ -100,6 +100,10 @@ class OnnxEmbedder:
         opts.intra_op_num_threads = settings.threads  # 0: ONNX Runtime's default, one per physical core
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # ONNX Runtime's intra-op threads spin between passes by default: lower latency on an idle machine,
+        # but a server shares its cores with the event loop, tokenisation and other workers, and spinning
+        # threads starve them (tenant B's one-document ingest behind A's job: 2.8 s spinning, see NOTES).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         self._session: Any = ort.InferenceSession(str(self.onnx_path), opts, providers=["CPUExecutionProvider"])
