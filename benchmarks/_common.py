@@ -30,6 +30,20 @@ DATA = REPO / ".." / "shared" / "data"
 RESULTS = HERE / "results"
 
 
+# wrk Lua: POST /v1/query with the JSON bodies of a file (one per line, %s), round robin; `%%` is a literal %
+WRK_QUERY_LUA = """
+local bodies = {}
+local i = 0
+for line in io.lines("%s") do bodies[#bodies + 1] = line end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i %% #bodies + 1
+  return wrk.format(nil, "/v1/query", nil, bodies[i])
+end
+"""
+
+
 def load_beir(folder: Path, split: str = "test") -> tuple[dict[str, str], dict[str, dict[str, int]]]:
     """Queries that appear in the split's qrels, and the qrels (CRLF-tolerant)."""
     qrels: dict[str, dict[str, int]] = {}

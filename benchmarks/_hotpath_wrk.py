@@ -26,22 +26,11 @@ from typing import Any
 
 import httpx
 from _common import HERE, clean_env, free_port, process, wait_http
+from _common import WRK_QUERY_LUA as LUA
 
 TARGET_VS_HELLO = 1.0
 TARGET_VS_HEALTHZ = 0.85
 TARGETS = ("hello", "healthz", "query_hit")
-
-LUA = """
-local bodies = {}
-local i = 0
-for line in io.lines("%s") do bodies[#bodies + 1] = line end
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = i %% #bodies + 1
-  return wrk.format(nil, "/v1/query", nil, bodies[i])
-end
-"""
 
 
 def available() -> bool:

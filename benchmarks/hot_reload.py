@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import orjson
 from _common import DATA, RESULTS, clean_env, free_port, load_beir, process, wait_http
+from _common import WRK_QUERY_LUA as LUA
 
 from ragline.config import Settings
 from ragline.ingest.loaders import iter_documents
@@ -47,17 +48,6 @@ from ragline.testing import FakeUpstream
 
 ADMIN = "bench-admin-key"
 MODELS = ("model-a", "model-b")
-LUA = """
-local bodies = {}
-local i = 0
-for line in io.lines("%s") do bodies[#bodies + 1] = line end
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = i %% #bodies + 1
-  return wrk.format(nil, "/v1/query", nil, bodies[i])
-end
-"""
 
 
 def write_config(path: Path, data_dir: Path, upstream: str, model: str) -> None:

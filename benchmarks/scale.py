@@ -34,19 +34,9 @@ from typing import Any
 import httpx
 import orjson
 from _common import DATA, REPO, RESULTS, clean_env, free_port, process, wait_http
+from _common import WRK_QUERY_LUA as LUA
 
 CONF = REPO / "deploy" / "nginx" / "ragline.conf"
-LUA = """
-local bodies = {}
-local i = 0
-for line in io.lines("%s") do bodies[#bodies + 1] = line end
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = i %% #bodies + 1
-  return wrk.format(nil, "/v1/query", nil, bodies[i])
-end
-"""
 
 
 def nginx_conf(ports: list[int], listen: int, tmp: Path) -> str:
