@@ -3,9 +3,11 @@ store's change log, the operator views that are not part of the query flow (``ra
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ragline import metrics, plugins
 from ragline.cache.clock import TermClock
@@ -19,6 +21,8 @@ from ragline.llm.cached import CachedLLM
 from ragline.multiquery import EmbedFn, MultiQuery
 from ragline.store.base import Store
 from ragline.types import Message
+
+log = logging.getLogger(__name__)
 
 __all__ = ["check_embedder", "load_components", "multi_query", "term_clock", "update_gauges", "upstreams_of"]
 
@@ -35,6 +39,16 @@ def multi_query(s: Settings, embed: EmbedFn, generate: Callable[[], CachedLLM | 
         return (await llm.complete(tenant, messages)).text
 
     return MultiQuery(s.retrieval.multi_query_n, embed, complete if s.llm.provider != "extractive" else None)
+
+
+def _embedder(e: EmbedderSettings) -> Embedder:
+    """The configured embedder; ``onnx`` without onnxruntime installed falls back to torch (``local``)."""
+    if e.provider == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        if e.quantize != "none":
+            raise ConfigError("embedder.quantize needs onnxruntime (pip install onnxruntime)")
+        log.warning("onnxruntime is not installed: embedding with sentence-transformers on torch instead")
+        return cast(Embedder, plugins.load("ragline.embedders", "local")(e))
+    return cast(Embedder, plugins.load("ragline.embedders", e.provider)(e))
 
 
 async def upstreams_of(component: object) -> dict[str, Any] | None:
@@ -57,7 +71,7 @@ def load_components(
     s: Settings, embedder: Embedder | None, store: Store | None, llm: LLM | None
 ) -> tuple[Embedder, Chunker, Store, LLM]:
     """The components not passed in, from the plugin registry, and the chunker."""
-    emb = embedder if embedder is not None else plugins.load("ragline.embedders", s.embedder.provider)(s.embedder)
+    emb = embedder if embedder is not None else _embedder(s.embedder)
     tok = getattr(emb, "tokenizer_file", None)
     # Chunk with the embedder's own tokenizer; remote embedders fall back to MiniLM's.
     model_dir = Path(tok).parent if tok is not None else resolve_model_dir(EmbedderSettings().model)

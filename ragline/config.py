@@ -124,9 +124,11 @@ class EmbedderSettings(Section):
     """``onnx``: cap on a forward pass's padded size (texts x longest text, in tokens); 0 = only
     ``batch_size`` limits a batch.  Texts are always batched by similar length."""
     micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
-    ingest_slice: int = Field(16, ge=1, le=4096)
+    ingest_slice: int = Field(8, ge=1, le=4096)
     """Texts per model call on the write path (local models): a query or another tenant's ingest waits
-    for one slice at most (16 chunks of MiniLM: 0.4-0.7 s on 2 cores), not for a whole ingest batch."""
+    for one slice at most, not for a whole ingest batch.  8, not 16: slices are cut from texts sorted by
+    length, so a slice of a long document's chunks is all full-length (a 16-slice held another tenant's
+    one-document ingest 2.0-2.2 s on the loaded 2-core CI machine, an 8-slice 0.9-1.2 s; docs/NOTES.md)."""
     dim: int | None = Field(None, ge=1, le=65_536, description="remote vector width; None: asked once at start")
     gateway: GatewaySettings = GatewaySettings()
     """Remote (``openai``) embedders: the endpoints; empty means one built from ``base_url``/``model``."""

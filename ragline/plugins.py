@@ -20,7 +20,7 @@ GROUPS = ("ragline.embedders", "ragline.llms", "ragline.stores")
 
 _cache: dict[str, dict[str, Any]] = {}
 
-_BUILTIN: dict[str, dict[str, str]] = {"ragline.embedders": {"onnx": "ragline.embed.onnx:make_embedder"}}
+_BUILTIN: dict[str, dict[str, str]] = {"ragline.embedders": {"onnx": "ragline.embed.onnx:OnnxEmbedder"}}
 """Built-ins newer than an installed copy's entry-point metadata (an editable install made before
 they existed): found by name even then.  pyproject.toml registers them as entry points too."""
 
