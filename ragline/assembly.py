@@ -24,7 +24,15 @@ from ragline.types import Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_embedder", "load_components", "multi_query", "term_clock", "update_gauges", "upstreams_of"]
+__all__ = [
+    "build_embedder",
+    "check_embedder",
+    "load_components",
+    "multi_query",
+    "term_clock",
+    "update_gauges",
+    "upstreams_of",
+]
 
 
 def multi_query(s: Settings, embed: EmbedFn, generate: Callable[[], CachedLLM | None]) -> MultiQuery | None:
@@ -41,7 +49,7 @@ def multi_query(s: Settings, embed: EmbedFn, generate: Callable[[], CachedLLM | 
     return MultiQuery(s.retrieval.multi_query_n, embed, complete if s.llm.provider != "extractive" else None)
 
 
-def _embedder(e: EmbedderSettings) -> Embedder:
+def build_embedder(e: EmbedderSettings) -> Embedder:
     """The configured embedder; ``onnx`` without onnxruntime installed falls back to torch (``local``)."""
     if e.provider == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         if e.quantize != "none":
@@ -71,7 +79,7 @@ def load_components(
     s: Settings, embedder: Embedder | None, store: Store | None, llm: LLM | None
 ) -> tuple[Embedder, Chunker, Store, LLM]:
     """The components not passed in, from the plugin registry, and the chunker."""
-    emb = embedder if embedder is not None else _embedder(s.embedder)
+    emb = embedder if embedder is not None else build_embedder(s.embedder)
     tok = getattr(emb, "tokenizer_file", None)
     # Chunk with the embedder's own tokenizer; remote embedders fall back to MiniLM's.
     model_dir = Path(tok).parent if tok is not None else resolve_model_dir(EmbedderSettings().model)

@@ -13,7 +13,7 @@ each padded only to its own longest text, so a short chunk never pays for a long
 
 ``embedder.quantize: int8`` runs a dynamically quantised copy (faster, slightly different vectors:
 its own embedder id, so its caches and stores are its own).  Without onnxruntime installed,
-:func:`make_embedder` falls back to the torch embedder.
+:func:`ragline.assembly.build_embedder` falls back to the torch embedder.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ import orjson
 
 from ragline.config import EmbedderSettings
 from ragline.embed.local import resolve_model_dir
-from ragline.errors import ConfigError
 from ragline.types import Vectors
 
-__all__ = ["OnnxEmbedder", "make_embedder", "mean_pool", "plan_batches"]
+__all__ = ["OnnxEmbedder", "mean_pool", "plan_batches"]
 
 log = logging.getLogger("ragline.embed.onnx")
 
@@ -155,17 +154,3 @@ class OnnxEmbedder:
             for batch in plan_batches([len(r) for r in ids], self.batch_size, self.max_tokens):
                 out[batch] = self._run([ids[i] for i in batch])
         return out
-
-
-def make_embedder(settings: EmbedderSettings) -> Any:
-    """The ONNX embedder, or the torch one (``LocalEmbedder``) when onnxruntime is not installed."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        if settings.quantize != "none":
-            raise ConfigError("embedder.quantize needs onnxruntime (pip install onnxruntime)") from None
-        log.warning("onnxruntime is not installed: embedding with sentence-transformers on torch instead")
-        from ragline.embed.local import LocalEmbedder
-
-        return LocalEmbedder(settings)
-    return OnnxEmbedder(settings)
