@@ -32,8 +32,9 @@ __all__ = ["EXPORT_VERSION", "OPSET", "cache_root", "ensure_onnx", "export", "we
 
 log = logging.getLogger("ragline.embed.onnx")
 
-EXPORT_VERSION = 1
-"""Bumped whenever the exported graph changes (inputs, outputs, exporter settings)."""
+EXPORT_VERSION = 2
+"""Bumped whenever the exported graph changes (inputs, outputs, exporter settings).  2: the fp32 graph
+is fused by ONNX Runtime's transformer optimizer (see :func:`_fuse`)."""
 OPSET = 17
 INT8_RECIPE = "dynamic-quint8-per-channel-const-b-matmul"
 """How int8 is made (part of its cache key).  Measured on SciFact chunks against fp32 (median / min
@@ -115,12 +116,16 @@ def ensure_onnx(model_dir: Path, quantize: str = "none", root: Path | None = Non
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = _atomic_target(final)
         try:
-            if quantize == "none":
-                log.warning("exporting %s to ONNX once (cached in %s)", model_dir, final.parent)
-                export(model_dir, tmp)
-            else:
-                fp32 = ensure_onnx(model_dir, "none", root)
-                _quantize(fp32, tmp, quantize)
+            log.warning("exporting %s to ONNX once (cached in %s)", model_dir, final.parent)
+            plain = tmp.with_suffix(".plain.onnx")
+            try:
+                export(model_dir, plain)
+                if quantize == "none":
+                    _fuse(model_dir, plain, tmp)
+                else:  # the int8 recipe was measured on the unfused graph: it quantises that one
+                    _quantize(plain, tmp, quantize)
+            finally:
+                plain.unlink(missing_ok=True)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -178,6 +183,36 @@ def export(model_dir: Path, out: Path) -> None:
             do_constant_folding=True,
             dynamo=False,
         )
+
+
+def _fuse(model_dir: Path, src: Path, out: Path) -> None:
+    """Fuse the exported BERT graph with ONNX Runtime's transformer optimizer (one Attention op per
+    layer, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization) into ``out``.
+
+    Measured on a 2-core AVX2 host (``benchmarks/onnx_embedder.py``): one short query 9.9 → 5.9 ms
+    with 2 threads, the same vectors (cosine 1.0000 against the unfused graph on 128 SciFact chunks).
+    A model the optimizer cannot fuse (another architecture, or no ``onnxruntime.transformers``)
+    keeps the unfused graph, which gives the same vectors, only slower."""
+    import shutil
+
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        config = orjson.loads((model_dir / "config.json").read_bytes())
+        model = optimize_model(
+            str(src),
+            model_type="bert",
+            num_heads=int(config["num_attention_heads"]),
+            hidden_size=int(config["hidden_size"]),
+            opt_level=1,  # fusions only: level 2+ bakes CPU-specific kernels into the file
+        )
+        fused = model.get_fused_operator_statistics()
+        if config.get("model_type") != "bert" or not fused.get("Attention"):
+            raise ValueError(f"nothing fused: {fused}")
+        model.save_model_to_file(str(out))
+    except Exception as e:  # noqa: BLE001  # any failure here only costs speed
+        log.warning("keeping the unfused ONNX graph (%s: %s)", type(e).__name__, e)
+        shutil.copyfile(src, out)
 
 
 def _quantize(src: Path, out: Path, mode: str) -> None:

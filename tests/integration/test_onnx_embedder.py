@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from ragline.config import EmbedderSettings
@@ -45,6 +46,8 @@ def test_fp32_parity_and_reuse(cache_dir: Path, reference: np.ndarray, monkeypat
     # one at a time (no padding) gives the same vectors as in a bucketed batch
     single = np.stack([emb.embed([s])[0] for s in SENTENCES])
     assert (single * vecs).sum(axis=1).min() >= 0.99999
+    ops = {n.op_type for n in onnx.load(str(emb.onnx_path)).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops, ops  # the fused graph (the fast one) was kept
 
     def no_export(*_: object) -> None:
         raise AssertionError("the second load must reuse the cached export")
