@@ -101,8 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         clf.fit(xs["fit"], fit["y"])
         scores[name] = (clf.predict_proba(xs["val"])[:, 1], clf.predict_proba(xs["test"])[:, 1])
     report: dict[str, Any] = {
-        "data": {"qqp_test_pairs": int(len(test["y"])), "qqp_test_duplicates": int(test["y"].sum()),
-                 "fit_pairs": int(len(fit["y"])), "val_pairs": int(len(val["y"]))},  # fmt: skip
+        "data": {
+            "qqp_test_pairs": len(test["y"]),
+            "qqp_test_duplicates": int(test["y"].sum()),
+            "fit_pairs": len(fit["y"]),
+            "val_pairs": len(val["y"]),
+        },
         "embedder": embed_info.get("model"),
         "target": {"precision": TARGET_PRECISION, "wilson_lower": 0.93, "recall": TARGET_RECALL},
         "rules": {},
