@@ -6,7 +6,7 @@ Starts ``ragline serve`` (the local MiniLM embedder, the extractive answerer, ad
 defaults unless ``--work/--queue/--queue-timeout`` say otherwise) on 127.0.0.1, ingests ``--docs``
 SciFact documents, then drives it with ``wrk`` (Debian, a C load generator) and a paced Lua script:
 
-* every request is a full miss: a SciFact query made unique by a suffix (``"… [thread.n]"``, so its
+* every request is a full miss: a SciFact query made unique by a suffix (``"… [run.thread.n]"``, so its
   embedding is computed too) with ``"cache": "bypass"``: embed + retrieve + pack + extractive answer;
 * the script runs one connection per wrk thread and logs, per response, its status, its latency from
   the moment it was sent and from the moment it was *scheduled*, and whether it carried Retry-After.
@@ -55,7 +55,7 @@ local ffi = require("ffi")
 ffi.cdef[[ typedef struct { long tv_sec; long tv_nsec; } rl_ts; int clock_gettime(int, rl_ts *); ]]
 local ts = ffi.new("rl_ts")
 local function now() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
-local BODIES, LOGDIR, RATE, CONNS = "%(bodies)s", "%(logdir)s", %(rate)f, %(conns)d
+local BODIES, LOGDIR, RATE, CONNS, RUN = "%(bodies)s", "%(logdir)s", %(rate)f, %(conns)d, "%(run)s"
 local counter = 0
 function setup(thread) counter = counter + 1; thread:set("id", counter) end
 function init(args)
@@ -82,7 +82,7 @@ function request()
   qi = qi %% #queries + 1
   sent = now()
   return wrk.format(nil, "/v1/query", nil,
-    '{"query":"' .. queries[qi] .. ' [' .. id .. '.' .. k .. ']","cache":"bypass","timings":false}')
+    '{"query":"' .. queries[qi] .. ' [' .. RUN .. '.' .. id .. '.' .. k .. ']","cache":"bypass","timings":false}')
 end
 function response(status, headers, body)
   local t = now()
@@ -97,7 +97,11 @@ def run_wrk(url: str, tmp: Path, name: str, *, conns: int, seconds: float, rate:
     logdir = tmp / name
     logdir.mkdir()
     script = tmp / f"{name}.lua"
-    script.write_text(PACED_LUA % {"bodies": tmp / "queries.txt", "logdir": logdir, "rate": rate, "conns": conns})
+    # the run's name is in every query text: "cache": "bypass" still caches query embeddings, so texts that
+    # repeated across runs (the same thread id and counter) made later runs' requests cheaper than a miss
+    script.write_text(
+        PACED_LUA % {"bodies": tmp / "queries.txt", "logdir": logdir, "rate": rate, "conns": conns, "run": name}
+    )
     subprocess.run(
         ["wrk", f"-t{conns}", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url],
         capture_output=True,
