@@ -192,7 +192,9 @@ def server(tmp: Path, name: str, docs: list[dict[str, Any]], limits: dict[str, s
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = clean_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAGLINE_DATA_DIR=str(tmp / f"data-{name}"))
-    env.update({f"RAGLINE_LIMITS__{k.upper()}": v for k, v in limits.items()})
+    env.update({f"RAGLINE_LIMITS__{k.upper()}": v for k, v in limits.items() if k != "profile"})
+    if limits.get("profile"):
+        env["RAGLINE_PROFILE"] = limits["profile"]
     cmd = [sys.executable, "-m", "ragline.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with process(cmd, env, tmp / f"serve-{name}.log") as proc:
         wait_http(url, proc, tmp / f"serve-{name}.log", path="/readyz", timeout_s=300)
@@ -246,6 +248,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         )
         if v is not None
     }
+    if a.profile:
+        limits["profile"] = a.profile
     report: dict[str, Any] = {
         "docs": a.docs,
         "duration_s": a.duration,
@@ -310,6 +314,7 @@ def main() -> None:
     ap.add_argument("--work", type=int, default=None, help="limits.max_concurrent_work (default: the server's)")
     ap.add_argument("--queue", type=int, default=None, help="limits.max_queued_work")
     ap.add_argument("--queue-timeout", type=float, default=None, help="limits.queue_timeout_s")
+    ap.add_argument("--profile", default=None, help="the server's settings profile (e.g. latency)")
     ap.add_argument("--out", default="overload.json")
     a = ap.parse_args()
     t0 = time.time()

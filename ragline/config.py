@@ -237,7 +237,12 @@ class LimitSettings(Section):
     max_history_messages: int = Field(50, ge=0)
     max_history_chars: int = Field(64_000, ge=0, description="all history messages together, in characters")
     max_metadata_bytes: int = Field(16_384, ge=0)
-    max_concurrent_work: int = Field(0, ge=0, description="admitted uncached requests at once; 0: 2 x CPU cores")
+    max_concurrent_work: int = Field(
+        0, ge=0, description="admitted uncached requests at once; 0: work_per_core x CPU cores"
+    )
+    work_per_core: float = Field(
+        2.0, gt=0, le=64, description="admitted uncached requests per CPU core when max_concurrent_work is 0"
+    )
     max_queued_work: int = Field(-1, ge=-1, description="more waiting for admission; -1: as many as admitted")
     queue_timeout_s: float = Field(1.0, gt=0, le=60, description="longest wait for admission, then 503")
 

@@ -25,11 +25,13 @@ PROFILES: Final[dict[str, dict[str, dict[str, Any]]]] = {
     },
     "latency": {
         # one request as fast as possible: never wait for a batch to fill or behind a long ingest slice,
-        # give up on a slow Redis or a full queue sooner (fail open / 503 instead of a slow answer)
+        # give up on a slow Redis or a full queue sooner (fail open / 503 instead of a slow answer); admit
+        # one uncached request per core and queue none: at 4x capacity (benchmarks/overload.py) admitted p99
+        # 1.59x unloaded at goodput 0.92, against 4.45x (goodput 0.95) at 2 per core with a queue
         "embedder": {"micro_batch_wait_ms": 0.0, "ingest_slice": 4},
         "cache": {"redis_timeout_s": 0.02, "singleflight_poll_s": 0.01, "l1_max_bytes": 128 * MiB},
         "server": {"keep_alive_s": 30.0},
-        "limits": {"queue_timeout_s": 0.25},
+        "limits": {"queue_timeout_s": 0.25, "work_per_core": 1.0, "max_queued_work": 0},
     },
     "memory": {
         # a small resident set: a small L1 (L3 on disk still caches), small model batches, fewer pools and jobs

@@ -47,8 +47,9 @@ class Admission:
 
     @classmethod
     def from_limits(cls, lim: LimitSettings) -> Admission:
-        """``max_concurrent_work`` (0: 2 per CPU core), ``max_queued_work`` (-1: as many), ``queue_timeout_s``."""
-        work = lim.max_concurrent_work or 2 * (os.cpu_count() or 1)
+        """``max_concurrent_work`` (0: ``work_per_core`` per CPU core), ``max_queued_work`` (-1: as many),
+        ``queue_timeout_s``."""
+        work = lim.max_concurrent_work or max(1, round(lim.work_per_core * (os.cpu_count() or 1)))
         return cls(work, work if lim.max_queued_work < 0 else lim.max_queued_work, lim.queue_timeout_s)
 
     @property
