@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:
@@ -24,7 +26,6 @@ if str(REPO) not in sys.path:
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import orjson  # noqa: E402
 
 DATA = REPO / ".." / "shared" / "data"
 RESULTS = HERE / "results"
@@ -42,6 +43,13 @@ request = function()
   return wrk.format(nil, "/v1/query", nil, bodies[i])
 end
 """
+
+
+def write_report(path: Path, report: Any) -> None:
+    """Write a benchmark's report as indented JSON (creating the folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"wrote {path}")
 
 
 def load_beir(folder: Path, split: str = "test") -> tuple[dict[str, str], dict[str, dict[str, int]]]:

@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from _common import DATA, RESULTS, tree_cpu
+from _common import DATA, RESULTS, tree_cpu, write_report
 from _fake import fake_upstream
 
 from ragline.config import EmbedderSettings, GatewaySettings, UpstreamSettings
@@ -317,9 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.monotonic()
     results = asyncio.run(run(a))
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    print(f"claim holds: {results['claim']['holds']} (ratio {results['claim']['ratio']}x); wrote {a.out}")
+    write_report(a.out, results)
+    print(f"claim holds: {results['claim']['holds']} (ratio {results['claim']['ratio']}x)")
 
 
 if __name__ == "__main__":

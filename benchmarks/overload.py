@@ -188,13 +188,15 @@ async def _abandoning(port: int, queries: list[str], workers: int, seconds: floa
 
 
 @contextlib.contextmanager
-def server(tmp: Path, name: str, docs: list[dict[str, Any]], limits: dict[str, str]) -> Iterator[tuple[str, int, int]]:
+def server(
+    tmp: Path, name: str, docs: list[dict[str, Any]], limits: dict[str, str], profile: str | None = None
+) -> Iterator[tuple[str, int, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = clean_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAGLINE_DATA_DIR=str(tmp / f"data-{name}"))
-    env.update({f"RAGLINE_LIMITS__{k.upper()}": v for k, v in limits.items() if k != "profile"})
-    if limits.get("profile"):
-        env["RAGLINE_PROFILE"] = limits["profile"]
+    env.update({f"RAGLINE_LIMITS__{k.upper()}": v for k, v in limits.items()})
+    if profile:
+        env["RAGLINE_PROFILE"] = profile
     cmd = [sys.executable, "-m", "ragline.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with process(cmd, env, tmp / f"serve-{name}.log") as proc:
         wait_http(url, proc, tmp / f"serve-{name}.log", path="/readyz", timeout_s=300)
@@ -248,18 +250,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         )
         if v is not None
     }
-    if a.profile:
-        limits["profile"] = a.profile
     report: dict[str, Any] = {
         "docs": a.docs,
         "duration_s": a.duration,
         "factor": a.factor,
         "limits": limits or "defaults",
+        "profile": a.profile,
     }
     with tempfile.TemporaryDirectory(prefix="ragline-overload-") as t:
         tmp = Path(t)
         (tmp / "queries.txt").write_text("".join(orjson.dumps(q).decode()[1:-1] + "\n" for q in queries))
-        with server(tmp, "main", docs, limits) as (url, port, pid):
+        with server(tmp, "main", docs, limits, a.profile) as (url, port, pid):
             run_wrk(url, tmp, "warmup", conns=2, seconds=5, rate=0)
             cap = {}
             for c in (1, 2, 4):
@@ -292,7 +293,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             report["abandoned"] = {"default_queue": abandon(url, port, queries, a.abandon_duration)}
             print("abandoned", report["abandoned"], flush=True)
         deep = {**limits, "max_queued_work": "256", "queue_timeout_s": "30"}
-        with server(tmp, "deep", docs, deep) as (url, port, _):
+        with server(tmp, "deep", docs, deep, a.profile) as (url, port, _):
             run_wrk(url, tmp, "warmup-deep", conns=2, seconds=5, rate=0)
             report["abandoned"]["deep_queue"] = {"limits": deep, **abandon(url, port, queries, a.abandon_duration)}
             print("abandoned deep", report["abandoned"]["deep_queue"], flush=True)

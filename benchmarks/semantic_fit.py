@@ -60,6 +60,18 @@ def pair_data(s: Split, index: dict[str, int], vectors: npt.NDArray[np.float32])
     return {"cos": cos, "sig": sig, "emb": np.hstack([va * vb, np.abs(va - vb)]), "y": s.y.astype(np.float64)}
 
 
+def load_pair_data(
+    data: Path, names: tuple[str, ...]
+) -> tuple[dict[str, Split], npt.NDArray[np.float32], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The splits, their vectors, the pair data of the named splits plus the fit ones, the fit set
+    (QQP fit + STS-B train, concatenated) and the embedding info."""
+    splits = load_splits(data.resolve())
+    index, vectors, embed_info = embed_all(splits)
+    d = {n: pair_data(splits[n], index, vectors) for n in {"qqp_fit", "stsb_fit", *names}}
+    fit = {k: np.concatenate([d["qqp_fit"][k], d["stsb_fit"][k]]) for k in ("cos", "sig", "emb", "y")}
+    return splits, vectors, d, fit, embed_info
+
+
 def fit_logistic(x: Arr, y: Arr, lam: float, iters: int = 500) -> tuple[Arr, Arr, Arr, float]:
     """Standardise, then minimise the L2-penalised log-loss (bias not penalised) with L-BFGS."""
     from scipy.optimize import minimize
@@ -124,11 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--veto-min", type=int, default=3)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    splits = load_splits(args.data.resolve())
-    index, vectors, embed_info = embed_all(splits)
-    d = {n: pair_data(splits[n], index, vectors) for n in ("qqp_fit", "stsb_fit", "qqp_val", "stsb_val")}
-
-    fit = {k: np.concatenate([d["qqp_fit"][k], d["stsb_fit"][k]]) for k in ("cos", "sig", "emb", "y")}
+    splits, vectors, d, fit, embed_info = load_pair_data(args.data, ("qqp_val", "stsb_val"))
     region = fit["cos"] >= args.fit_floor
     x_sig = fit["sig"][region]
     x_full = np.hstack([x_sig, fit["emb"][region]])

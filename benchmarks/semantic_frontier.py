@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import orjson
-from _common import DATA, RESULTS
-from _pairs import embed_all, load_splits
+from _common import DATA, RESULTS, write_report
 from semantic_accuracy import wilson
-from semantic_fit import fit_logistic, pair_data, predict
+from semantic_fit import fit_logistic, load_pair_data, predict
 
 Arr = npt.NDArray[np.float64]
 TARGET_PRECISION = 0.95
@@ -86,10 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     t0 = time.perf_counter()
-    splits = load_splits(args.data.resolve())
-    index, vectors, embed_info = embed_all(splits)
-    d = {n: pair_data(splits[n], index, vectors) for n in ("qqp_fit", "stsb_fit", "qqp_val", "qqp_test")}
-    fit = {k: np.concatenate([d["qqp_fit"][k], d["stsb_fit"][k]]) for k in ("cos", "sig", "emb", "y")}
+    _, _, d, fit, embed_info = load_pair_data(args.data, ("qqp_val", "qqp_test"))
     val, test = d["qqp_val"], d["qqp_test"]
     scores: dict[str, tuple[Arr, Arr]] = {"cosine": (val["cos"], test["cos"])}
     logit = fit_logistic(fit["sig"], fit["y"], 100.0)
@@ -121,9 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:26s} val-chosen: {row['val_threshold_for_0.95']}\n{'':26s} bound @R≥0.30: "
               f"{row['test_upper_bound_at_recall_0.30']}", flush=True)  # fmt: skip
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

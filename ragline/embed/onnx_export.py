@@ -199,6 +199,8 @@ def _fuse(model_dir: Path, src: Path, out: Path) -> None:
         from onnxruntime.transformers.optimizer import optimize_model
 
         config = orjson.loads((model_dir / "config.json").read_bytes())
+        if config.get("model_type") != "bert":
+            raise ValueError(f"model_type {config.get('model_type')!r} is not bert")
         model = optimize_model(
             str(src),
             model_type="bert",
@@ -207,7 +209,7 @@ def _fuse(model_dir: Path, src: Path, out: Path) -> None:
             opt_level=1,  # fusions only: level 2+ bakes CPU-specific kernels into the file
         )
         fused = model.get_fused_operator_statistics()
-        if config.get("model_type") != "bert" or not fused.get("Attention"):
+        if not fused.get("Attention"):
             raise ValueError(f"nothing fused: {fused}")
         model.save_model_to_file(str(out))
     except Exception as e:  # any failure here only costs speed
