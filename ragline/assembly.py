@@ -16,6 +16,7 @@ from ragline.embed.base import Embedder
 from ragline.embed.local import resolve_model_dir
 from ragline.errors import ConfigError
 from ragline.ingest.chunking import Chunker
+from ragline.ingest.reembed import REEMBEDDING
 from ragline.llm.base import LLM
 from ragline.llm.cached import CachedLLM
 from ragline.multiquery import EmbedFn, MultiQuery
@@ -29,6 +30,7 @@ __all__ = [
     "check_embedder",
     "load_components",
     "multi_query",
+    "open_store",
     "term_clock",
     "update_gauges",
     "upstreams_of",
@@ -85,13 +87,18 @@ def load_components(
     model_dir = Path(tok).parent if tok is not None else resolve_model_dir(EmbedderSettings().model)
     chunker = Chunker.from_model_dir(model_dir, s.chunk)
     if store is None:
-        factory = plugins.load("ragline.stores", s.store)
-        opener = getattr(factory, "from_settings", None)  # built-ins read their own settings
-        store = opener(s, emb.dim) if opener is not None else factory(s.data_dir, emb.dim)
+        store = open_store(s, emb.dim)
     check_embedder(store, emb.id, s.embedder.model)
     if llm is None:
         llm = plugins.load("ragline.llms", s.llm.provider)(s.llm)
     return emb, chunker, store, llm
+
+
+def open_store(s: Settings, dim: int) -> Store:
+    """The configured store, from the plugin registry, for vectors of ``dim`` (no embedder check)."""
+    factory = plugins.load("ragline.stores", s.store)
+    opener = getattr(factory, "from_settings", None)  # built-ins read their own settings
+    return cast(Store, opener(s, dim) if opener is not None else factory(s.data_dir, dim))
 
 
 def check_embedder(store: Store, embedder_id: str, model: str) -> None:
@@ -105,6 +112,13 @@ def check_embedder(store: Store, embedder_id: str, model: str) -> None:
     if meta is None or set_meta is None:
         return
     recorded = meta("embedder")
+    if recorded is not None and recorded.startswith(REEMBEDDING):
+        target = recorded.removeprefix(REEMBEDDING)
+        where = getattr(store, "data_dir", "the PostgreSQL store")
+        raise ConfigError(
+            f"the store in {where} is being re-embedded with {target!r} (or a run was interrupted): "
+            f"finish it with `ragline reembed` configured for that embedder before opening it"
+        )
     if recorded is None:
         if store.stats()["chunks"] == 0 or not embedder_id.startswith("onnx"):
             set_meta("embedder", embedder_id)
@@ -119,7 +133,8 @@ def check_embedder(store: Store, embedder_id: str, model: str) -> None:
             )
         raise ConfigError(
             f"the store in {where} holds vectors made by the embedder {recorded!r}, not by the configured "
-            f"{embedder_id!r}: configure that embedder again{hint}, or ingest into a new data_dir with this one"
+            f"{embedder_id!r}: configure that embedder again{hint}, or re-embed the corpus with this one "
+            "(`ragline reembed` with this configuration)"
         )
 
 

@@ -47,7 +47,7 @@ from ragline.store.changelog import CHANGES_SCHEMA, ChangeLog, LoggedChange, Seq
 from ragline.store.conversations import WithConversations
 from ragline.store.meta import MetaRecord
 from ragline.store.tenant_index import TenantIndex
-from ragline.store.writes import analyze, delete_rows, keyword_query_text, upsert_rows
+from ragline.store.writes import analyze, delete_rows, keyword_query_text, read_documents, upsert_rows
 from ragline.types import Change, Chunk, Document, Scored, Vectors
 
 _SCHEMA = """
@@ -360,6 +360,11 @@ class EmbeddedStore(MetaRecord, WithConversations):
                 ):
                     out[cid] = Chunk(cid, did, ordn, text, title, h, orjson.loads(meta))
         return out
+
+    def documents(self, tenant: str, doc_ids: list[str]) -> dict[str, Document]:
+        """The known documents among ``doc_ids`` (``text`` empty: a document keeps no full text)."""
+        with self._db_lock:
+            return read_documents(self._db, tenant, doc_ids)
 
     def vectors(self, tenant: str, chunk_ids: list[str]) -> Vectors:
         found: dict[str, bytes] = {}

@@ -341,6 +341,15 @@ class PostgresStore:
             ).fetchall()
         return {r[0]: Chunk(r[0], r[1], int(r[2]), r[3], r[4], r[5], r[6]) for r in rows}
 
+    def documents(self, tenant: str, doc_ids: list[str]) -> dict[str, Document]:
+        """The known documents among ``doc_ids`` (``text`` empty: only chunks keep text)."""
+        with self.pool.connection() as c:
+            rows = c.execute(
+                "SELECT doc_id, title, source, metadata FROM documents WHERE tenant = %s AND doc_id = ANY(%s)",
+                (tenant, doc_ids),
+            ).fetchall()
+        return {r[0]: Document(r[0], "", r[1], r[3], r[2]) for r in rows}
+
     def vectors(self, tenant: str, chunk_ids: list[str]) -> Vectors:
         with self.pool.connection() as c:
             rows = c.execute(

@@ -167,3 +167,18 @@ def diff_chunks(
 def _json_eq(a: object, b: object) -> bool:
     """JSON equality (``1``, ``1.0`` and ``true`` differ, unlike Python's ``==``)."""
     return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+
+
+def read_documents(db: sqlite3.Connection, tenant: str, doc_ids: list[str]) -> dict[str, Document]:
+    """The known documents among ``doc_ids`` with their title, source and metadata (``text`` is empty: a
+    document keeps no full text, only its chunks)."""
+    out: dict[str, Document] = {}
+    for i in range(0, len(doc_ids), 500):
+        batch = doc_ids[i : i + 500]
+        marks = ",".join("?" * len(batch))
+        for did, title, source, meta in db.execute(
+            f"SELECT doc_id, title, source, metadata FROM documents WHERE tenant=? AND doc_id IN ({marks})",
+            (tenant, *batch),
+        ):
+            out[str(did)] = Document(str(did), "", str(title), orjson.loads(meta), str(source))
+    return out

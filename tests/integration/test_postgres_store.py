@@ -170,3 +170,31 @@ def test_ragline_migrate_copies_an_embedded_data_dir(pg_dsn: str, tmp_path: Path
         pg.close()
     bad = CliRunner().invoke(app, ["migrate", "--data-dir", str(tmp_path / "none"), "--to", pg_dsn])
     assert bad.exit_code == 2 and "no embedded store" in bad.output
+
+
+def test_reembed_in_place_on_postgres(pg_dsn: str) -> None:
+    """``ragline reembed``'s core on PostgreSQL: every vector replaced, chunks and keyword index kept, and
+    another instance on the database serves the new vectors."""
+    from ragline.ingest.reembed import reembed_store
+
+    class Rolled(HashEmbedder):
+        def embed(self, texts: list[str]) -> Any:
+            return np.roll(super().embed(texts), 1, axis=1)
+
+    a, b = PostgresStore(pg_dsn, EMB.dim), PostgresStore(pg_dsn, EMB.dim)
+    try:
+        a.upsert("t", rows(list(TEXTS)))
+        a.upsert("u", rows(["owls"]))
+        a.set_meta("embedder", EMB.id)
+        new = Rolled(model_id="hash:rolled")
+        report = reembed_store(a, new, batch_docs=3)
+        assert report.documents == {"t": 8, "u": 1} and report.previous == EMB.id and a.meta("embedder") == new.id
+        assert a.stats("t") == {"documents": 8, "chunks": 8}
+        want = new.embed([f"Owls\n{TEXTS['owls']}"])
+        assert np.allclose(a.vectors("u", ["owls#0"]), want, atol=1e-6)
+        assert a.search_keyword("t", "caffeine tea", 1)[0].chunk_id == "tea#0"
+        assert b.search_dense("t", new.embed([f"Cats\n{TEXTS['cats']}"])[0], 1)[0].chunk_id == "cats#0"
+        assert a.documents("t", ["tea"])["tea"].title == "Tea"
+    finally:
+        a.close()
+        b.close()
