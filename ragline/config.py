@@ -123,7 +123,11 @@ class EmbedderSettings(Section):
     max_batch_tokens: int = Field(0, ge=0, le=1_000_000)
     """``onnx``: cap on a forward pass's padded size (texts x longest text, in tokens); 0 = only
     ``batch_size`` limits a batch.  Texts are always batched by similar length."""
-    micro_batch_wait_ms: float = Field(2.0, ge=0, le=100)
+    micro_batch_wait_ms: float | None = Field(None, ge=0, le=100)
+    """How long a lone query waits for others to share its model call.  Unset: 0 for in-process models
+    (continuous batching already merges the queries that arrive during a pass; a 2 ms wait cost a lone
+    query 2 ms and bought no throughput at 16 concurrent queries, docs/NOTES.md), 2 ms for remote
+    embedders (a wave of concurrent calls becomes one upstream request)."""
     ingest_slice: int = Field(8, ge=1, le=4096)
     """Texts per model call on the write path (local models): a query or another tenant's ingest waits
     for one slice at most, not for a whole ingest batch.  8, not 16: slices are cut from texts sorted by

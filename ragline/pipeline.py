@@ -354,8 +354,8 @@ class AsyncRAG(LibrarySurface):
             dep = inv.record(key, q.tenant, q.text, qvec, r, [h.chunk_id for h in sources], q.k or 0, bool(q.mmr))
             if q.cache_mode == "default" and not q.history:
                 hit = await self._semantic(q, key, qvec, sources, t)  # 6 semantic
-                if hit is not None:
-                    await inv.put(gen, key, hit.body, dep, semantic=True)
+                if hit is not None:  # stored under this query's key behind the response
+                    await inv.put_behind(gen, key, hit.body, dep, semantic=True)
                     return hit
         fresh = await deliver(q, sources, messages, t)  # 7 generate
         body = answer_body(fresh.text, sources, fresh.usage, fresh.model, fresh.upstream)
@@ -547,9 +547,10 @@ def _wire(self: AsyncRAG) -> None:
         self.cache.attach_clock(term_clock(self._store))
     self._retrieve_cached = CachedRetriever(retriever, self.cache, self._invalidation)
     e = s.embedder
-    self._embed = CachedEmbedder(
-        emb, self.cache, max_batch=e.batch_size, max_wait_ms=e.micro_batch_wait_ms, ingest_slice=e.ingest_slice
-    )
+    wait = e.micro_batch_wait_ms
+    if wait is None:  # remote embedders (they have aembed) gather a wave; in-process ones never delay a query
+        wait = 2.0 if getattr(emb, "aembed", None) is not None else 0.0
+    self._embed = CachedEmbedder(emb, self.cache, max_batch=e.batch_size, max_wait_ms=wait, ingest_slice=e.ingest_slice)
     self._generate = CachedLLM(self._llm, self.cache, s.llm)
     self._indexer = Indexer(self._store, self._chunker, self._embed, s, self._invalidation, catch_up=self.catch_up)
     self._follower = Follower(self._store, self._invalidation, functools.partial(update_gauges, self._store))

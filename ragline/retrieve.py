@@ -146,10 +146,14 @@ class HybridRetriever:
         # Fetch texts for the head of the fused list only; MMR looks a little deeper.
         pool = fused[: (max(3 * k, 20) if want_mmr else k) if not doc_level else max(depth, k)]
         ids = [cid for cid, _ in pool]
-        chunks = await asyncio.to_thread(self.store.chunks, tenant, ids)
+        store, use_mmr = self.store, want_mmr and len(pool) > 1
+
+        def fetch() -> tuple[dict[str, Chunk], Vectors | None]:  # one worker-thread hop for both reads
+            return store.chunks(tenant, ids), store.vectors(tenant, ids) if use_mmr else None
+
+        chunks, vecs = await asyncio.to_thread(fetch)
         order = list(range(len(pool)))
-        if want_mmr and len(pool) > 1:
-            vecs = await asyncio.to_thread(self.store.vectors, tenant, ids)
+        if use_mmr and vecs is not None:
             top = pool[0][1]
             order = mmr(qvec.reshape(-1), vecs, [sc / top for _, sc in pool], len(pool), s.mmr_lambda)
         hits: list[Hit] = []

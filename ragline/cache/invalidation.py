@@ -91,6 +91,12 @@ class Invalidation:
         if not self._unchanged(tenant, gen):
             await self.cache.drop([key])
 
+    async def put_behind(
+        self, gen: Generation, key: str, value: bytes, dep: DepRecord | None, semantic: bool = False
+    ) -> None:
+        """:meth:`put`, behind the response: a reader of ``key`` waits for it (:mod:`ragline.cache.behind`)."""
+        await self.cache.behind.submit(key, self.put(gen, key, value, dep, semantic))
+
     # -- dependency records ------------------------------------------------------
     def record(
         self,
@@ -218,6 +224,8 @@ class Invalidation:
         verification is taken from there)."""
         cache = self.cache
         tier: str | None = "l1"
+        if await cache.behind.wait(key):
+            skip_l1 = False  # its pending write has just put it in L1
         if skip_l1:
             body = cache.l1_to_verify(key, tenant)
             if body is None:
@@ -407,7 +415,7 @@ class CachedRetriever:
                 )
         if key is not None and inv is not None:
             dep = inv.record(key, tenant, query, vec, r, [h.chunk_id for h in r.hits], k, mmr, doc_level, candidates)
-            await inv.put(gen, key, retrieval_to_bytes(r), dep)
+            await inv.put_behind(gen, key, retrieval_to_bytes(r), dep)  # serves later requests only
         return r
 
 

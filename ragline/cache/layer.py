@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ragline.cache.behind import WriteBehind
 from ragline.cache.clock import TermClock
 from ragline.cache.crypto import cipher_from
 from ragline.cache.deps import DepRecord, DepsIndex
@@ -117,6 +118,8 @@ class CacheLayer(LayerKeys):
         self.settings = settings
         self.cs = settings.cache
         self.tiers: TieredCache = build_cache(self.cs, settings.data_dir)
+        self.behind = WriteBehind()
+        """Writes that only serve later requests run behind the response (:mod:`ragline.cache.behind`)."""
         self._tiers_get_l1 = self.tiers.get_l1  # bound once: the exact-hit path
         self.deps: DepsIndex = _deps_index(settings)
         self.shared_deps = isinstance(self.deps, RedisDependencyIndex)
@@ -178,6 +181,7 @@ class CacheLayer(LayerKeys):
             await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
+        await self.behind.drain()  # pending writes land before the tiers close
         if self._reconcile_task is not None:
             self._reconcile_task.cancel()
             with contextlib.suppress(BaseException):
@@ -280,7 +284,11 @@ class CacheLayer(LayerKeys):
             self.embedding_key(tenant, t): np.ascontiguousarray(v, dtype=np.float32).tobytes()
             for t, v in zip(texts, vectors, strict=True)
         }
-        await self.tiers.set_many(items, self.ttls["embedding"])
+        # L1 now (the next lookup in this process hits); L2/L3 behind the response: a vector is a pure
+        # function of (embedder, text), so a late or lost write costs at most one more embedding
+        ttl = self.ttls["embedding"]
+        await self.tiers.set_many(items, ttl, slow=False)
+        await self.behind.submit(None, self.tiers.set_many(items, ttl, l1=False))
 
     # -- semantic -----------------------------------------------------------------------
     async def semantic_match(

@@ -195,22 +195,20 @@ class TieredCache:
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         await self.set_many({key: value}, ttl)
 
-    async def set_many(self, items: Mapping[str, bytes], ttl: float | None = None) -> None:
-        """Write to every tier (L1 synchronously, the others concurrently, all fail-open)."""
-        if not items:
-            return
+    async def set_many(
+        self, items: Mapping[str, bytes], ttl: float | None = None, *, l1: bool = True, slow: bool = True
+    ) -> None:
+        """Write to every tier (L1 synchronously, the others concurrently, all fail-open); ``l1``/``slow``: which."""
         ttl = self.default_ttl_s if ttl is None else ttl
-        slow: list[Awaitable[None]] = []
-        l1 = self.l1
-        for tier in self.tiers:
-            if tier is l1:
-                assert l1 is not None
+        writes: list[Awaitable[None]] = []
+        for tier in self.tiers if items else ():
+            if tier is self.l1 and l1:
                 for k, v in items.items():
-                    l1.set(k, v, ttl)
-            else:
-                slow.append(tier.set_many(items, ttl))
-        if slow:
-            await asyncio.gather(*slow, return_exceptions=True)
+                    tier.set(k, v, ttl)
+            elif tier is not self.l1 and slow:
+                writes.append(tier.set_many(items, ttl))
+        if writes:
+            await asyncio.gather(*writes, return_exceptions=True)
 
     async def delete_many(self, keys: Sequence[str], *, broadcast: bool = True) -> None:
         """Delete from every tier; with a bus, other instances drop them from L1/L3."""

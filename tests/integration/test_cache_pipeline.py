@@ -58,6 +58,21 @@ async def test_bypass_and_refresh(make_settings: Callable[..., Settings], embedd
         assert (await rag.ask(Q)).cache.kind == "exact"
 
 
+async def test_a_semantic_hit_is_stored_behind_the_response_and_asked_again_is_exact(
+    make_settings: Callable[..., Settings], embedder: LocalEmbedder
+) -> None:
+    """The semantic hit is written under the new query's key after the response went out (write-behind);
+    the same question asked again at once still finds it, exactly, because a reader waits for it."""
+    async with AsyncRAG(cached(make_settings), embedder=embedder) as rag:
+        await rag.ingest(DOCS)
+        await rag.ask(Q)
+        para = await rag.ask("When exactly was the Eiffel Tower completed?")
+        assert para.cache.kind == "semantic"
+        again = await rag.ask("When exactly was the Eiffel Tower completed?")
+        assert (again.cache.kind, again.cache.tier) == ("exact", "l1") and again.text == para.text
+        assert rag.cache is not None and rag.cache.behind.written >= 1
+
+
 async def test_semantic_hit_is_verified_and_guarded(
     make_settings: Callable[..., Settings], embedder: LocalEmbedder
 ) -> None:
