@@ -347,7 +347,7 @@ class AsyncRAG(LibrarySurface):
         gen = inv.generation(q.tenant) if inv is not None else (0, 0)
         async with self.admission.slot():  # CPU work: bounded (503 past capacity); hits never wait here
             qvec = await self.embed_query(q.text, q.tenant, t)  # 3 embed
-            r = await self._retrieve(q, qvec, t, "bypass" if q.cache_mode == "bypass" else "default")  # 4 retrieve
+            r = await self._retrieve(q, qvec, t, "bypass" if q.cache_mode == "bypass" else "default", key is None)  # 4
             sources, messages = await self._context(q.text, q.tenant, r.hits, q.history, t)  # 5 context
         dep = None
         if key is not None and inv is not None:
@@ -388,13 +388,14 @@ class AsyncRAG(LibrarySurface):
         with metrics.stage("embed", timings):
             return await self._embed.embed_query(tenant, query)
 
-    async def _retrieve(self, q: Query, qvec: Vectors | None, t: Timings | None, mode: CacheMode) -> Retrieval:
-        """Step 4: the retrieval cache (``mode``), else hybrid retrieval (embedding the query if needed)."""
+    async def _retrieve(
+        self, q: Query, qvec: Vectors | None, t: Timings | None, mode: CacheMode, keep: bool = True
+    ) -> Retrieval:
+        """Step 4: the retrieval cache (``mode``), else hybrid retrieval; ``keep``: store a fresh one."""
         assert self._retrieve_cached is not None
         vec = qvec if qvec is not None else functools.partial(self.embed_query, q.text, q.tenant, t)
-        return await self._retrieve_cached.retrieve(
-            q.tenant, q.text, vec, q.k or 0, bool(q.mmr), q.doc_level, q.candidates, mode, t
-        )
+        r = self._retrieve_cached.retrieve
+        return await r(q.tenant, q.text, vec, q.k or 0, bool(q.mmr), q.doc_level, q.candidates, mode, t, keep=keep)
 
     async def _context(
         self, query: str, tenant: str, hits: list[Hit], history: Sequence[Message], t: Timings | None

@@ -393,8 +393,12 @@ class CachedRetriever:
         candidates: int | None = None,
         mode: CacheMode = "default",
         timings: dict[str, float] | None = None,
+        *,
+        keep: bool = True,
     ) -> Retrieval:
-        """``qvec`` may be a coroutine function: then the query is embedded only on a cache miss."""
+        """``qvec`` may be a coroutine function: then the query is embedded only on a cache miss; ``keep``
+        off: a fresh retrieval is not stored (``ask`` when it caches the answer, which supersedes the
+        retrieval it was built from: storing both cost two dependency records per answer)."""
         cache = self.cache if mode != "bypass" else None
         key = cache.retrieval_key(tenant, query, k, mmr, doc_level, candidates) if cache is not None else None
         if cache is not None and key is not None and mode == "default":
@@ -413,7 +417,7 @@ class CachedRetriever:
                 r = await self.retriever.retrieve(
                     tenant, query, vec, k, use_mmr=mmr, doc_level=doc_level, candidates=candidates
                 )
-        if key is not None and inv is not None:
+        if key is not None and inv is not None and keep:
             dep = inv.record(key, tenant, query, vec, r, [h.chunk_id for h in r.hits], k, mmr, doc_level, candidates)
             await inv.put_behind(gen, key, retrieval_to_bytes(r), dep)  # serves later requests only
         return r

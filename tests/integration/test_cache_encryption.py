@@ -121,6 +121,8 @@ async def test_l2_and_l3_hold_no_plaintext_with_a_key(tmp_path: Path, redis_url:
         assert first.cache.kind == "miss" and ANSWER in first.text
         assert any(SOURCE in h.text for h in first.sources)
         await rag.search(QUESTION)  # a cached retrieval result too
+        assert rag.cache is not None
+        await rag.cache.behind.drain()  # (written behind the response)
         for tier in ("l2", "l3"):  # exact hits from each slower tier, encrypted or not
             assert await ask_from(rag, tier, redis_url) == ("exact", tier)
         in_redis, on_disk = redis_dump(redis_url), disk_dump(s.data_dir / "cache")

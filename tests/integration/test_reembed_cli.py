@@ -1,6 +1,6 @@
 """Switching embedders re-embeds: a corpus ingested with sentence-transformers on torch is refused by the
 ONNX embedder (with the way out in the message), ``ragline reembed`` re-embeds it in place, and search then
-ranks as it did under torch (the two runtimes' vectors agree to cos >= 0.9999)."""
+finds the same best documents as under torch (the two runtimes' vectors agree to cos >= 0.9999)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ TORCH = {"RAGLINE_EMBEDDER__PROVIDER": "local"}
 def _search(runner: CliRunner, data: Path, q: str, env: dict[str, str] | None = None) -> list[str]:
     r = runner.invoke(app, ["search", q, "--data-dir", str(data), "--json", "-k", "3"], env=env)
     assert r.exit_code == 0, r.output
-    return [h["chunk_id"] for h in orjson.loads(r.stdout)["hits"]]
+    return [h["doc_id"] for h in orjson.loads(r.stdout)["hits"]]
 
 
 def test_switching_from_torch_to_onnx_re_embeds_the_corpus(tmp_path: Path) -> None:
@@ -50,6 +50,8 @@ def test_switching_from_torch_to_onnx_re_embeds_the_corpus(tmp_path: Path) -> No
     cos = (store.vectors("default", chunk_ids) * torch_vecs).sum(axis=1)
     store.close()
     assert float(cos.min()) >= 0.9999 and len(cos) == len(chunk_ids) > 0
+    # the same best document (chunk order within it may move: the upserts rewrite the keyword index, and
+    # its BM25 statistics count deleted rows until tantivy merges them away)
     for q in QUERIES:
         assert _search(runner, data, q)[:1] == torch_hits[q][:1]
     back = runner.invoke(app, ["search", QUERIES[0], "--data-dir", str(data)], env=TORCH)

@@ -176,9 +176,9 @@ async def test_a_failed_reverification_runs_retrieval_once(make_settings: Callab
         await rag.ask(Q)
         await rag.ingest([Document("eiffel", "When did the Eiffel Tower open? The Eiffel Tower opened in 1889.")])
         before = store.dense
-        again = await rag.ask(Q)  # answer and retrieval entry both marked; both fail; then the miss path
+        again = await rag.ask(Q)  # the answer is marked, its re-verification fails, then the miss path
         assert again.cache.kind == "miss" and rag.cache is not None
-        assert rag.cache.counter("reverify_dropped") == 2
+        assert rag.cache.counter("reverify_dropped") == 1  # ask stores no retrieval entry beside its answer
         assert store.dense - before == 1
 
 

@@ -142,6 +142,8 @@ async def test_each_kind_expires_at_its_own_ttl(tmp_path: Path) -> None:
         l1._clock = clock
         await rag.invalidate(everything=True)
         await rag.ask("When did the Eiffel Tower open?")
+        await rag.search("When did the Eiffel Tower open?")  # ask keeps its answer, search its retrieval
+        await rag.cache.behind.drain()  # the retrieval entry is written behind the response
         expiry = {kind_of(k): exp - clock.now for k, (_, exp) in l1._data.items()}
         assert expiry == ttls
         for t, alive in ((150, {"retrieval", "embedding", "llm"}), (250, {"embedding", "llm"}), (350, {"llm"})):
