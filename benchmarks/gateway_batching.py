@@ -24,7 +24,7 @@ Each *wave* is 32 concurrent calls on 32 distinct SciFact query texts
 (``../shared/data/scifact/queries.jsonl``):
 
 * ``batched``: ``CachedEmbedder(embedder, None, max_batch=64, max_wait_ms=2).embed_query("t", text)``
-  (2 ms is ``embedder.micro_batch_wait_ms``' default): the micro-batcher turns the wave into one
+  (2 ms is ``embedder.micro_batch_wait_ms``' default for remote embedders): the micro-batcher turns the wave into one
   upstream call;
 * ``unbatched``: ``embedder.aembed([text])``: one upstream call per query, queued at the fake's slots.
 
