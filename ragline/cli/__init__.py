@@ -9,10 +9,9 @@ import sys
 
 from ragline.cli import admin, bench, docs, serve, store  # noqa: F401  (each registers its commands)
 from ragline.cli.common import app, err
-from ragline.cli.serve import _announce_when_serving
 from ragline.errors import RaglineError
 
-__all__ = ["_announce_when_serving", "app", "main"]
+__all__ = ["app", "main"]
 
 
 def main() -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 
 from ragline.cli.common import (
@@ -20,6 +18,7 @@ from ragline.cli.common import (
     err,
     out,
     print_jobs,
+    print_json,
     run,
     settings_of,
     with_rag,
@@ -38,7 +37,7 @@ def cache_stats(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     async def go(rag: Any) -> Any:
         return rag.cache.stats() if rag.cache is not None else {"enabled": False}
 
-    sys.stdout.write(orjson.dumps(run(with_rag(settings, go)), option=orjson.OPT_INDENT_2).decode() + "\n")
+    print_json(run(with_rag(settings, go)))
 
 
 @cache_app.command("clear")

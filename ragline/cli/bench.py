@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 import typer
 
 from ragline.cli.common import (
@@ -14,6 +13,7 @@ from ragline.cli.common import (
     DataDirOpt,
     app,
     err,
+    json_text,
     run,
     settings_of,
     usage_error,
@@ -79,7 +79,7 @@ def bench(
             report = run(loadtest.bench_data_dir(settings, qs, cfg))
     except ValueError as exc:
         raise usage_error(str(exc)) from None
-    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n"
+    text = json_text(report)
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(text)

@@ -72,9 +72,18 @@ def usage_error(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON every ``--json`` prints (one trailing newline)."""
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json_text(obj))
+
+
 def print_jobs(jobs: list[dict[str, Any]], json: bool) -> None:
     if json:
-        sys.stdout.write(orjson.dumps(jobs, option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(jobs)
         return
     from ragline.jobclient import describe
 

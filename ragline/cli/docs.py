@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +20,7 @@ from ragline.cli.common import (
     err,
     out,
     print_jobs,
+    print_json,
     run,
     settings_of,
     with_rag,
@@ -153,9 +153,7 @@ def search(
     settings = settings_of(config, data_dir)
     hits = run(with_rag(settings, lambda rag: rag.search(query, k, tenant, doc_level=docs)))
     if json:
-        sys.stdout.write(
-            orjson.dumps({"hits": [h.to_dict() for h in hits]}, option=orjson.OPT_INDENT_2).decode() + "\n"
-        )
+        print_json({"hits": [h.to_dict() for h in hits]})
         return
     if not hits:
         out.print("no results")
@@ -183,7 +181,7 @@ def ask(
     settings = settings_of(config, data_dir)
     answer = run(with_rag(settings, lambda rag: rag.ask(question, k, tenant)))
     if json:
-        sys.stdout.write(orjson.dumps(answer.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(answer.to_dict())
         return
     out.print(answer.text, highlight=False)
     if answer.sources:

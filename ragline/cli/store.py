@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 from typing import Annotated
 
-import orjson
 import typer
 
 from ragline.cli.common import (
@@ -16,6 +14,7 @@ from ragline.cli.common import (
     app,
     err,
     out,
+    print_json,
     settings_of,
     usage_error,
 )
@@ -109,7 +108,7 @@ def reembed(
             "skipped": report.skipped,
             "seconds": round(seconds, 3),
         }
-        sys.stdout.write(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() + "\n")
+        print_json(body)
         return
     out.print(
         f"re-embedded {sum(report.documents.values())} documents ({chunks} chunks) with {report.embedder} "

@@ -105,6 +105,9 @@ def _batch(
         if now is None or now.content_hash != st.content_hash or now.chunk_ids != st.chunk_ids:
             skipped += 1  # re-ingested or deleted while this batch was embedded: its writer's vectors stay
             continue
+        if len(chunks) != len(st.chunk_ids):  # a chunk vanished between the reads: never write a partial document
+            skipped += 1
+            continue
         if not chunks:
             continue
         d = docs[doc_id]

@@ -175,12 +175,12 @@ def test_serve_announces_only_once_the_port_answers(capsys: pytest.CaptureFixtur
     import socket
     import time
 
-    from ragline import cli
+    from ragline.cli.serve import _announce_when_serving
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cli._announce_when_serving("127.0.0.1", port, "ragline serving TEST")
+    _announce_when_serving("127.0.0.1", port, "ragline serving TEST")
     time.sleep(0.3)
     assert "ragline serving TEST" not in capsys.readouterr().err  # nothing listens yet: no claim
 

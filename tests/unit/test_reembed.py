@@ -146,3 +146,23 @@ def test_cli_reembed_reports_and_a_bad_batch_is_a_usage_error(tmp_path: Path, mo
     assert '"embedder": "hash:new"' in res.stdout and '"previous": "hash:old"' in res.stdout
     bad = runner.invoke(app, ["reembed", "--data-dir", str(tmp_path), "--batch", "0"])
     assert bad.exit_code == 2 and "batch_docs must be at least 1" in bad.output
+
+
+async def test_a_document_whose_chunks_cannot_all_be_read_is_skipped_not_truncated(tmp_path: Path) -> None:
+    long = Document("long", " ".join(f"Sentence {i} about dense retrieval and rank fusion." for i in range(120)))
+    await _ingest(tmp_path, [*DOCS, long])
+    store = EmbeddedStore(tmp_path, 384)
+    n_chunks = len(store.doc_state("default", ["long"])["long"].chunk_ids)
+    assert n_chunks > 1
+
+    class Lossy:  # the real store, except that one chunk of "long" is missing from a read
+        def chunks(self, tenant: str, ids: list[str]) -> Any:
+            return {c: ch for c, ch in store.chunks(tenant, ids).items() if c != "long#1"}
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+    report = reembed_store(Lossy(), RolledEmbedder(model_id="hash:new"))  # type: ignore[arg-type]
+    assert report.skipped == 1 and report.documents == {"default": 3}
+    assert len(store.doc_state("default", ["long"])["long"].chunk_ids) == n_chunks  # nothing of it was lost
+    store.close()
