@@ -9,6 +9,7 @@ The write path is ``ingest.indexer.Indexer``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -271,7 +272,7 @@ class AsyncRAG(LibrarySurface):
         )
         await self.start()
         await self.catch_up()
-        async with self.admission.slot():
+        async with self.admission.slot(), _computing(self.cache):
             return await self._retrieve(q, qvec, timings, q.cache_mode)
 
     # -- ask: the query flow (DESIGN.md §2) ----------------------------------------
@@ -345,7 +346,7 @@ class AsyncRAG(LibrarySurface):
     async def _miss(self, q: Query, key: str | None, t: Timings | None, deliver: Deliver) -> Result:
         inv = self._invalidation
         gen = inv.generation(q.tenant) if inv is not None else (0, 0)
-        async with self.admission.slot():  # CPU work: bounded (503 past capacity); hits never wait here
+        async with self.admission.slot(), _computing(self.cache):  # CPU work: bounded (503 past capacity)
             qvec = await self.embed_query(q.text, q.tenant, t)  # 3 embed
             r = await self._retrieve(q, qvec, t, "bypass" if q.cache_mode == "bypass" else "default", key is None)  # 4
             sources, messages = await self._context(q.text, q.tenant, r.hits, q.history, t)  # 5 context
@@ -578,6 +579,11 @@ async def _close(self: AsyncRAG, keep: Sequence[object] = ()) -> None:
     if self._store is not None and mine(self._store):
         await asyncio.to_thread(self._store.close)
     self.ready = False
+
+
+def _computing(cache: CacheLayer | None) -> contextlib.AbstractAsyncContextManager[None]:
+    """A request computing now: the cache's order-free writes wait for it (:mod:`ragline.cache.behind`)."""
+    return cache.behind.foreground() if cache is not None else contextlib.nullcontext()
 
 
 def _generated(done: Completion, sources: list[Hit], complete: bool) -> Generated:

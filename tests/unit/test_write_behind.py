@@ -33,6 +33,33 @@ async def test_writes_run_behind_in_order_and_a_reader_waits() -> None:
     assert sorted(log) == ["first", "other", "second"] and len(wb) == 0 and wb.written == 3
 
 
+async def test_order_free_writes_wait_for_requests_computing() -> None:
+    """A write of no key submitted while a request computes starts when the last one ends (or after
+    ``defer_s``); a keyed write does not wait (a reader of its key may be next)."""
+    wb, log = WriteBehind(defer_s=5.0), []
+
+    async def write(tag: str) -> None:
+        log.append(tag)
+
+    async with wb.foreground():
+        async with wb.foreground():
+            await wb.submit(None, write("vector"))
+            await wb.submit("k", write("answer"))
+            await asyncio.sleep(0.01)
+            assert log == ["answer"]
+        await asyncio.sleep(0.01)
+        assert log == ["answer"]  # one request still computing
+    await asyncio.sleep(0.01)
+    assert log == ["answer", "vector"]
+
+    quick = WriteBehind(defer_s=0.01)  # bounded: a busy server still writes
+    async with quick.foreground():
+        await quick.submit(None, write("late"))
+        await asyncio.sleep(0.05)
+        assert log[-1] == "late"
+    await quick.drain()
+
+
 async def test_a_failed_write_is_dropped_and_the_limit_applies_back_pressure() -> None:
     wb, done = WriteBehind(limit=1), []
 
