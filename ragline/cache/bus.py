@@ -324,7 +324,7 @@ class InvalidationBus:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 if pubsub is not None:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis 8.2
                 if client is not None:
                     await client.aclose()
 
