@@ -19,7 +19,8 @@ from ragline.config import Settings
 from ragline.embed.base import Embedder
 from ragline.ingest.chunking import Chunker
 from ragline.llm.base import LLM
-from ragline.pipeline import AsyncRAG, Event, Progress, Timings
+from ragline.pipeline import AsyncRAG, Progress
+from ragline.results import Event, Timings
 from ragline.store.base import Store
 from ragline.types import (
     DEFAULT_TENANT,

@@ -13,11 +13,8 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
-
-import orjson
 
 from ragline import metrics
 from ragline.assembly import load_components, multi_query, term_clock, update_gauges, upstreams_of
@@ -28,8 +25,6 @@ from ragline.codec import (
     CACHE_L1,
     CACHE_MISS,
     answer_body,
-    answer_from_body,
-    replay_events,
 )
 from ragline.codec import exact as _exact_info
 from ragline.config import Settings
@@ -44,9 +39,10 @@ from ragline.ingest.indexer import Indexer, Progress
 from ragline.ingest.jobs import JobManager
 from ragline.ingest.loaders import iter_documents
 from ragline.library import LibrarySurface
-from ragline.llm.base import FALLBACK_FINISH, LLM, Completion
+from ragline.llm.base import FALLBACK_FINISH, LLM
 from ragline.llm.cached import CachedLLM
 from ragline.llm.prompt import PROMPT_VERSION, build_messages
+from ragline.results import Event, Generated, Result, Timings, generated, start_stream
 from ragline.retrieve import HybridRetriever
 from ragline.store.base import Store
 from ragline.types import (
@@ -60,7 +56,6 @@ from ragline.types import (
     Message,
     Query,
     Retrieval,
-    Usage,
     Vectors,
 )
 from ragline.validate import build_query
@@ -68,37 +63,6 @@ from ragline.validate import build_query
 __all__ = ["AsyncRAG", "CacheMode", "Progress", "Query", "exact_l1"]
 
 T = TypeVar("T")
-Timings = dict[str, float]
-Event = tuple[str, dict[str, Any]]
-
-
-@dataclass(slots=True)
-class Generated:
-    """What step 7 produced: the answer text and the sources it cites."""
-
-    text: str
-    sources: list[Hit]
-    usage: Usage
-    model: str
-    complete: bool = True
-    """Ran to completion (a stream that stopped early, or the gateway's extractive last resort, is not cached)."""
-    upstream: str = ""
-    """Which upstream answered (gateway only)."""
-
-
-@dataclass(slots=True)
-class Result:
-    """An answer as served: its stored bytes, how it was served, and (fresh only) its parts."""
-
-    body: bytes
-    info: CacheInfo
-    fresh: Generated | None = None
-
-    def answer(self, timings: Timings) -> Answer:
-        f = self.fresh
-        if f is None:  # from a cache: the stored bytes are all there is
-            return answer_from_body(orjson.loads(self.body), self.info, timings)
-        return Answer(f.text, tuple(f.sources), f.usage, timings, self.info, f.model, f.upstream)
 
 
 class _Started(Generic[T]):
@@ -157,14 +121,11 @@ class AsyncRAG(LibrarySurface):
             return self
         async with self._start_lock:
             if not self.ready:
-                await asyncio.to_thread(self._build)
+                await asyncio.to_thread(_wire, self)  # blocking: model load, store open
                 await self._start_cache()  # and bind @ragline.cached's default tiers
                 self.ready = True
                 update_gauges(self._store)
         return self
-
-    def _build(self) -> None:
-        _wire(self)
 
     async def aclose(self, keep: Sequence[object] = ()) -> None:  # keep: components a hot reload took over
         await _close(self, keep)
@@ -435,7 +396,7 @@ class AsyncRAG(LibrarySurface):
         """Step 7 for ask: one completion, through the LLM response cache."""
         assert self._generate is not None
         done = await self._generate.complete(q.tenant, messages, q.cache_mode, t)
-        return _generated(done, sources, done.finish_reason != FALLBACK_FINISH)
+        return generated(done, sources, done.finish_reason != FALLBACK_FINISH)
 
     # -- streaming ----------------------------------------------------------------------
     async def ask_stream(
@@ -454,7 +415,7 @@ class AsyncRAG(LibrarySurface):
         timings: Timings = {}
         q = build_query(self.settings, query, k, tenant, history, cache_mode)
         key = self._answer_key(q)
-        return await _start_stream(lambda send: self._answer(q, key, timings, functools.partial(self._stream, send)),
+        return await start_stream(lambda send: self._answer(q, key, timings, functools.partial(self._stream, send)),
                                    timings, t0)  # fmt: skip
 
     async def _stream(
@@ -466,52 +427,7 @@ class AsyncRAG(LibrarySurface):
         done = await self._generate.stream_to(
             lambda text: send(("delta", {"text": text})), q.tenant, messages, q.cache_mode, t
         )
-        return _generated(done, sources, done.finish_reason in ("stop", "length"))
-
-
-async def _start_stream(
-    run: Callable[[Callable[[Event], None]], Awaitable[Result]], timings: Timings, t0: float
-) -> AsyncIterator[Event]:
-    """Start ``run(send)`` and wait for its first event: a generation of this caller's is relayed as
-    it streams; anything else (a cached answer, another caller's generation) is replayed."""
-    events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the task is done
-    task = asyncio.ensure_future(run(events.put_nowait))
-    task.add_done_callback(lambda _: events.put_nowait(None))
-    try:
-        first = await events.get()
-    except BaseException:
-        task.cancel()
-        raise
-    if first is None:  # no generation of ours: a cached answer, or another caller's
-        r = task.result()
-        return replay_events(r.body, r.info, timings, t0)
-    return _relay(first, events, task, timings, t0)
-
-
-async def _relay(
-    first: Event, events: asyncio.Queue[Event | None], task: asyncio.Future[Result], timings: Timings, t0: float
-) -> AsyncIterator[Event]:
-    """This caller's generation, event by event; a failure surfaces mid-stream."""
-    try:
-        yield first
-        while (event := await events.get()) is not None:
-            yield event
-        r = task.result()
-    finally:
-        if not task.done():  # the client went away: the work stops unless another caller awaits it
-            task.cancel()
-    assert r.fresh is not None
-    timings["total"] = round((time.perf_counter() - t0) * 1000, 3)
-    yield (
-        "done",
-        {
-            "usage": r.fresh.usage.to_dict(),
-            "timings": timings,
-            "model": r.fresh.model,
-            **({"upstream": r.fresh.upstream} if r.fresh.upstream else {}),
-            "cache": CACHE_MISS.to_dict(),
-        },
-    )
+        return generated(done, sources, done.finish_reason in ("stop", "length"))
 
 
 def exact_l1(rag: AsyncRAG, query: object, k: object, tenant: str = DEFAULT_TENANT) -> bytes | None:
@@ -584,7 +500,3 @@ async def _close(self: AsyncRAG, keep: Sequence[object] = ()) -> None:
 def _computing(cache: CacheLayer | None) -> contextlib.AbstractAsyncContextManager[None]:
     """A request computing now: the cache's order-free writes wait for it (:mod:`ragline.cache.behind`)."""
     return cache.behind.foreground() if cache is not None else contextlib.nullcontext()
-
-
-def _generated(done: Completion, sources: list[Hit], complete: bool) -> Generated:
-    return Generated(done.text, sources, done.usage, done.model, complete, done.upstream)
