@@ -231,12 +231,17 @@ class HybridRetriever:
             )
         if doc_level:
             hits = best_per_document(hits)
+        hits = hits[:k]
+        if vecs is not None:
+            row = {cid: i for i, (cid, _) in enumerate(pool)}
+            vecs = vecs[[row[h.chunk_id] for h in hits]]
         return Retrieval(
-            hits=hits[:k],
+            hits=hits,
             # with variations, other vectors' lists took part: no cutoff (any new chunk re-verifies)
             dense_cutoff=dense[-1].score if len(dense) >= depth and not extra else None,
             keyword_cutoff=keyword[-1].score if len(keyword) >= depth and not extra else None,
             candidate_ids=tuple(cid for cid, _ in fused),
+            vectors=vecs,
         )
 
 

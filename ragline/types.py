@@ -207,6 +207,9 @@ class Retrieval:
     keyword_cutoff: float | None = None
     """BM25 score of the keyword retriever's last candidate (None: fewer than asked)."""
     candidate_ids: tuple[str, ...] = field(default_factory=tuple)
+    vectors: Vectors | None = field(default=None, compare=False, repr=False)
+    """The hits' vectors in hit order when retrieval fetched them (for MMR): the context's
+    near-duplicate check reuses them instead of reading them again.  Never stored in a cache."""
 
 
 CacheMode = Literal["default", "bypass", "refresh"]

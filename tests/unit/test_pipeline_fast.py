@@ -206,3 +206,20 @@ async def test_trivial_variants_are_exact_hits_with_one_llm_call(rag: AsyncRAG, 
         assert (info2.kind, info2.tier, body2) == ("exact", "l1", body)
     assert llm.calls == calls
     assert (await rag.ask("When did the Eiffel Tower not open?")).cache.kind != "exact"  # a negation is kept
+
+
+async def test_retrieval_hands_the_hits_vectors_to_the_context(rag: AsyncRAG, llm: ScriptedLLM) -> None:
+    """A fresh retrieval carries its hits' stored vectors (the context's near-duplicate check uses them
+    instead of reading them again); one served from the retrieval cache carries none."""
+    near = Document("paris2", DOCS[0].text + " Indeed.", "Paris")
+    await rag.ingest([*DOCS, near])
+    for doc_level in (False, True):
+        r = await rag.retrieve("Eiffel Tower Paris", k=4, mmr=True, doc_level=doc_level, cache_mode="bypass")
+        assert r.vectors is not None and r.vectors.shape == (len(r.hits), rag.embedder.dim)
+        np.testing.assert_array_equal(r.vectors, rag.store.vectors("default", [h.chunk_id for h in r.hits]))
+    await rag.retrieve("Eiffel Tower Paris", k=4, mmr=True)
+    assert (await rag.retrieve("Eiffel Tower Paris", k=4, mmr=True)).vectors is None  # from the cache
+    vecs = rag.store.vectors("default", ["paris#0", "paris2#0"])
+    assert float(vecs[0] @ vecs[1]) >= rag.settings.context.near_duplicate  # the premise of the next line
+    sources = (await rag.ask("When did the Eiffel Tower in Paris open?", k=4)).sources
+    assert len({h.doc_id for h in sources} & {"paris", "paris2"}) == 1  # the near-duplicate was dropped
