@@ -65,7 +65,7 @@ class SemanticIndex:
             idx = self._indexes.get((tenant, fingerprint))
             if idx is None or len(idx) == 0:
                 return []
-            m = idx.search(np.ascontiguousarray(qvec, dtype=np.float32).reshape(-1), min(n, len(idx)))
+            m = idx.search(np.ascontiguousarray(qvec, dtype=np.float32).reshape(-1), min(n, len(idx)), threads=1)
             out = []
             for label, dist in zip(m.keys, m.distances, strict=False):
                 sim = 1.0 - float(dist)
