@@ -1,12 +1,21 @@
 """Single-flight: N identical concurrent requests, one computation (DESIGN.md §2 step 2).
 
-* :class:`SingleFlight` (in-process): the first caller of ``do(key, fn)`` starts
-  ``fn()`` as a task; every concurrent caller with the same key awaits that
-  same task and gets its result or its exception.  A caller that is cancelled
-  (client went away) leaves the others undisturbed; when the *last* waiter is
-  cancelled the computation is cancelled too (nobody wants the LLM tokens).
-  The key's entry is removed as soon as the task finishes, however it
-  finishes, so nothing leaks.
+* :class:`SingleFlight` (in-process): the first caller of ``do(key, fn)`` runs
+  ``fn()`` itself; every concurrent caller with the same key awaits its outcome
+  and gets the same result or exception.  A joined caller that is cancelled
+  (client went away) leaves the others undisturbed.  If the first caller is
+  cancelled, its computation stops with it; a caller still waiting then starts
+  it again (the first of them leads, the others join it), so every caller still
+  gets a result.  The key's entry is removed as soon as the computation ends,
+  however it ends, so nothing leaks.
+
+  Why the first caller computes in place rather than in a task that every caller
+  awaits: a task's result reaches its awaiting caller only after two or three
+  more event-loop iterations, and any work queued meanwhile runs first, e.g. the
+  write-behind of the answer just computed.  On the 2-core machine that delay was
+  0.2-0.4 ms of a ~10 ms semantic hit (docs/NOTES.md, stop 24).  The cost moves
+  to a rare case: the first caller's client leaves while others wait for the
+  same key; they compute again instead of receiving the rest of its work.
 * :class:`DistributedSingleFlight` (across instances): in front of the local
   one, a short Redis lock (redis-py's ``Lock``: ``SET NX PX`` to acquire, a
   compare-and-delete script to release, taken through the L2 tier's fail-open
@@ -22,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -38,11 +46,15 @@ T = TypeVar("T")
 __all__ = ["DistributedSingleFlight", "SingleFlight"]
 
 
-class _Flight(Generic[T]):
-    __slots__ = ("task", "waiters")
+class _LeaderGone(Exception):
+    """The caller computing a key was cancelled: a caller waiting for it starts again."""
 
-    def __init__(self, task: asyncio.Future[T]) -> None:
-        self.task = task
+
+class _Flight(Generic[T]):
+    __slots__ = ("outcome", "waiters")
+
+    def __init__(self, outcome: asyncio.Future[T]) -> None:
+        self.outcome = outcome
         self.waiters = 0
 
 
@@ -57,7 +69,7 @@ class SingleFlight(Generic[T]):
         """Callers that joined a computation already in flight."""
 
     def __len__(self) -> int:
-        """Keys currently in flight (0 when idle: entries never outlive their task)."""
+        """Keys currently in flight (0 when idle: entries never outlive their computation)."""
         return len(self._flights)
 
     def in_flight(self, key: str) -> bool:
@@ -65,31 +77,44 @@ class SingleFlight(Generic[T]):
 
     async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` once for all concurrent callers of ``key``; return or raise its outcome."""
-        flight = self._flights.get(key)
-        if flight is None:
-            task: asyncio.Future[T] = asyncio.ensure_future(fn())
-            flight = _Flight(task)
-            self._flights[key] = flight
-            self.calls += 1
-            task.add_done_callback(functools.partial(self._done, key, flight))
-        else:
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                return await self._lead(key, fn)
             self.shared += 1
-        flight.waiters += 1
-        try:
-            return await asyncio.shield(flight.task)
-        except asyncio.CancelledError:
-            # our caller was cancelled (or the task was): if nobody else waits, stop the work
-            if flight.waiters == 1 and not flight.task.done():
-                flight.task.cancel()
-            raise
-        finally:
-            flight.waiters -= 1
+            flight.waiters += 1
+            try:
+                # shield: this caller's cancellation must not cancel the outcome the others await
+                return await asyncio.shield(flight.outcome)
+            except _LeaderGone:
+                continue  # the computing caller was cancelled: compute (or join whoever now does)
+            finally:
+                flight.waiters -= 1
 
-    def _done(self, key: str, flight: _Flight[T], task: asyncio.Future[T]) -> None:
+    async def _lead(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+        flight: _Flight[T] = _Flight(asyncio.get_running_loop().create_future())
+        self._flights[key] = flight
+        self.calls += 1
+        try:
+            result = await fn()
+        except Exception as exc:
+            self._fail(key, flight, exc)
+            raise
+        except BaseException:  # cancelled (or interrupted): the waiting callers start again
+            self._fail(key, flight, _LeaderGone())
+            raise
+        self._release(key, flight)
+        flight.outcome.set_result(result)
+        return result
+
+    def _release(self, key: str, flight: _Flight[T]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # mark retrieved: no "exception was never retrieved" if all waiters left
+
+    def _fail(self, key: str, flight: _Flight[T], exc: BaseException) -> None:
+        self._release(key, flight)
+        flight.outcome.set_exception(exc)
+        flight.outcome.exception()  # mark retrieved: no "exception was never retrieved" when nobody waits
 
 
 class DistributedSingleFlight(Generic[T]):

@@ -479,6 +479,48 @@ async def test_singleflight_cancellation() -> None:
     assert len(sf) == 0
 
 
+async def test_singleflight_leader_cancelled_a_waiting_caller_computes_again() -> None:
+    sf: SingleFlight[str] = SingleFlight()
+    calls = 0
+    gate = asyncio.Event()
+
+    async def compute() -> str:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return f"run {calls}"
+
+    leader = asyncio.create_task(sf.do("k", compute))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(sf.do("k", compute)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    leader.cancel()  # its client went away: its computation stops with it
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    await asyncio.sleep(0.01)
+    assert calls == 2 and sf.in_flight("k")  # one waiting caller started again, the others joined it
+    gate.set()
+    assert await asyncio.gather(*followers) == ["run 2"] * 3
+    assert len(sf) == 0
+
+
+async def test_singleflight_result_reaches_the_computing_caller_before_work_it_queued() -> None:
+    """The first caller computes in place: its result needs no further event-loop iteration, so work
+    the computation queued (a write-behind) runs after the caller has it, not before."""
+    sf: SingleFlight[str] = SingleFlight()
+    order: list[str] = []
+
+    async def compute() -> str:
+        await asyncio.sleep(0)
+        asyncio.get_running_loop().call_soon(order.append, "queued work")
+        return "value"
+
+    assert await sf.do("k", compute) == "value"
+    order.append("caller has the result")
+    await asyncio.sleep(0)
+    assert order == ["caller has the result", "queued work"]
+
+
 async def test_distributed_singleflight_without_redis_is_local() -> None:
     dsf: DistributedSingleFlight[int] = DistributedSingleFlight(None)
     calls = 0
