@@ -100,6 +100,9 @@ class WriteBehind:
     async def _after(
         self, before: asyncio.Task[None] | None, write: Coroutine[Any, Any, None], defer: bool = False
     ) -> None:
+        # one loop iteration first: the caller that produced this write gets its result in the
+        # iteration this task would start in (single-flight resolves it then), so it goes out first
+        await asyncio.sleep(0)
         if defer and not self._idle.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.defer_s)

@@ -1,21 +1,22 @@
 """Single-flight: N identical concurrent requests, one computation (DESIGN.md §2 step 2).
 
-* :class:`SingleFlight` (in-process): the first caller of ``do(key, fn)`` runs
-  ``fn()`` itself; every concurrent caller with the same key awaits its outcome
-  and gets the same result or exception.  A joined caller that is cancelled
-  (client went away) leaves the others undisturbed.  If the first caller is
-  cancelled, its computation stops with it; a caller still waiting then starts
-  it again (the first of them leads, the others join it), so every caller still
-  gets a result.  The key's entry is removed as soon as the computation ends,
-  however it ends, so nothing leaks.
+* :class:`SingleFlight` (in-process): the first caller of ``do(key, fn)`` starts
+  ``fn()`` as a task; every concurrent caller with the same key waits for that
+  same task and gets its result or its exception.  A caller that is cancelled
+  (client went away) leaves the others undisturbed, the first caller included:
+  the computation goes on for whoever still waits.  When the *last* waiter is
+  cancelled the computation is cancelled too (nobody wants the LLM tokens).
+  The key's entry is removed as soon as the task finishes, however it
+  finishes, so nothing leaks.
 
-  Why the first caller computes in place rather than in a task that every caller
-  awaits: a task's result reaches its awaiting caller only after two or three
-  more event-loop iterations, and any work queued meanwhile runs first, e.g. the
-  write-behind of the answer just computed.  On the 2-core machine that delay was
-  0.2-0.4 ms of a ~10 ms semantic hit (docs/NOTES.md, stop 24).  The cost moves
-  to a rare case: the first caller's client leaves while others wait for the
-  same key; they compute again instead of receiving the rest of its work.
+  Each caller waits on a future of its own, which the task resolves as its last
+  step, rather than on ``asyncio.shield(task)``: a shielded task's result reaches
+  its caller two event-loop iterations after the task ends (task -> shield's
+  outer future -> caller), and work queued meanwhile (the answer's write-behind)
+  ran first.  A caller's own future is cancelled with it and touches nobody else,
+  which is all the shield was for.  (An earlier stop ran ``fn()`` inline in the
+  first caller instead: fast, but a cancelled first caller took the computation
+  down with it, and its waiters computed again.)
 * :class:`DistributedSingleFlight` (across instances): in front of the local
   one, a short Redis lock (redis-py's ``Lock``: ``SET NX PX`` to acquire, a
   compare-and-delete script to release, taken through the L2 tier's fail-open
@@ -46,21 +47,15 @@ T = TypeVar("T")
 __all__ = ["DistributedSingleFlight", "SingleFlight"]
 
 
-class _LeaderGone(Exception):
-    """The caller computing a key was cancelled: a caller waiting for it starts again."""
-
-
 class _Flight(Generic[T]):
-    __slots__ = ("outcome", "waiters")
+    __slots__ = ("callers", "task")
 
-    def __init__(self, outcome: asyncio.Future[T]) -> None:
-        self.outcome = outcome
-        self.waiters = 0
+    def __init__(self) -> None:
+        self.callers: list[asyncio.Future[T]] = []
+        self.task: asyncio.Task[None] | None = None
 
 
 class SingleFlight(Generic[T]):
-    """Deduplicate concurrent async computations by key, within one event loop."""
-
     def __init__(self) -> None:
         self._flights: dict[str, _Flight[T]] = {}
         self.calls = 0
@@ -69,7 +64,7 @@ class SingleFlight(Generic[T]):
         """Callers that joined a computation already in flight."""
 
     def __len__(self) -> int:
-        """Keys currently in flight (0 when idle: entries never outlive their computation)."""
+        """Keys currently in flight (0 when idle: entries never outlive their task)."""
         return len(self._flights)
 
     def in_flight(self, key: str) -> bool:
@@ -77,44 +72,51 @@ class SingleFlight(Generic[T]):
 
     async def do(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn()`` once for all concurrent callers of ``key``; return or raise its outcome."""
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                return await self._lead(key, fn)
+        loop = asyncio.get_running_loop()
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight()
+            self._flights[key] = flight
+            self.calls += 1
+            flight.task = loop.create_task(self._run(key, flight, fn))
+        else:
             self.shared += 1
-            flight.waiters += 1
-            try:
-                # shield: this caller's cancellation must not cancel the outcome the others await
-                return await asyncio.shield(flight.outcome)
-            except _LeaderGone:
-                continue  # the computing caller was cancelled: compute (or join whoever now does)
-            finally:
-                flight.waiters -= 1
+        mine: asyncio.Future[T] = loop.create_future()
+        flight.callers.append(mine)
+        try:
+            return await mine
+        except asyncio.CancelledError:
+            # our caller was cancelled (or the computation was): if nobody else waits, stop the work
+            with contextlib.suppress(ValueError):
+                flight.callers.remove(mine)
+            task = flight.task
+            if not flight.callers and task is not None and not task.done():
+                task.cancel()
+            raise
 
-    async def _lead(self, key: str, fn: Callable[[], Awaitable[T]]) -> T:
-        flight: _Flight[T] = _Flight(asyncio.get_running_loop().create_future())
-        self._flights[key] = flight
-        self.calls += 1
+    async def _run(self, key: str, flight: _Flight[T], fn: Callable[[], Awaitable[T]]) -> None:
         try:
             result = await fn()
-        except Exception as exc:
-            self._fail(key, flight, exc)
-            raise
-        except BaseException:  # cancelled (or interrupted): the waiting callers start again
-            self._fail(key, flight, _LeaderGone())
-            raise
+        except BaseException as exc:
+            self._release(key, flight)
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            for f in flight.callers:
+                if not f.done():
+                    if cancelled:
+                        f.cancel()
+                    else:
+                        f.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancellation and interrupts propagate; errors went to the callers
+            return
         self._release(key, flight)
-        flight.outcome.set_result(result)
-        return result
+        for f in flight.callers:
+            if not f.done():
+                f.set_result(result)
 
     def _release(self, key: str, flight: _Flight[T]) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
-
-    def _fail(self, key: str, flight: _Flight[T], exc: BaseException) -> None:
-        self._release(key, flight)
-        flight.outcome.set_exception(exc)
-        flight.outcome.exception()  # mark retrieved: no "exception was never retrieved" when nobody waits
 
 
 class DistributedSingleFlight(Generic[T]):

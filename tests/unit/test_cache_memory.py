@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from ragline.cache import metrics as cache_metrics
+from ragline.cache.behind import WriteBehind
 from ragline.cache.disk import DiskTier
 from ragline.cache.keys import (
     canonical_bytes,
@@ -479,7 +480,7 @@ async def test_singleflight_cancellation() -> None:
     assert len(sf) == 0
 
 
-async def test_singleflight_leader_cancelled_a_waiting_caller_computes_again() -> None:
+async def test_singleflight_first_caller_cancelled_the_others_keep_its_computation() -> None:
     sf: SingleFlight[str] = SingleFlight()
     calls = 0
     gate = asyncio.Event()
@@ -490,35 +491,38 @@ async def test_singleflight_leader_cancelled_a_waiting_caller_computes_again() -
         await gate.wait()
         return f"run {calls}"
 
-    leader = asyncio.create_task(sf.do("k", compute))
+    first = asyncio.create_task(sf.do("k", compute))
     await asyncio.sleep(0)
-    followers = [asyncio.create_task(sf.do("k", compute)) for _ in range(3)]
+    others = [asyncio.create_task(sf.do("k", compute)) for _ in range(3)]
     await asyncio.sleep(0.01)
-    leader.cancel()  # its client went away: its computation stops with it
+    first.cancel()  # its client went away: the computation goes on for the three who wait
     with pytest.raises(asyncio.CancelledError):
-        await leader
+        await first
     await asyncio.sleep(0.01)
-    assert calls == 2 and sf.in_flight("k")  # one waiting caller started again, the others joined it
+    assert calls == 1 and sf.in_flight("k")
     gate.set()
-    assert await asyncio.gather(*followers) == ["run 2"] * 3
+    assert await asyncio.gather(*others) == ["run 1"] * 3
     assert len(sf) == 0
 
 
-async def test_singleflight_result_reaches_the_computing_caller_before_work_it_queued() -> None:
-    """The first caller computes in place: its result needs no further event-loop iteration, so work
-    the computation queued (a write-behind) runs after the caller has it, not before."""
+async def test_singleflight_result_reaches_the_caller_before_the_write_behind_it_queued() -> None:
+    """The computation's own write-behind runs after the caller has the result, not before it."""
     sf: SingleFlight[str] = SingleFlight()
+    behind = WriteBehind()
     order: list[str] = []
+
+    async def write() -> None:
+        order.append("write-behind")
 
     async def compute() -> str:
         await asyncio.sleep(0)
-        asyncio.get_running_loop().call_soon(order.append, "queued work")
+        await behind.submit("k", write())
         return "value"
 
     assert await sf.do("k", compute) == "value"
     order.append("caller has the result")
-    await asyncio.sleep(0)
-    assert order == ["caller has the result", "queued work"]
+    await behind.drain()
+    assert order == ["caller has the result", "write-behind"]
 
 
 async def test_distributed_singleflight_without_redis_is_local() -> None:
