@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,18 @@ def _count(text: str, route: str) -> float:
     return sum(float(v) for labels, v in pat.findall(text) if f'route="{route}"' in labels)
 
 
+def _settled_count(url: str, route: str) -> int:
+    """The count of ``route`` once two scrapes 0.2 s apart agree."""
+    last = -1.0
+    for _ in range(50):
+        now = _count(httpx.get(url + "/metrics", timeout=10, headers={"connection": "close"}).text, route)
+        if now == last:
+            return int(now)
+        last = now
+        time.sleep(0.2)
+    raise AssertionError(f"the {route} count kept changing with no requests sent")
+
+
 def _per_worker(prom: Path, route: str) -> dict[str, float]:
     """Each worker's own count of ``route`` requests, read from its sample file alone."""
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -59,7 +72,8 @@ def test_metrics_are_summed_over_workers(two_workers: tuple[str, Path]) -> None:
     # The kernel may hand a whole batch to one worker when the machine is loaded, so send bounded batches
     # until both workers have served some (at most 10 x 40); the sum must hold after every batch.
     # `ragline serve` itself asks /healthz once to announce that it is serving: counted from here on
-    sent = int(_count(httpx.get(url + "/metrics", timeout=10, headers={"connection": "close"}).text, "/healthz"))
+    # (a worker counts a request just after its response is sent, so read until two scrapes agree)
+    sent = _settled_count(url, "/healthz")
     per_worker: dict[str, float] = {}
     with ThreadPoolExecutor(8) as pool:
         for _ in range(10):
