@@ -384,7 +384,12 @@ class CacheSettings(Section):
         description="ragline.cache.guards checks a candidate must pass (semantic_decision: guards)",
     )  # fmt: skip
     semantic_verify_retrieval: bool = True
-    singleflight_lock_s: float = Field(30.0, gt=0)
+    singleflight_lock_s: float = Field(
+        3.0,
+        gt=0,
+        description="lease of a cross-instance single-flight lock, renewed every third of it while its "
+        "holder computes: a dead instance's keys free up within it",
+    )
     invalidation: Literal["lazy", "eager", "flush", "flush_all"] = "lazy"
     """How a corpus change reaches cached answers and retrievals (DESIGN §3.1).  lazy: mark the
     entries it may affect (index lookups only) and re-verify a marked entry when it is next asked

@@ -94,7 +94,7 @@ class FunctionCache:
     (:meth:`from_settings`, used as ``async with``)."""
 
     def __init__(
-        self, tiers: TieredCache, *, default_ttl_s: float, wait_s: float = 10.0, lock_s: float = 30.0, own: bool = False
+        self, tiers: TieredCache, *, default_ttl_s: float, wait_s: float = 10.0, lock_s: float = 3.0, own: bool = False
     ) -> None:
         self.tiers = tiers
         self.default_ttl_s = default_ttl_s

@@ -176,31 +176,24 @@ class RedisTier:
 
     Bounded everywhere:
 
-    * a ``BlockingConnectionPool`` of ``max_connections`` and, in front of it, a
-      semaphore with a bounded wait, so a burst of requests queues briefly and
-      then *misses* instead of failing with "Too many connections";
+    * a ``BlockingConnectionPool`` of ``max_connections`` behind a semaphore with a bounded
+      wait: a burst queues briefly, then *misses* instead of failing with "Too many connections";
+      saturation is a miss but not a breaker failure (this process is busy, Redis is not down);
     * ``asyncio.timeout(timeout_s)`` around every command, and socket timeouts;
-    * a circuit breaker: after ``failure_threshold`` consecutive errors or
-      timeouts no call is attempted for ``reset_s``; then one background probe
-      (``PING``, allowed ``connect_timeout_s``) decides whether to close it.
-      Callers never wait for the probe.
+    * a circuit breaker: after ``failure_threshold`` consecutive errors or timeouts no call is
+      attempted for ``reset_s``; then one background probe (``PING``, ``connect_timeout_s``)
+      decides whether to close it.  Callers never wait for the probe.
 
-    Saturation (no pool slot within the wait) is a miss but not a breaker
-    failure: it says this process is busy, not that Redis is down.
+    Reads of one event-loop tick are coalesced into one ``MGET`` (``coalesce=True``,
+    :class:`ReadCoalescer`): under load N lookups become a few round trips, which keeps
+    Python-side cost and connection churn low and stops an overloaded loop from turning into
+    false timeouts.  Values carry a 9-byte envelope with their absolute expiry, so the same
+    ``MGET`` tells :class:`~ragline.cache.tiered.TieredCache` how long a promoted copy may live.
 
-    Reads issued in the same event-loop tick are coalesced into one ``MGET``
-    (``coalesce=True``, :class:`ReadCoalescer`): under load, N concurrent lookups
-    become a few round trips on a few connections, which keeps Python-side cost
-    and connection churn low and stops an overloaded loop from turning into false
-    timeouts.  Values carry a 9-byte envelope with their absolute expiry, so the
-    same ``MGET`` tells :class:`~ragline.cache.tiered.TieredCache` how long a
-    promoted copy may live.
-
-    Deletes that cannot be applied while Redis is unreachable are remembered
-    (bounded), reads of those keys miss meanwhile, and they are replayed by the
-    probe before the breaker closes (or after the next successful call), so an
-    invalidation made during an outage still takes effect (§3.1).  If more are
-    pending than the bound allows, every ragline key is cleared on recovery.
+    Deletes that cannot be applied while Redis is unreachable are remembered (bounded), reads
+    of those keys miss meanwhile, and the probe replays them before the breaker closes (or
+    after the next successful call), so an invalidation made during an outage still takes
+    effect (§3.1).  Past the bound, every ragline key is cleared on recovery.
     """
 
     shared = True
@@ -478,23 +471,28 @@ class RedisTier:
         """True if ``lock`` was acquired (holding ``token``), False if held elsewhere,
         None if Redis is unavailable (the caller then proceeds without the lock)."""
         res = await self._run(lambda: lock.acquire(blocking=False, token=token))
-        if isinstance(res, Miss):
-            return None
-        return bool(res)
+        return None if isinstance(res, Miss) else bool(res)
+
+    async def renew(self, lock: Lock) -> bool | None:
+        """Reset ``lock``'s expiry to its full lease (compare-and-pexpire): False if it is no
+        longer ours (expired, or taken by another token), None if Redis is unavailable."""
+        return await self._owned(lock.reacquire)
 
     async def unlock(self, lock: Lock) -> bool:
-        """Release ``lock`` if we still hold it; False if it expired or is held by another
-        token (not a Redis failure) or Redis is unavailable."""
+        """Release ``lock`` if we still hold it; False if it expired, is another token's, or
+        Redis is unavailable."""
+        return await self._owned(lock.release) is True
 
+    async def _owned(self, step: Callable[[], Awaitable[object]]) -> bool | None:
         async def op() -> bool:
             try:
-                await lock.release()
-            except LockError:  # not ours any more (or never acquired): nothing to release
+                await step()
+            except LockError:  # not ours any more (or never acquired)
                 return False
             return True
 
         res = await self._run(op)
-        return not isinstance(res, Miss) and res
+        return None if isinstance(res, Miss) else res
 
     # -- housekeeping ------------------------------------------------------------------
 

@@ -26,6 +26,15 @@
   compute themselves: a bounded wait, never a deadlock).  Redis being down
   means no lock: every instance computes (fail open), still deduplicated
   in-process.
+
+  The lock is a *lease*: it expires ``lock_s`` after it was last renewed, and
+  its holder renews it every ``lock_s / 3`` for as long as it computes.  A
+  computation may thus run longer than the lease (a slow LLM answer), while an
+  instance that dies mid-computation (SIGKILL, OOM, a lost machine) frees its
+  keys within ``lock_s``, not after ``wait_s``: the other instances' waiters
+  take the lock over and compute.  (Before stop 26 the lock was a fixed 30 s
+  TTL, so every request for a key a dead instance had been computing waited
+  the full 10 s ``wait_s``; the cluster kill test caught readers timing out.)
 """
 
 from __future__ import annotations
@@ -132,7 +141,7 @@ class DistributedSingleFlight(Generic[T]):
         self,
         redis: RedisTier | None,
         *,
-        lock_s: float = 30.0,
+        lock_s: float = 3.0,
         wait_s: float = 10.0,
         poll_s: float = 0.05,
         first_poll_s: float = 0.005,
@@ -152,6 +161,8 @@ class DistributedSingleFlight(Generic[T]):
         """Waits that ran out and computed anyway."""
         self.lockless = 0
         """Computations done without a lock because Redis was unavailable."""
+        self.lost = 0
+        """Leases lost while computing (not renewed in time): another instance may compute too."""
 
     @staticmethod
     def lock_name(key: str) -> str:
@@ -216,10 +227,25 @@ class DistributedSingleFlight(Generic[T]):
         return await compute()
 
     async def _compute_locked(self, compute: Callable[[], Awaitable[T]], lock: Lock) -> T:
-        assert self.redis is not None
+        redis = self.redis
+        assert redis is not None
+        renewer = asyncio.get_running_loop().create_task(self._keep(redis, lock))
         try:
             return await self._compute(compute)
         finally:
+            renewer.cancel()
             # release even on error/cancel so waiters stop polling and retry at once
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.redis.unlock(lock))
+                await asyncio.shield(redis.unlock(lock))
+
+    async def _keep(self, redis: RedisTier, lock: Lock) -> None:
+        """Renew the lease every third of it until cancelled.  A renewal that finds the
+        lock gone (it expired during a stall, another instance took it) stops: that
+        instance computes too, a duplicate but never a wrong value.  Redis being briefly
+        unavailable is retried at the next tick."""
+        period = self.lock_s / 3
+        while True:
+            await asyncio.sleep(period)
+            if await redis.renew(lock) is False:
+                self.lost += 1
+                return

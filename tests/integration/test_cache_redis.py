@@ -445,6 +445,92 @@ async def test_singleflight_holder_failure_lets_waiter_compute(redis_url: str) -
     await l2b.close()
 
 
+async def test_singleflight_lease_outlives_a_long_computation(redis_url: str) -> None:
+    """The holder renews its lease: a computation three leases long is still computed once."""
+    l2a, l2b = tier(redis_url, timeout_s=0.2), tier(redis_url, timeout_s=0.2)
+    sfa: DistributedSingleFlight[str] = DistributedSingleFlight(l2a, lock_s=0.3, wait_s=5, poll_s=0.02)
+    sfb: DistributedSingleFlight[str] = DistributedSingleFlight(l2b, lock_s=0.3, wait_s=5, poll_s=0.02)
+    done: list[str] = []
+
+    async def slow() -> str:
+        await asyncio.sleep(1.0)
+        done.append("a")
+        return "a computed"
+
+    async def other() -> str:
+        return "b computed"
+
+    async def poll() -> str | None:
+        return "a computed" if done else None
+
+    ta = asyncio.create_task(sfa.do("long", slow, poll))
+    await asyncio.sleep(0.05)
+    assert await sfb.do("long", other, poll) == "a computed"
+    assert await ta == "a computed"
+    assert sfb.computed == 0 and sfb.waited == 1 and sfa.lost == 0
+    await l2a.close()
+    await l2b.close()
+
+
+_HOLDER = """
+import asyncio, sys
+from ragline.cache.redis import RedisTier
+from ragline.cache.singleflight import DistributedSingleFlight
+
+async def main() -> None:
+    sf = DistributedSingleFlight(RedisTier(sys.argv[1], timeout_s=0.5))  # default lease
+
+    async def forever() -> str:
+        print("computing", flush=True)
+        await asyncio.sleep(3600)
+        return "never"
+
+    async def nothing() -> None:
+        return None
+
+    await sf.do("dead", forever, nothing)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_holders_keys_free_up_within_the_lease(redis_url: str) -> None:
+    """An instance SIGKILLed mid-computation leaves its lock behind, no longer renewed: another
+    instance takes it over when the lease runs out, well before ``wait_s`` (with the fixed 30 s
+    lock of earlier stops it waited the whole 10 s: the cluster kill test's read timeouts)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, redis_url], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == b"computing\n", f"holder exited with {holder.poll()}"
+        await asyncio.sleep(4.0)  # past the first lease: the holder renewed it
+        raw = aioredis.Redis.from_url(redis_url)
+        assert await raw.exists(DistributedSingleFlight.lock_name("dead")) == 1
+        holder.kill()
+        holder.wait(10)
+        l2 = tier(redis_url, timeout_s=0.5)
+        sf: DistributedSingleFlight[str] = DistributedSingleFlight(l2, wait_s=10, poll_s=0.02)
+
+        async def compute() -> str:
+            return "computed here"
+
+        async def poll() -> str | None:
+            return None
+
+        t0 = time.monotonic()
+        assert await sf.do("dead", compute, poll) == "computed here"
+        took = time.monotonic() - t0
+        assert took < sf.lock_s + 1.0, took
+        assert sf.timeouts == 0 and sf.computed == 1
+        await raw.aclose()
+        await l2.close()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 async def test_singleflight_fails_open_without_redis(redis_server: RedisServer, redis_url: str) -> None:
     l2 = tier(redis_url, timeout_s=0.05)
     sf: DistributedSingleFlight[int] = DistributedSingleFlight(l2, lock_s=5, wait_s=5)
