@@ -428,5 +428,7 @@ class CacheLayer(LayerKeys):
                 "computed": self.flight.computed,
                 "waited": self.flight.waited,
                 "lockless": self.flight.lockless,
+                "timeouts": self.flight.timeouts,
+                "leases_lost": self.flight.lost,
             },
         }
